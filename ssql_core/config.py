@@ -1,0 +1,202 @@
+"""Typed run configurations with validation that names the offending field.
+
+Configs are plain dataclasses so that they round-trip through JSON (the service stores them in
+its job rows) and through ``torch.save(..., weights_only=True)`` checkpoints (as dicts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ssql_core.bits import parse_bits
+from ssql_core.errors import ConfigError
+
+#: Hard limits the library enforces on its own; the service may impose tighter ones.
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536
+
+
+def _check_range(name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise ConfigError(name, f"must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(name, f"must be between {lo} and {hi}, got {value}")
+
+
+def _check_bit_range(name: str, value: Any, lo_allowed: int) -> tuple[int, int]:
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise ConfigError(name, f"must be a pair [low, high] of integers, got {value!r}")
+    lo, hi = value
+    if not (lo_allowed <= lo <= hi <= 8):
+        raise ConfigError(name, f"needs {lo_allowed} <= low <= high <= 8, got {list(value)}")
+    return int(lo), int(hi)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines one self-supervised pretraining run."""
+
+    method: str = "ssql"
+    backbone: str = "resnet18"
+    dataset: str = "digits"
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    seed: int = 0
+    image_size: int = 32
+    width: float = 1.0
+    max_samples: int | None = None
+    #: per-step bit-width ranges for SSQL methods (SPEC 4.3): weights 2..8, activations 4..8
+    w_bits: tuple[int, int] = (2, 8)
+    a_bits: tuple[int, int] = (4, 8)
+    #: fixed target bit-width for fixed-bit QAT baselines (``simsiam_pact``)
+    bits: str | None = None
+    stem: str = "auto"  # "cifar", "imagenet" or "auto" (cifar below 64 px)
+    data_root: str | None = None
+    allow_download: bool = False
+    device: str = "auto"
+    num_workers: int = 0
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True
+    compile: bool = False
+    #: write a resumable checkpoint every this many steps (and always at an epoch end)
+    checkpoint_every_steps: int = 200
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> PretrainConfig:
+        from ssql_core.data import check_dataset_name
+        from ssql_core.methods import METHODS
+        from ssql_core.models import BACKBONES
+
+        if self.method not in METHODS:
+            raise ConfigError("method", f"unknown method {self.method!r}; known: {sorted(METHODS)}")
+        if self.backbone not in BACKBONES:
+            raise ConfigError("backbone", f"unknown backbone {self.backbone!r}; known: {sorted(BACKBONES)}")
+        check_dataset_name(self.dataset, self.data_root)
+        _check_range("epochs", self.epochs, 1, MAX_EPOCHS)
+        _check_range("batch_size", self.batch_size, 2, MAX_BATCH)
+        _check_range("lr", self.lr, 1e-8, 100.0, float)
+        _check_range("weight_decay", self.weight_decay, 0.0, 1.0, float)
+        _check_range("momentum", self.momentum, 0.0, 0.9999, float)
+        _check_range("seed", self.seed, 0, 2**31 - 1)
+        _check_range("image_size", self.image_size, 8, 1024)
+        _check_range("width", self.width, 0.03125, 4.0, float)
+        if self.max_samples is not None:
+            _check_range("max_samples", self.max_samples, 2, 10**9)
+        self.w_bits = _check_bit_range("w_bits", self.w_bits, 2)
+        self.a_bits = _check_bit_range("a_bits", self.a_bits, 2)
+        if self.stem not in ("auto", "cifar", "imagenet"):
+            raise ConfigError("stem", f"must be 'auto', 'cifar' or 'imagenet', got {self.stem!r}")
+        _check_range("num_workers", self.num_workers, 0, 64)
+        _check_range("checkpoint_every_steps", self.checkpoint_every_steps, 1, 10**9)
+        if not isinstance(self.method_options, dict):
+            raise ConfigError("method_options", "must be an object of option name -> value")
+        method_cls = METHODS[self.method]
+        if self.bits is not None:
+            try:
+                parse_bits(self.bits)
+            except ValueError as e:
+                raise ConfigError("bits", str(e)) from None
+        if getattr(method_cls, "needs_fixed_bits", False):
+            if self.bits is None or parse_bits(self.bits).is_fp:
+                raise ConfigError("bits", f"method {self.method!r} trains at one fixed bit-width: give e.g. '4w4a'")
+        method_cls.check_options(self.method_options)
+        return self
+
+    def resolved_stem(self) -> str:
+        if self.stem != "auto":
+            return self.stem
+        return "cifar" if self.image_size <= 64 else "imagenet"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["w_bits"], d["a_bits"] = list(self.w_bits), list(self.a_bits)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
+        return _from_dict(cls, d)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of a pretrained backbone at several bit-widths (SPEC 6)."""
+
+    checkpoint: str = ""  # path of a pretrain checkpoint (``last.pt``) or ``backbone.pt``
+    dataset: str | None = None  # default: the pretrain run's dataset
+    bits: list[str] = field(default_factory=lambda: ["fp", "8w8a", "4w4a", "2w4a"])
+    protocol: str = "linear"  # "linear" or "knn"
+    #: "cached": classifier on frozen features computed once per bit-width (fast);
+    #: "augmented": the paper's protocol, backbone forward on augmented images every epoch
+    path: str = "cached"
+    epochs: int = 100
+    batch_size: int = 512
+    lr: float = 30.0
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    lr_milestones: tuple[float, float] = (0.6, 0.8)
+    calib_images: int = 128
+    knn_k: int = 200
+    knn_t: float = 0.1
+    seed: int = 0
+    data_root: str | None = None
+    allow_download: bool = False
+    max_samples: int | None = None
+    device: str = "auto"
+    num_workers: int = 0
+
+    def validate(self) -> EvalConfig:
+        from ssql_core.data import check_dataset_name
+
+        if not self.bits:
+            raise ConfigError("bits", "give at least one bit-width, e.g. ['fp', '4w4a']")
+        for b in self.bits:
+            try:
+                parse_bits(b)
+            except ValueError as e:
+                raise ConfigError("bits", str(e)) from None
+        if self.protocol not in ("linear", "knn"):
+            raise ConfigError("protocol", f"must be 'linear' or 'knn', got {self.protocol!r}")
+        if self.path not in ("cached", "augmented"):
+            raise ConfigError("path", f"must be 'cached' or 'augmented', got {self.path!r}")
+        if self.dataset is not None:
+            check_dataset_name(self.dataset, self.data_root)
+        _check_range("epochs", self.epochs, 1, MAX_EPOCHS)
+        _check_range("batch_size", self.batch_size, 1, MAX_BATCH)
+        _check_range("lr", self.lr, 1e-8, 1000.0, float)
+        _check_range("calib_images", self.calib_images, 1, 10**7)
+        _check_range("knn_k", self.knn_k, 1, 10**5)
+        _check_range("knn_t", self.knn_t, 1e-4, 10.0, float)
+        if self.max_samples is not None:
+            _check_range("max_samples", self.max_samples, 2, 10**9)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lr_milestones"] = list(self.lr_milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalConfig:
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown option; accepted: {sorted(names)}")
+    obj = cls(**d)
+    for f in dataclasses.fields(cls):
+        v = getattr(obj, f.name)
+        if f.name in ("w_bits", "a_bits", "lr_milestones") and isinstance(v, list):
+            setattr(obj, f.name, tuple(v))
+    return obj

@@ -1,0 +1,171 @@
+"""Quantization points that share one copy of weights between an FP and a quantized view.
+
+A :class:`QuantContext` is a small mutable switch shared by every quant point of one model:
+
+* ``FP``: plain full-precision forward;
+* ``RECORD``: full-precision forward that widens each activation point's ``[lo, hi]`` range
+  (the union over every batch seen since :meth:`QuantContext.reset_ranges`);
+* ``QUANT``: weights fake-quantized from the current weights, activations fake-quantized with
+  the recorded ranges, at the context's bit-widths.
+
+Bit-widths live in 0-dim tensors changed in place, so a ``torch.compile``-d model switches
+bit-width without recompiling; only the three modes are distinct graphs. Quant points carry no
+persistent state, so a model's ``state_dict`` keeps torchvision's parameter names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ssql_core.bits import BitWidth, parse_bits
+from ssql_core.quant import quantize_activation, quantize_weight
+
+
+class Mode(enum.Enum):
+    FP = "fp"
+    RECORD = "record"
+    QUANT = "quant"
+
+
+#: role of a quant point: ``"step"`` follows the context's bit-width, ``"fixed8"`` stays at 8
+STEP, FIXED8 = "step", "fixed8"
+
+
+class QuantContext:
+    """The switch every quant point of one model reads (see module docstring)."""
+
+    def __init__(self) -> None:
+        self.mode = Mode.FP
+        self.quant_w = True
+        self.quant_a = True
+        self.w_bits = torch.tensor(8.0)
+        self.a_bits = torch.tensor(8.0)
+        self.points: list[ActQuant] = []
+
+    def set_bits(self, bits: BitWidth | str) -> None:
+        b = parse_bits(bits)
+        self.quant_w = b.w is not None
+        self.quant_a = b.a is not None
+        self.w_bits.fill_(b.w or 8)
+        self.a_bits.fill_(b.a or 8)
+
+    def reset_ranges(self) -> None:
+        for p in self.points:
+            p.reset_range()
+
+    @contextlib.contextmanager
+    def mode_as(self, mode: Mode) -> Iterator[None]:
+        prev = self.mode
+        self.mode = mode
+        try:
+            yield
+        finally:
+            self.mode = prev
+
+    def recording(self, reset: bool = True) -> contextlib.AbstractContextManager[None]:
+        """FP forward that records activation ranges (reset first unless ``reset=False``)."""
+        if reset:
+            self.reset_ranges()
+        return self.mode_as(Mode.RECORD)
+
+    @contextlib.contextmanager
+    def quantized(self, bits: BitWidth | str) -> Iterator[None]:
+        """Quantized forward at ``bits`` with the ranges recorded last."""
+        b = parse_bits(bits)
+        if b.is_fp:
+            yield
+            return
+        self.set_bits(b)
+        with self.mode_as(Mode.QUANT):
+            yield
+
+
+_FP_CONTEXT = QuantContext()  # what an unbound quant point reads: always FP
+
+
+class _QuantPoint:
+    role: str = STEP
+    _qctx: QuantContext = _FP_CONTEXT
+
+    def bind(self, ctx: QuantContext) -> None:
+        # plain attribute, not a submodule: the context is not part of the model's state
+        object.__setattr__(self, "_qctx", ctx)
+
+
+class QConv2d(nn.Conv2d, _QuantPoint):
+    """``nn.Conv2d`` whose weight is fake-quantized per channel in QUANT mode."""
+
+    def quant_weight(self) -> Tensor:
+        ctx = self._qctx
+        if ctx.mode is Mode.QUANT and ctx.quant_w:
+            return quantize_weight(self.weight, 8 if self.role == FIXED8 else ctx.w_bits)
+        return self.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.quant_weight(), self.bias)
+
+
+class QLinear(nn.Linear, _QuantPoint):
+    """``nn.Linear`` whose weight is fake-quantized per output row in QUANT mode."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        ctx = self._qctx
+        w = self.weight
+        if ctx.mode is Mode.QUANT and ctx.quant_w:
+            w = quantize_weight(w, 8 if self.role == FIXED8 else ctx.w_bits)
+        return F.linear(x, w, self.bias)
+
+
+class ActQuant(nn.Module, _QuantPoint):
+    """Activation quant point: records ``[lo, hi]`` in RECORD mode, quantizes in QUANT mode."""
+
+    def __init__(self, role: str = STEP) -> None:
+        super().__init__()
+        self.role = role
+        # not persistent: keeps state_dict keys identical to torchvision's; export saves them
+        self.register_buffer("lo", torch.tensor(float("inf")), persistent=False)
+        self.register_buffer("hi", torch.tensor(float("-inf")), persistent=False)
+
+    def reset_range(self) -> None:
+        self.lo.fill_(float("inf"))
+        self.hi.fill_(float("-inf"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        ctx = self._qctx
+        if ctx.mode is Mode.RECORD:
+            with torch.no_grad():
+                xd = x.detach()
+                torch.minimum(self.lo, xd.min().float(), out=self.lo)
+                torch.maximum(self.hi, xd.max().float(), out=self.hi)
+            return x
+        if ctx.mode is Mode.QUANT and ctx.quant_a:
+            return quantize_activation(x, 8 if self.role == FIXED8 else ctx.a_bits, self.lo, self.hi)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"role={self.role}"
+
+
+def bind_context(model: nn.Module, ctx: QuantContext | None = None) -> QuantContext:
+    """Attach every quant point of ``model`` to one context (a new one unless given)."""
+    ctx = ctx or QuantContext()
+    for m in model.modules():
+        if isinstance(m, _QuantPoint):
+            m.bind(ctx)
+            if isinstance(m, ActQuant) and m not in ctx.points:
+                ctx.points.append(m)
+    return ctx
+
+
+def act_points(model: nn.Module) -> dict[str, ActQuant]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
+
+
+def weight_points(model: nn.Module) -> dict[str, QConv2d | QLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QConv2d, QLinear))}

@@ -1,0 +1,94 @@
+"""The PSQ quantizer of SPEC section 2: min-max ranges recomputed every step, nothing learned.
+
+* weights: symmetric, per output channel (axis 0), scale ``max|w_c| / ((2^b - 1) / 2)``;
+* activations: asymmetric, per tensor, for a given range ``[lo, hi]``;
+* gradients: straight-through, 1 where the rounded integer lies in the integer range
+  (boundaries included), 0 outside; scales and zero points are detached.
+
+``bits`` may be a Python int or a 0-dim tensor: a tensor lets a compiled model switch bit-width
+without recompiling (the graph reads the value, it does not specialise on it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: guards the scale of a dead channel / an empty activation range
+EPS = 1e-8
+
+
+def _as_float(bits: int | Tensor, like: Tensor) -> Tensor | float:
+    return bits.to(device=like.device, dtype=torch.float32) if isinstance(bits, Tensor) else float(bits)
+
+
+class _RoundClampSTE(torch.autograd.Function):
+    """``clamp(round(x / s) + z, qmin, qmax)`` dequantized, with the boundary-inclusive STE mask."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero: Tensor, qmin: Tensor, qmax: Tensor) -> Tensor:  # type: ignore[override]
+        # x * (1/s), as torch.fake_quantize_* computes it: the extreme weight of each channel sits
+        # exactly on a .5 tie, so the two spellings of "x / s" can round it differently.
+        q = torch.round(x * (1.0 / scale)) + zero
+        inside = (q >= qmin) & (q <= qmax)
+        ctx.save_for_backward(inside)
+        return (torch.clamp(q, qmin, qmax) - zero) * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (inside,) = ctx.saved_tensors
+        return grad * inside.to(grad.dtype), None, None, None, None
+
+
+def weight_scale(w: Tensor, bits: int | Tensor) -> Tensor:
+    """Per-output-channel symmetric scale, shaped to broadcast against ``w`` (detached)."""
+    w = w.detach().float()
+    flat = w.reshape(w.shape[0], -1)
+    maxabs = torch.maximum(flat.min(dim=1).values.abs(), flat.max(dim=1).values.abs())
+    b = _as_float(bits, w)
+    scale = maxabs / ((2.0**b - 1.0) / 2.0)
+    scale = torch.clamp(scale, min=EPS)
+    return scale.reshape((-1,) + (1,) * (w.dim() - 1))
+
+
+def weight_int_range(bits: int | Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    b = _as_float(bits, like)
+    half = torch.as_tensor(2.0**(b - 1.0), device=like.device, dtype=torch.float32)
+    return -half, half - 1.0
+
+
+def quantize_weight(w: Tensor, bits: int | Tensor) -> Tensor:
+    """Fake-quantize ``w`` per output channel at ``bits`` (SPEC 2), straight-through gradient."""
+    scale = weight_scale(w, bits)
+    qmin, qmax = weight_int_range(bits, w)
+    zero = torch.zeros((), device=w.device, dtype=torch.float32)
+    out = _RoundClampSTE.apply(w.float(), scale, zero, qmin, qmax)
+    return out.to(w.dtype)
+
+
+def weight_to_int(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Integer weights and per-channel scales (flat, float32) such that ``w_hat = w_int * scale``."""
+    scale = weight_scale(w, bits)
+    qmin, qmax = weight_int_range(bits, w)
+    w_int = torch.clamp(torch.round(w.detach().float() * (1.0 / scale)), qmin, qmax)
+    return w_int.to(torch.int8), scale.reshape(-1)
+
+
+def activation_qparams(bits: int | Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Scale, zero point and ``qmax`` of the asymmetric per-tensor quantizer for ``[lo, hi]``."""
+    lo = torch.as_tensor(lo, dtype=torch.float32).detach()
+    hi = torch.as_tensor(hi, dtype=torch.float32).detach()
+    b = _as_float(bits, lo)
+    qmax = torch.as_tensor(2.0**b - 1.0, device=lo.device, dtype=torch.float32)
+    scale = torch.clamp((hi - lo) / qmax, min=EPS)
+    zero = -torch.round(lo / scale)
+    return scale, zero, qmax
+
+
+def quantize_activation(x: Tensor, bits: int | Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
+    """Fake-quantize ``x`` per tensor for the range ``[lo, hi]`` at ``bits`` (SPEC 2), STE."""
+    lo_t = torch.as_tensor(lo, dtype=torch.float32, device=x.device)
+    hi_t = torch.as_tensor(hi, dtype=torch.float32, device=x.device)
+    scale, zero, qmax = activation_qparams(bits, lo_t, hi_t)
+    out = _RoundClampSTE.apply(x.float(), scale, zero, torch.zeros_like(qmax), qmax)
+    return out.to(x.dtype)
