@@ -1,0 +1,1 @@
+"""The persistence layer shared by ``api`` and ``worker``: settings, tables, job transitions, broker."""

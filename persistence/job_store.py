@@ -1,0 +1,255 @@
+"""Job state transitions used by the worker and the reconciler (synchronous sessions).
+
+Every transition of a running job is fenced on ``(id, attempts, status='running')``: a worker
+whose lease was taken over can no longer write, so a job never has two live runs that both count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from persistence.db import utcnow
+from persistence.models import Artifact, Job, JobAttempt, JobMetric, JobResult
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to run one attempt of a job it now owns."""
+
+    id: str
+    kind: str
+    spec: dict[str, Any]
+    attempt: int
+    source_job_id: str | None
+
+
+def claim(session: Session, job_id: str, worker: str, lease_seconds: float) -> ClaimedJob | None:
+    """Atomically take a queued job, or a running one whose lease expired; None if someone owns it."""
+    now = utcnow()
+    stmt = (
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.cancel_requested.is_(False),
+            Job.attempts < Job.max_attempts,
+            or_(Job.status == "queued", and_(Job.status == "running", Job.lease_until < now)),
+        )
+        .values(
+            status="running",
+            attempts=Job.attempts + 1,
+            lease_until=now + timedelta(seconds=lease_seconds),
+            heartbeat_at=now,
+            worker=worker,
+            started_at=now,
+            updated_at=now,
+        )
+        .returning(Job.id, Job.kind, Job.spec, Job.attempts, Job.source_job_id)
+    )
+    row = session.execute(stmt).first()
+    session.commit()
+    if row is None:
+        return None
+    return ClaimedJob(id=row.id, kind=row.kind, spec=row.spec, attempt=row.attempts, source_job_id=row.source_job_id)
+
+
+def start_attempt(session: Session, job: ClaimedJob, worker: str, pid: int | None, resumed_from: str | None) -> None:
+    session.add(
+        JobAttempt(
+            job_id=job.id, attempt=job.attempt, worker=worker, pid=pid, started_at=utcnow(), resumed_from=resumed_from
+        )
+    )
+    session.commit()
+
+
+def end_attempt(session: Session, job_id: str, attempt: int, outcome: str) -> None:
+    session.execute(
+        update(JobAttempt)
+        .where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt)
+        .values(ended_at=utcnow(), outcome=outcome)
+    )
+    session.commit()
+
+
+def _fence(job_id: str, attempt: int):  # type: ignore[no-untyped-def]
+    return and_(Job.id == job_id, Job.attempts == attempt, Job.status == "running")
+
+
+def heartbeat(
+    session: Session, job_id: str, attempt: int, lease_seconds: float, progress: dict[str, Any] | None = None
+) -> bool | None:
+    """Extend the lease. Returns the job's cancel flag, or None when the lease is no longer ours."""
+    now = utcnow()
+    values: dict[str, Any] = {"lease_until": now + timedelta(seconds=lease_seconds), "heartbeat_at": now}
+    if progress is not None:
+        values["progress"] = progress
+        values["updated_at"] = now
+    row = session.execute(update(Job).where(_fence(job_id, attempt)).values(**values).returning(Job.cancel_requested)).first()
+    session.commit()
+    return None if row is None else bool(row[0])
+
+
+def add_metrics(session: Session, job_id: str, attempt: int, samples: list[dict[str, Any]]) -> None:
+    """Append progress samples (loss, lr, images/s) to the job's metric history."""
+    if not samples:
+        return
+    now = utcnow()
+    rows = [
+        {
+            "job_id": job_id,
+            "attempt": attempt,
+            "phase": s.get("phase", ""),
+            "epoch": int(s.get("epoch", 0)),
+            "step": int(s.get("step", 0)),
+            "loss": s.get("loss"),
+            "lr": s.get("lr"),
+            "images_per_s": s.get("images_per_s"),
+            "extra": s.get("metrics") or None,
+            "created_at": now,
+        }
+        for s in samples
+    ]
+    session.execute(insert(JobMetric), rows)
+    session.commit()
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """A produced file, already hashed; ``path`` is relative to the artifacts directory."""
+
+    bits: str
+    format: str
+    path: str
+    bytes: int
+    sha256: str
+
+
+def finish(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    status: str,
+    *,
+    summary: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+    results: list[dict[str, Any]] | None = None,
+    artifacts: list[ArtifactRecord] | None = None,
+    progress: dict[str, Any] | None = None,
+) -> bool:
+    """Move a running job to a terminal status with its outputs, in one transaction (fenced)."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "status": status,
+        "summary": summary,
+        "error": error,
+        "finished_at": now,
+        "updated_at": now,
+        "lease_until": None,
+    }
+    if progress is not None:
+        values["progress"] = progress
+    row = session.execute(update(Job).where(_fence(job_id, attempt)).values(**values).returning(Job.id)).first()
+    if row is None:
+        session.rollback()
+        return False
+    for r in results or []:
+        top1 = r.get("top1")
+        session.add(
+            JobResult(
+                job_id=job_id,
+                bits=str(r.get("bits")),
+                protocol=str(r.get("protocol", "")),
+                top1=float(top1) if top1 is not None else None,
+                row=r,
+                created_at=now,
+            )
+        )
+    for a in artifacts or []:
+        session.add(
+            Artifact(job_id=job_id, bits=a.bits, format=a.format, path=a.path, bytes=a.bytes, sha256=a.sha256, created_at=now)
+        )
+    session.commit()
+    return True
+
+
+def requeue(session: Session, job_id: str, attempt: int, error: dict[str, Any]) -> bool:
+    """Give a running attempt back to the queue (it will resume from its last checkpoint)."""
+    now = utcnow()
+    row = session.execute(
+        update(Job)
+        .where(_fence(job_id, attempt))
+        .values(status="queued", lease_until=None, error=error, published_at=None, updated_at=now)
+        .returning(Job.id)
+    ).first()
+    session.commit()
+    return row is not None
+
+
+def reap_expired(session: Session, now: datetime | None = None) -> tuple[list[str], list[str]]:
+    """Jobs whose heartbeat stopped: requeue those with attempts left, fail the others.
+
+    Returns ``(requeued_ids, failed_ids)``.
+    """
+    now = now or utcnow()
+    expired = and_(Job.status == "running", Job.lease_until < now)
+    failed = session.execute(
+        update(Job)
+        .where(expired, Job.attempts >= Job.max_attempts)
+        .values(
+            status="failed",
+            finished_at=now,
+            updated_at=now,
+            lease_until=None,
+            error={
+                "code": "worker_lost",
+                "message": "the worker running this job stopped responding (killed, out of memory or lost) "
+                "and the job has used all its attempts",
+            },
+        )
+        .returning(Job.id)
+    ).scalars().all()
+    requeued = session.execute(
+        update(Job)
+        .where(expired, Job.attempts < Job.max_attempts)
+        .values(
+            status="queued",
+            lease_until=None,
+            published_at=None,
+            updated_at=now,
+            error={"code": "worker_lost", "message": "the previous attempt's worker stopped responding; retrying"},
+        )
+        .returning(Job.id)
+    ).scalars().all()
+    # Cancelled while nobody runs it: finish the cancellation here.
+    session.execute(
+        update(Job)
+        .where(Job.status == "queued", Job.cancel_requested.is_(True))
+        .values(status="cancelled", finished_at=now, updated_at=now)
+    )
+    session.commit()
+    return list(requeued), list(failed)
+
+
+def stale_queued(session: Session, older_than_seconds: float, limit: int = 500) -> list[str]:
+    """Queued jobs never published, or published long ago (their message may be lost)."""
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.status == "queued", or_(Job.published_at.is_(None), Job.published_at < cutoff))
+            .order_by(Job.created_at)
+            .limit(limit)
+        )
+    )
+
+
+def mark_published(session: Session, job_ids: list[str]) -> None:
+    if job_ids:
+        now = utcnow()
+        session.execute(update(Job).where(Job.id.in_(job_ids)).values(published_at=now))
+        session.commit()
+

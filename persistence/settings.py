@@ -1,0 +1,95 @@
+"""The one settings class of the service (environment prefix ``SSQL_``).
+
+API, worker, CLI and migrations all read the same class so that an embedded install (everything
+under ``SSQL_HOME``) and a production install (Postgres + Redis URLs) differ only by environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Server, worker and client settings. Paths default to folders under ``home``."""
+
+    model_config = SettingsConfigDict(env_prefix="SSQL_", extra="ignore")
+
+    home: Path = Field(Path("./var"), description="root of the embedded database, broker and artifacts")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite under home")
+    broker_url: str | None = Field(None, description="Celery broker URL; default a filesystem transport under home")
+    artifacts_dir: Path | None = Field(None, description="job workdirs and checkpoints; default home/artifacts")
+    data_root: Path | None = Field(None, description="datasets and imagefolder roots; default home/data")
+
+    # What the server accepts (also shown by GET /v1/catalog).
+    max_epochs: int = 1000
+    max_eval_epochs: int = 1000
+    max_batch_size: int = 4096
+    max_image_size: int = 512
+    max_bits_per_eval: int = 16
+    allow_download: bool = False
+    device: str = "auto"
+    num_workers: int = 0
+
+    # Job execution.
+    queue: str = "gpu"
+    max_attempts: int = 3
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 5.0
+    cancel_grace_seconds: float = 10.0
+    reconcile_seconds: float = 30.0
+    stale_queued_seconds: float = 300.0
+    #: above the longest job: Redis re-delivers an un-acked message after this many seconds
+    visibility_timeout: int = 7 * 24 * 3600
+
+    # API process.
+    auth_cache_seconds: float = 30.0
+    page_size_max: int = 200
+
+    # Client (ssql CLI).
+    url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+
+    def resolved_home(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    def sync_database_url(self) -> str:
+        """URL for the synchronous engine (worker, CLI, Alembic)."""
+        url = self.database_url or f"sqlite:///{self.resolved_home() / 'ssql.db'}"
+        if url.startswith(("postgres://", "postgresql://")):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+
+    def async_database_url(self) -> str:
+        """URL for the asyncio engine of the API (asyncpg or aiosqlite)."""
+        url = self.sync_database_url()
+        scheme, rest = url.split("://", 1)
+        if scheme.startswith("postgresql"):
+            return "postgresql+asyncpg://" + rest
+        if scheme.startswith("sqlite"):
+            return "sqlite+aiosqlite://" + rest
+        return url
+
+    def is_sqlite(self) -> bool:
+        return self.sync_database_url().startswith("sqlite")
+
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    def broker_dir(self) -> Path:
+        return self.resolved_home() / "broker"
+
+    def resolved_artifacts_dir(self) -> Path:
+        return (self.artifacts_dir or self.resolved_home() / "artifacts").expanduser().resolve()
+
+    def resolved_data_root(self) -> Path:
+        return (self.data_root or self.resolved_home() / "data").expanduser().resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once from the environment."""
+    return Settings()
