@@ -1,0 +1,23 @@
+"""What this library accepts: datasets, backbones, methods, bit-widths and limits (for UIs/APIs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ssql_core.bits import ACCEPTED_FORMS, MAX_BITS, MIN_BITS, PAPER_BITS
+from ssql_core.config import MAX_BATCH, MAX_EPOCHS
+from ssql_core.data import DATASET_NAMES
+from ssql_core.methods import METHODS
+from ssql_core.models import BACKBONES
+
+
+def catalog() -> dict[str, Any]:
+    return {
+        "datasets": list(DATASET_NAMES),
+        "backbones": sorted(BACKBONES),
+        "methods": {name: {"quantized": cls.quantized, "options": dict(cls.default_options)} for name, cls in sorted(METHODS.items())},
+        "bits": {"paper_set": list(PAPER_BITS), "min": MIN_BITS, "max": MAX_BITS, "forms": ACCEPTED_FORMS},
+        "eval_protocols": ["linear", "knn"],
+        "eval_paths": ["cached", "augmented"],
+        "limits": {"max_epochs": MAX_EPOCHS, "max_batch_size": MAX_BATCH},
+    }

@@ -1,0 +1,215 @@
+"""Evaluation at each bit-width (SPEC 6): PTQ of the frozen backbone, then linear or kNN.
+
+For every bit-width: weights per-channel min-max at ``w`` bits (stem at 8), activation ranges
+calibrated by FP forward passes over ``calib_images`` training images (test transform, fixed
+seeded choice), features = the quantized last block output average-pooled in FP. Then:
+
+* ``protocol="linear", path="augmented"``: the paper's protocol, an FP linear classifier trained
+  on augmented images (RandomResizedCrop 0.8-1 + flip) through the frozen quantized backbone;
+* ``protocol="linear", path="cached"``: the same classifier schedule on features of the
+  un-augmented training images computed once per bit-width (fast, no augmentation);
+* ``protocol="knn"``: weighted kNN (k, T, cosine) on the same cached features.
+
+Each result row names bits, protocol, path, top1 (%), calibration images and epochs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Subset
+
+from ssql_core.bits import parse_bits
+from ssql_core.config import EvalConfig
+from ssql_core.data import SeededViews, Transformed, linear_train_transform, load_split, test_transform
+from ssql_core.errors import Cancelled
+from ssql_core.hooks import Hooks, Progress
+from ssql_core.qnn import QuantContext, bind_context
+from ssql_core.runtime import resolve_device, seed_everything, to_input
+from ssql_core.train import load_pretrained
+
+HEADS = "heads.pt"
+
+
+@torch.no_grad()
+def calibrate(backbone: nn.Module, ctx: QuantContext, images: DataLoader, device: torch.device) -> int:
+    """Record activation ranges over ``images`` with FP forwards in eval mode; returns the count."""
+    backbone.eval()
+    n = 0
+    with ctx.recording():
+        for x, _ in images:
+            backbone(to_input(x, device, False))
+            n += len(x)
+    return n
+
+
+@torch.no_grad()
+def extract(backbone: nn.Module, loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor]:
+    backbone.eval()
+    feats, labels = [], []
+    for x, y in loader:
+        feats.append(backbone(to_input(x, device, False)).float())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(feats), torch.cat(labels).to(device)
+
+
+def knn_top1(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, num_classes: int, k: int, t: float) -> float:
+    """Weighted kNN (InstDisc): votes exp(cos/T) of the k nearest training features."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    k = min(k, len(train_f))
+    correct = 0
+    for i in range(0, len(test_f), 1024):
+        sim = test_f[i:i + 1024] @ train_f.t()
+        w, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (w / t).exp())
+        correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
+    return 100.0 * correct / len(test_f)
+
+
+def _lr_at(cfg: EvalConfig, epoch: int) -> float:
+    drops = sum(epoch >= int(m * cfg.epochs) for m in cfg.lr_milestones)
+    return cfg.lr * 0.1**drops
+
+
+def train_linear_cached(train_f: Tensor, train_y: Tensor, num_classes: int, cfg: EvalConfig, on_epoch: Any) -> nn.Linear:
+    g = torch.Generator().manual_seed(cfg.seed)
+    head = nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
+    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    for epoch in range(cfg.epochs):
+        for pg in opt.param_groups:
+            pg["lr"] = _lr_at(cfg, epoch)
+        perm = torch.randperm(len(train_f), generator=g).to(train_f.device)
+        for i in range(0, len(perm), cfg.batch_size):
+            idx = perm[i:i + cfg.batch_size]
+            loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        on_epoch(epoch, loss.item())
+    return head
+
+
+def train_linear_augmented(backbone: nn.Module, data: SeededViews, num_classes: int, cfg: EvalConfig,
+                           device: torch.device, on_epoch: Any) -> nn.Linear:
+    head = nn.Linear(backbone_feat_dim(backbone), num_classes).to(device)
+    opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed)
+    backbone.eval()
+    for epoch in range(cfg.epochs):
+        data.set_epoch(epoch)
+        for pg in opt.param_groups:
+            pg["lr"] = _lr_at(cfg, epoch)
+        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g, num_workers=cfg.num_workers)
+        for x, y in loader:
+            with torch.no_grad():
+                f = backbone(to_input(x, device, False)).float()
+            loss = F.cross_entropy(head(f), torch.as_tensor(y, device=device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        on_epoch(epoch, loss.item())
+    return head
+
+
+def backbone_feat_dim(backbone: nn.Module) -> int:
+    return int(backbone.feat_dim)
+
+
+@torch.no_grad()
+def accuracy(head: nn.Linear, f: Tensor, y: Tensor) -> float:
+    return 100.0 * (head(f).argmax(1) == y).float().mean().item()
+
+
+def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | None = None) -> list[dict[str, Any]]:
+    """Evaluate the backbone of a pretrain checkpoint at ``cfg.bits``; see module docstring."""
+    cfg = cfg.validate()
+    hooks = hooks or Hooks()
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    pcfg, method = load_pretrained(cfg.checkpoint)
+    backbone = method.backbone.to(device).eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    ctx = bind_context(backbone)
+    dataset = cfg.dataset or pcfg.dataset
+    size = pcfg.image_size
+    train = load_split(dataset, True, size, cfg.data_root, cfg.allow_download, cfg.max_samples, cfg.seed)
+    test = load_split(dataset, False, size, cfg.data_root, cfg.allow_download, None, cfg.seed)
+    ttf = test_transform(size, train.stats_key)
+    train_plain = Transformed(train.data, ttf)
+    g = torch.Generator().manual_seed(cfg.seed)
+    calib_idx = torch.randperm(len(train_plain), generator=g)[: cfg.calib_images].tolist()
+    calib_loader = DataLoader(Subset(train_plain, calib_idx), batch_size=min(cfg.batch_size, 256))
+
+    def loader(ds: Any) -> DataLoader:
+        return DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+
+    rows: list[dict[str, Any]] = []
+    heads: dict[str, dict[str, Tensor]] = {}
+    n_bits = len(cfg.bits)
+    t0 = time.perf_counter()
+    for bi, bits_str in enumerate(cfg.bits):
+        bits = parse_bits(bits_str)
+        calib_n = 0 if bits.is_fp else calibrate(backbone, ctx, calib_loader, device)
+
+        def on_epoch(epoch: int, loss: float, bi: int = bi, bits_str: str = bits_str) -> None:
+            done = bi + (epoch + 1) / cfg.epochs
+            _report(hooks, cfg, "linear", done, n_bits, t0, loss, {"bits_index": bi})
+            if hooks.should_stop():
+                raise Cancelled(f"cancelled while evaluating {bits_str}")
+
+        with ctx.quantized(bits):
+            test_f, test_y = extract(backbone, loader(Transformed(test.data, ttf)), device)
+            if cfg.protocol == "knn" or cfg.path == "cached":
+                train_f, train_y = extract(backbone, loader(train_plain), device)
+            if cfg.protocol == "knn":
+                top1 = knn_top1(train_f, train_y, test_f, test_y, train.num_classes, cfg.knn_k, cfg.knn_t)
+                head = None
+                _report(hooks, cfg, "knn", bi + 1, n_bits, t0, None, {})
+            elif cfg.path == "cached":
+                with torch.enable_grad():
+                    head = train_linear_cached(train_f, train_y, train.num_classes, cfg, on_epoch)
+            else:
+                aug = SeededViews(train.data, linear_train_transform(size, train.stats_key), cfg.seed, n_views=1, with_label=True)
+                with torch.enable_grad():
+                    head = train_linear_augmented(backbone, aug, train.num_classes, cfg, device, on_epoch)
+            if head is not None:
+                top1 = accuracy(head, test_f, test_y)
+                heads[str(bits)] = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+        rows.append({
+            "bits": str(bits), "protocol": cfg.protocol,
+            "path": "knn" if cfg.protocol == "knn" else cfg.path,
+            "top1": round(top1, 3), "calib_images": calib_n,
+            "epochs": 0 if cfg.protocol == "knn" else cfg.epochs,
+            "dataset": dataset, "train_images": len(train.data), "test_images": len(test.data),
+            **({"knn_k": cfg.knn_k, "knn_t": cfg.knn_t} if cfg.protocol == "knn" else {"lr": cfg.lr}),
+        })
+    if workdir is not None and heads:
+        from ssql_core.checkpoint import save_atomic
+
+        save_atomic({"kind": "linear_heads", "config": cfg.to_dict(), "pretrain_config": pcfg.to_dict(),
+                     "num_classes": train.num_classes, "heads": heads, "rows": rows}, Path(workdir) / HEADS)
+    return rows
+
+
+def _report(hooks: Hooks, cfg: EvalConfig, phase: str, done: float, total: int, t0: float, loss: float | None, metrics: dict[str, float]) -> None:
+    elapsed = time.perf_counter() - t0
+    frac = min(done / total, 1.0)
+    hooks.on_progress(Progress(
+        phase=phase, epoch=int(done), epochs=total, step=int(done * max(cfg.epochs, 1)), total_steps=total * max(cfg.epochs, 1),
+        fraction=frac, loss=loss, eta_s=elapsed / frac * (1 - frac) if frac > 0 else None, metrics=metrics,
+    ))
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of result rows, one line per bit-width."""
+    lines = [f"{'bits':>6}  {'protocol':>8}  {'path':>9}  {'top1 %':>7}  {'calib':>6}  {'epochs':>6}"]
+    for r in rows:
+        lines.append(f"{r['bits']:>6}  {r['protocol']:>8}  {r['path']:>9}  {r['top1']:7.2f}  {r['calib_images']:6d}  {r['epochs']:6d}")
+    return "\n".join(lines)
