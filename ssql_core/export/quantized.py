@@ -1,0 +1,157 @@
+"""A calibrated backbone at one bit-width as plain tensors, and the module rebuilt from them.
+
+:func:`quantize_backbone` reads, from a backbone whose activation ranges were calibrated, exactly
+what the fake-quant forward at ``{w}w{a}a`` uses: per-channel integer weights and scales (computed
+by the same code path as :class:`~ssql_core.qnn.QConv2d` in QUANT mode, and checked bit for bit
+against it), the activation ranges, and every FP tensor (BN, unquantized parameters).
+
+:func:`build_quantized_model` inverts it: the same backbone class with ``w_int * scale`` as its
+weights (no re-quantization: min-max on already-quantized weights is not idempotent) and its
+activation points quantizing at ``a`` bits with the stored ranges. Both run the same float32
+operations, so the rebuilt module's outputs equal the fake-quant model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ssql_core.bits import BitWidth, parse_bits
+from ssql_core.models import build_backbone
+from ssql_core.qnn import FIXED8, Mode, QuantContext, act_points, bind_context, weight_points
+from ssql_core.quant import quantize_weight, weight_int_range, weight_scale
+
+
+@dataclass
+class QuantizedWeight:
+    """One weight quant point: integers in ``[-2^(b-1), 2^(b-1)-1]`` and per-output-channel scales."""
+
+    ints: Tensor  # int8, the weight's shape
+    scale: Tensor  # float32 [out_channels]
+    bits: int
+    role: str
+
+    def dequantize(self) -> Tensor:
+        """``w_int * scale``: the float32 weight the fake-quant forward uses."""
+        return self.ints.float() * self.scale.reshape((-1,) + (1,) * (self.ints.dim() - 1))
+
+
+@dataclass
+class QuantizedBackbone:
+    """Everything needed to run a backbone at one bit-width (see module docstring)."""
+
+    arch: dict[str, Any]
+    bits: BitWidth
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    #: activation point name -> (range [lo, hi] float32, bits, role)
+    ranges: dict[str, tuple[Tensor, int, str]] = field(default_factory=dict)
+    #: every other state_dict entry (BN, FP weights when bits is fp), torchvision names
+    fp: dict[str, Tensor] = field(default_factory=dict)
+
+
+def arch_of(backbone: nn.Module) -> dict[str, Any]:
+    """``{"name", "stem", "width"}`` of a backbone built by :func:`ssql_core.models.build_backbone`."""
+    arch = getattr(backbone, "arch", None)
+    if not isinstance(arch, dict) or not {"name", "stem", "width"} <= set(arch):
+        raise ValueError("backbone has no .arch {name, stem, width}: build it with ssql_core.models.build_backbone")
+    return {"name": str(arch["name"]), "stem": str(arch["stem"]), "width": float(arch["width"])}
+
+
+def check_standard_backbone(backbone: nn.Module) -> dict[str, Any]:
+    """Refuse backbones whose state the PSQ layout cannot describe (e.g. learned clip values)."""
+    arch = arch_of(backbone)
+    ref = build_backbone(arch["name"], arch["stem"], arch["width"])
+    ours, theirs = backbone.state_dict(), ref.state_dict()
+    extra, missing = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    if extra or missing:
+        raise ValueError(
+            f"backbone state differs from a standard {arch['name']} (extra {extra[:5]}, missing {missing[:5]}): "
+            "only backbones quantized with the PSQ quantizer (ssql_core.qnn) can be exported"
+        )
+    for k, v in ours.items():
+        if v.shape != theirs[k].shape:
+            raise ValueError(f"backbone tensor {k} has shape {tuple(v.shape)}, a standard {arch['name']} has {tuple(theirs[k].shape)}")
+    return arch
+
+
+@torch.no_grad()
+def quantize_backbone(backbone: nn.Module, bits: str | BitWidth) -> QuantizedBackbone:
+    """Integer weights, scales, ranges and FP tensors of a calibrated ``backbone`` at ``bits``."""
+    b = parse_bits(bits)
+    arch = check_standard_backbone(backbone)
+    state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
+    out = QuantizedBackbone(arch=arch, bits=b)
+    if b.is_fp:
+        out.fp = state
+        return out
+    assert b.w is not None and b.a is not None
+    step_w = torch.tensor(float(b.w))  # what QuantContext.w_bits holds in QUANT mode
+    for name, mod in weight_points(backbone).items():
+        w = mod.weight.detach().float().cpu()
+        arg: int | Tensor = 8 if mod.role == FIXED8 else step_w
+        scale = weight_scale(w, arg)
+        qmin, qmax = weight_int_range(arg, w)
+        ints = torch.clamp(torch.round(w * (1.0 / scale)), qmin, qmax)
+        qw = QuantizedWeight(ints.to(torch.int8), scale.reshape(-1).clone(), 8 if mod.role == FIXED8 else b.w, mod.role)
+        if not torch.equal(qw.dequantize(), quantize_weight(w, arg)):
+            raise RuntimeError(f"{name}: integer weights do not reproduce the fake-quant weights")
+        out.weights[f"{name}.weight"] = qw
+        if mod.bias is not None:
+            out.fp[f"{name}.bias"] = state[f"{name}.bias"]
+    for name, point in act_points(backbone).items():
+        lo, hi = float(point.lo), float(point.hi)
+        if not (torch.isfinite(point.lo) and torch.isfinite(point.hi)) or lo > hi:
+            raise ValueError(f"activation point {name} has no calibrated range ({lo}, {hi}): calibrate the backbone first")
+        out.ranges[name] = (torch.stack([point.lo, point.hi]).detach().float().cpu(), 8 if point.role == FIXED8 else b.a, point.role)
+    out.fp.update({k: v for k, v in state.items() if k not in out.weights and k not in out.fp})
+    return out
+
+
+class QuantizedModel(nn.Module):
+    """A backbone fixed at one bit-width (weights already quantized), optionally with its FP head.
+
+    ``forward`` returns the pooled feature, or the class logits when a head is present, exactly as
+    the fake-quant backbone at ``bits`` (plus the evaluation's FP linear classifier) computes them.
+    """
+
+    def __init__(self, backbone: nn.Module, bits: BitWidth, head: nn.Linear | None = None, manifest: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.bits = bits
+        self.manifest = manifest or {}
+        self.ctx = bind_context(backbone, QuantContext())
+        if not bits.is_fp:
+            assert bits.a is not None
+            # weights hold w_int * scale already: quantize activations only
+            self.ctx.quant_w, self.ctx.quant_a = False, True
+            self.ctx.a_bits.fill_(bits.a)
+            self.ctx.mode = Mode.QUANT
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = self.backbone(x)
+        return self.head(f) if self.head is not None else f
+
+
+def build_quantized_model(q: QuantizedBackbone, head: dict[str, Tensor] | None = None, manifest: dict[str, Any] | None = None) -> QuantizedModel:
+    """The module of :class:`QuantizedBackbone` ``q`` (see module docstring); strict shapes."""
+    backbone = build_backbone(q.arch["name"], q.arch["stem"], q.arch["width"])
+    state = dict(q.fp)
+    state.update({k: w.dequantize() for k, w in q.weights.items()})
+    backbone.load_state_dict(state, strict=True)
+    points = act_points(backbone)
+    if set(points) != set(q.ranges) and not q.bits.is_fp:
+        raise ValueError(f"activation ranges {sorted(set(points) ^ set(q.ranges))[:5]} do not match the architecture")
+    for name, (rng, _bits, _role) in q.ranges.items():
+        points[name].lo.copy_(rng[0])
+        points[name].hi.copy_(rng[1])
+    lin = None
+    if head is not None:
+        w, bias = head["weight"], head["bias"]
+        lin = nn.Linear(w.shape[1], w.shape[0])
+        lin.load_state_dict({"weight": w, "bias": bias}, strict=True)
+    model = QuantizedModel(backbone, q.bits, lin, manifest)
+    return model.eval()

@@ -1,0 +1,88 @@
+"""export_checkpoint from a real (tiny) pretrain run and its evaluation's heads.pt."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ssql_core import data as ssql_data
+from ssql_core.config import EvalConfig, PretrainConfig
+from ssql_core.evaluate import evaluate
+from ssql_core.export import CalibrationSpec, export_checkpoint, load_quantized
+from ssql_core.train import pretrain
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    work = tmp_path_factory.mktemp("run")
+    cfg = PretrainConfig(method="ssql", backbone="resnet18", dataset="synthetic", epochs=1, batch_size=32,
+                         max_samples=64, image_size=16, width=0.0625, device="cpu", channels_last=False)
+    pretrain(cfg, work)
+    rows = evaluate(EvalConfig(checkpoint=str(work / "last.pt"), bits=["fp", "4w4a", "2w8a"], epochs=3, max_samples=96,
+                               calib_images=40, seed=3, device="cpu", batch_size=64), work)
+    return work, rows
+
+
+@torch.no_grad()
+def _top1(model: torch.nn.Module) -> float:
+    test = ssql_data.load_split("synthetic", False, 16)
+    loader = DataLoader(ssql_data.Transformed(test.data, ssql_data.test_transform(16, test.stats_key)), batch_size=128)
+    correct = total = 0
+    for x, y in loader:
+        correct += (model(x).argmax(1) == torch.as_tensor(y)).sum().item()
+        total += len(y)
+    return 100.0 * correct / total
+
+
+@pytest.mark.parametrize("bits", ["fp", "4w4a", "2w8a"])
+def test_classifier_reproduces_evaluation_top1(run: tuple[Path, list[dict]], bits: str, tmp_path: Path) -> None:
+    work, rows = run
+    path = export_checkpoint(work / "last.pt", bits, tmp_path, heads=work / "heads.pt", source_job="job-42")
+    assert path.name == f"classifier-{bits}.safetensors"
+    model = load_quantized(path)
+    row = next(r for r in rows if r["bits"] == bits)
+    # the same calibration images as the evaluation (its seed, size, subset), so the same accuracy
+    assert _top1(model) == pytest.approx(row["top1"], abs=1e-3)
+    m = model.manifest
+    assert m["source"]["job"] == "job-42" and m["source"]["method"] == "ssql"
+    assert m["evaluation"]["row"]["top1"] == row["top1"]
+    if bits != "fp":
+        assert m["calibration"]["images"] == 40 and m["calibration"]["seed"] == 3 and m["calibration"]["max_samples"] == 96
+
+
+def test_backbone_export_defaults_and_calibration_choices(run: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    work, _ = run
+    path = export_checkpoint(work / "last.pt", "3w5a", tmp_path)
+    m = load_quantized(path).manifest
+    assert path.name == "backbone-3w5a.safetensors" and m["kind"] == "backbone" and m["head"] is None
+    assert m["calibration"] == {**m["calibration"], "source": "dataset", "dataset": "synthetic", "images": 128, "seed": 0}
+    spec = export_checkpoint(work / "last.pt", "3w5a", tmp_path / "s", calib=CalibrationSpec(images=16, seed=5))
+    assert load_quantized(spec).manifest["calibration"]["images"] == 16
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    own = export_checkpoint(work / "last.pt", "3w5a", tmp_path / "b", calib=lambda: iter(batches))
+    cal = load_quantized(own).manifest["calibration"]
+    assert cal == {"source": "caller-supplied batches", "images": 8}
+
+
+def test_bad_requests_refused(run: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    work, _ = run
+    with pytest.raises(ValueError, match="no head for 6w6a"):
+        export_checkpoint(work / "last.pt", "6w6a", tmp_path, heads=work / "heads.pt")
+    with pytest.raises(ValueError, match="fmt must be"):
+        export_checkpoint(work / "last.pt", "4w4a", tmp_path, fmt="pickle")
+    with pytest.raises(ValueError, match="invalid bit-width"):
+        export_checkpoint(work / "last.pt", "9w4a", tmp_path)
+    with pytest.raises(ValueError, match="not an evaluation's heads file"):
+        export_checkpoint(work / "last.pt", "4w4a", tmp_path, heads=work / "last.pt")

@@ -1,0 +1,184 @@
+"""Packed safetensors checkpoints: exact reload at every bit-width, size, and refusal of bad files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ssql_core.export import (
+    CheckpointError,
+    fake_quant_reference,
+    load_quantized,
+    save_quantized,
+    size_report,
+)
+from ssql_core.export.format import FORMAT, decode, read_safetensors
+from ssql_core.export.quantized import quantize_backbone
+from ssql_core.models import build_backbone
+from ssql_core.qnn import bind_context
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # small convs on a shared 2-core box: intra-op threads only add contention
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def calibrated(width: float = 0.0625, seed: int = 0, size: int = 16) -> nn.Module:
+    """A random-init backbone with non-trivial BN statistics and ranges calibrated on noise."""
+    torch.manual_seed(seed)
+    bb = build_backbone("resnet18", "cifar", width).eval()
+    for m in bb.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    ctx = bind_context(bb)
+    with ctx.recording(), torch.no_grad():
+        bb(torch.randn(16, 3, size, size))
+    return bb
+
+
+@pytest.fixture(scope="module")
+def small() -> nn.Module:
+    return calibrated()
+
+
+@pytest.mark.parametrize("w", range(2, 9))
+def test_reload_matches_fake_quant_every_bit_width(small: nn.Module, w: int, tmp_path: Path) -> None:
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(w))
+    for a in range(2, 9):
+        bits = f"{w}w{a}a"
+        path = save_quantized(small, bits, tmp_path / f"{bits}.safetensors")
+        model = load_quantized(path)
+        with torch.no_grad():
+            diff = (model(x) - fake_quant_reference(small, bits, x)).abs().max().item()
+        assert diff <= 1e-5, f"{bits}: max abs diff {diff}"
+        assert str(model.bits) == bits and model.manifest["bits"] == bits
+
+
+@pytest.mark.parametrize("bits", ["2w4a", "3w3a", "5w8a", "8w2a"])
+def test_file_integers_are_the_fake_quant_integers(small: nn.Module, bits: str, tmp_path: Path) -> None:
+    path = save_quantized(small, bits, tmp_path / "q.safetensors")
+    q_file, _ = decode(*read_safetensors(path, FORMAT))
+    q_mem = quantize_backbone(small, bits)
+    assert set(q_file.weights) == set(q_mem.weights)
+    w = int(bits[0])
+    for name, qw in q_mem.weights.items():
+        got = q_file.weights[name]
+        assert torch.equal(got.ints, qw.ints) and torch.equal(got.scale, qw.scale), name
+        expect = 8 if name == "conv1.weight" else w  # the stem stays 8-bit (SPEC 3)
+        assert got.bits == expect and int(got.ints.min()) >= -(1 << (expect - 1)) and int(got.ints.max()) < (1 << (expect - 1))
+    with safe_open(str(path), "pt") as f:
+        manifest = json.loads(f.metadata()["manifest"])
+        assert f.get_slice("backbone.layer1.0.conv1.weight.packed").get_dtype() == "U8"
+    assert manifest["bn_folded"] is False
+    assert manifest["arch"] == {"name": "resnet18", "stem": "cifar", "width": 0.0625}
+    assert manifest["weights"]["backbone.layer1.0.conv1.weight"]["layout"] == "bitstream-le"
+    assert manifest["activations"]["backbone.act_stem"]["bits"] == 8
+
+
+def test_fp_and_classifier_round_trip(small: nn.Module, tmp_path: Path) -> None:
+    x = torch.randn(3, 3, 16, 16)
+    model = load_quantized(save_quantized(small, "fp", tmp_path / "fp.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(model(x), small(x))
+    head = {"weight": torch.randn(10, small.feat_dim), "bias": torch.randn(10)}
+    clf = load_quantized(save_quantized(small, "4w4a", tmp_path / "c.safetensors", head=head))
+    with torch.no_grad():
+        expect = fake_quant_reference(small, "4w4a", x) @ head["weight"].t() + head["bias"]
+        assert clf(x).shape == (3, 10)
+        assert (clf(x) - expect).abs().max().item() <= 1e-5
+    assert clf.manifest["kind"] == "classifier" and clf.manifest["head"]["num_classes"] == 10
+
+
+@pytest.mark.parametrize("w", [2, 3, 4, 5, 6, 8])
+def test_size_within_5_percent_of_ideal(w: int, tmp_path: Path) -> None:
+    bb = _medium()
+    path = save_quantized(bb, f"{w}w{w}a", tmp_path / "m.safetensors")
+    rep = size_report(path)
+    n = sum(m.weight.numel() for m in bb.modules() if isinstance(m, nn.Conv2d))
+    stem = bb.conv1.weight.numel()
+    assert rep["quantized_weights"] == n
+    assert rep["weight_bytes_ideal"] == pytest.approx((n - stem) * w / 8 + stem)
+    assert rep["ratio"] <= 1.05, rep
+    # and the packed weights really are b bits each: far below the FP32 file
+    assert rep["file_bytes"] < (n * 4) * (w + 1) / 32
+
+
+_MEDIUM: list[nn.Module] = []
+
+
+def _medium() -> nn.Module:
+    if not _MEDIUM:
+        _MEDIUM.append(calibrated(width=0.5, size=8))
+    return _MEDIUM[0]
+
+
+def _corrupt(src: Path, dst: Path, edit) -> Path:
+    data = bytearray(src.read_bytes())
+    dst.write_bytes(bytes(edit(data)))
+    return dst
+
+
+def test_truncated_tampered_and_foreign_files_refused(small: nn.Module, tmp_path: Path) -> None:
+    good = save_quantized(small, "4w4a", tmp_path / "good.safetensors")
+    size = good.stat().st_size
+    truncated = _corrupt(good, tmp_path / "t.safetensors", lambda d: d[: size - 100])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_quantized(truncated)
+
+    def flip_last_byte(d: bytearray) -> bytearray:
+        d[-1] ^= 0x01
+        return d
+
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_quantized(_corrupt(good, tmp_path / "f.safetensors", flip_last_byte))
+    header_end = 8 + int.from_bytes(good.read_bytes()[:8], "little")
+
+    def edit_manifest(d: bytearray) -> bytearray:
+        old = b'\\"bits\\":\\"4w4a\\"'  # the manifest is JSON inside the header's JSON
+        i = d.index(old, 0, header_end)
+        d[i:i + len(old)] = old.replace(b"4w4a", b"2w4a")
+        return d
+
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_quantized(_corrupt(good, tmp_path / "m.safetensors", edit_manifest))
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_quantized(_corrupt(good, tmp_path / "g.safetensors", lambda d: b"\x80\x03garbage, maybe a pickle"))
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_quantized(tmp_path / "missing.safetensors")
+    other = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(other))
+    with pytest.raises(ValueError, match="not an ssql-quantized-checkpoint"):
+        load_quantized(other)
+
+
+def test_uncalibrated_backbone_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="calibrate"):
+        save_quantized(build_backbone("resnet18", "cifar", 0.0625), "4w4a", tmp_path / "x.safetensors")
+
+
+def test_mobilenet_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    bb = build_backbone("mobilenet_v2", "cifar", 0.25).eval()
+    ctx = bind_context(bb)
+    with ctx.recording(), torch.no_grad():
+        bb(torch.randn(4, 3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    for bits in ("3w5a", "8w8a"):
+        model = load_quantized(save_quantized(bb, bits, tmp_path / f"{bits}.safetensors"))
+        with torch.no_grad():
+            assert (model(x) - fake_quant_reference(bb, bits, x)).abs().max().item() <= 1e-5
