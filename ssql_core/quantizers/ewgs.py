@@ -56,7 +56,7 @@ class _EWGS(Quantizer):
         super().__init__(bits, signed)
         self.u = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("delta", torch.tensor(float(delta)))
-        #: set by the Hessian update: the last normalised tensor, with its gradient retained
+        #: set by the Hessian update: keep the last rounded tensor (level units) of the forward
         self.capture = False
         self.captured: Tensor | None = None
 
@@ -65,9 +65,10 @@ class _EWGS(Quantizer):
             self.u.fill_(stats.max_abs if (self.signed or self.kind == "weight") else max(stats.hi, EPS))
 
     def _quantize(self, v: Tensor) -> Tensor:
+        q = ewgs_round(v, self.delta)
         if self.capture:
-            self.captured = v
-        return ewgs_round(v, self.delta)
+            self.captured = q
+        return q
 
 
 class EWGSWeight(_EWGS):
