@@ -99,7 +99,7 @@ def export_checkpoint(source: str | Path, bits: str, out_dir: str | Path, fmt: s
     if fmt == "onnx":
         from ssql_core.export.onnx_graph import write_onnx
 
-        return write_onnx(out, build_quantized_model(q, head), info, image_size=pcfg.image_size)
+        return write_onnx(out, q, head, info)
     return write_quantized(out, q, head, info)
 
 

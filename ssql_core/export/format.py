@@ -162,7 +162,7 @@ def read_safetensors(path: str | Path, expected_format: str) -> tuple[dict[str, 
     return manifest, tensors
 
 
-def _check_arch(arch: Any) -> dict[str, Any]:
+def check_arch(arch: Any) -> dict[str, Any]:
     if not isinstance(arch, dict):
         raise CheckpointError("manifest.arch is missing")
     name, stem, width = arch.get("name"), arch.get("stem"), arch.get("width")
@@ -179,7 +179,7 @@ def decode(manifest: dict[str, Any], tensors: dict[str, Tensor]) -> tuple[Quanti
         bits = parse_bits(manifest.get("bits"))
     except ValueError as e:
         raise CheckpointError(f"manifest.bits: {e}") from None
-    q = QuantizedBackbone(arch=_check_arch(manifest.get("arch")), bits=bits)
+    q = QuantizedBackbone(arch=check_arch(manifest.get("arch")), bits=bits)
     used: set[str] = set()
 
     def take(name: Any, dtype: torch.dtype) -> Tensor:

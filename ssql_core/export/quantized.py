@@ -21,7 +21,17 @@ from torch import Tensor, nn
 
 from ssql_core.bits import BitWidth, parse_bits
 from ssql_core.models import build_backbone
-from ssql_core.qnn import FIXED8, Mode, QuantContext, act_points, bind_context, weight_points
+from ssql_core.qnn import (
+    FIXED8,
+    ActQuant,
+    Mode,
+    QConv2d,
+    QLinear,
+    QuantContext,
+    act_points,
+    bind_context,
+    weight_points,
+)
 from ssql_core.quant import quantize_weight, weight_int_range, weight_scale
 
 
@@ -63,6 +73,11 @@ def arch_of(backbone: nn.Module) -> dict[str, Any]:
 def check_standard_backbone(backbone: nn.Module) -> dict[str, Any]:
     """Refuse backbones whose state the PSQ layout cannot describe (e.g. learned clip values)."""
     arch = arch_of(backbone)
+    odd = sorted({type(m).__name__ for m in backbone.modules()
+                  if isinstance(m, (QConv2d, QLinear, ActQuant)) and type(m) not in (QConv2d, QLinear, ActQuant)})
+    if odd:
+        raise ValueError(f"backbone quant points carry their own quantizers ({', '.join(odd)}): "
+                         "the PSQ export would not reproduce what they compute")
     ref = build_backbone(arch["name"], arch["stem"], arch["width"])
     ours, theirs = backbone.state_dict(), ref.state_dict()
     extra, missing = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))

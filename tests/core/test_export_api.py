@@ -86,3 +86,27 @@ def test_bad_requests_refused(run: tuple[Path, list[dict]], tmp_path: Path) -> N
         export_checkpoint(work / "last.pt", "9w4a", tmp_path)
     with pytest.raises(ValueError, match="not an evaluation's heads file"):
         export_checkpoint(work / "last.pt", "4w4a", tmp_path, heads=work / "last.pt")
+
+
+def test_onnx_and_torchvision_formats(run: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    import numpy as np
+
+    from ssql_core.export.onnx_graph import onnx_session, read_onnx
+
+    work, rows = run
+    path = export_checkpoint(work / "last.pt", "4w4a", tmp_path, fmt="onnx", heads=work / "heads.pt", source_job="j")
+    assert path.name == "classifier-4w4a.onnx"
+    _, manifest = read_onnx(path)
+    assert manifest["calibration"]["images"] == 40 and manifest["source"]["job"] == "j"
+    sess = onnx_session(path, optimize=True)  # as a deployment would run it: ORT's QDQ fusions on
+    test = ssql_data.load_split("synthetic", False, 16)
+    loader = DataLoader(ssql_data.Transformed(test.data, ssql_data.test_transform(16, test.stats_key)), batch_size=256)
+    correct = sum(int((np.argmax(sess.run(None, {"input": x.numpy()})[0], 1) == np.asarray(y)).sum()) for x, y in loader)
+    row = next(r for r in rows if r["bits"] == "4w4a")
+    assert 100.0 * correct / len(test.data) == pytest.approx(row["top1"], abs=100.0 * 2 / len(test.data))
+    with pytest.raises(ValueError, match="width multiplier"):
+        export_checkpoint(work / "last.pt", "fp", tmp_path, fmt="torchvision")
+    with pytest.raises(ValueError, match="FP weights only"):
+        export_checkpoint(work / "last.pt", "4w4a", tmp_path, fmt="torchvision")
+    with pytest.raises(ValueError, match="ONNX files run in onnxruntime"):
+        load_quantized(path)

@@ -1,0 +1,259 @@
+"""ONNX graph of a quantized backbone: QuantizeLinear/DequantizeLinear at the bit-width.
+
+The graph is emitted node by node from a ``torch.fx`` trace of the rebuilt module (quant points
+and convs kept as leaves), so it holds exactly the operations the fake-quant model runs:
+
+* weights: integer initializers (INT4 for ``w <= 4``, opset 21; INT8 otherwise) with per-channel
+  scales, ``DequantizeLinear(axis=0)`` into Conv; the values stay within ``b`` bits;
+* activation points: ``QuantizeLinear -> DequantizeLinear`` per tensor with the calibrated range's
+  scale and zero point in a UINT8 container; for ``a < 8`` a ``Clip`` to
+  ``[(0 - z) s, (2^a - 1 - z) s]`` precedes QuantizeLinear so the codes stay in ``[0, 2^a - 1]``;
+  a zero point outside UINT8 (a calibrated range not containing 0) uses INT16;
+* BN unfolded (BatchNormalization), as in the checkpoint; the head as Gemm.
+
+The arithmetic differs from PyTorch only by float rounding: the convolution's and BN's summation
+order, and QuantizeLinear's ``x / s`` against the fake quantizer's ``x * (1 / s)``. Each moves a
+value by about an ulp, which changes an activation code only when the value sits on a rounding
+boundary; then that sample's output moves by about one quantization step. Computing ``x * (1/s)``
+in the graph (Mul, then QuantizeLinear with scale 1) removes only the second source and breaks the
+standard QDQ pattern runtimes fuse, so the graph keeps plain QDQ. :func:`compare_onnx` reports
+the difference per sample.
+The manifest and a sha256 of the graph live in the model's ``metadata_props``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import Tensor, fx, nn
+
+from ssql_core.export.format import CheckpointError
+from ssql_core.export.quantized import QuantizedBackbone, QuantizedModel, build_quantized_model
+from ssql_core.qnn import FIXED8, ActQuant, QConv2d, QLinear
+from ssql_core.quant import activation_qparams
+
+OPSET = 21
+FORMAT = "ssql-quantized-onnx"
+FORMAT_VERSION = 1
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (QConv2d, QLinear, ActQuant)) or super().is_leaf_module(m, qualname)
+
+
+def _act_container(a: int, zero: int) -> tuple[int, bool]:
+    """(ONNX element type, needs a Clip) for codes in ``[0, 2^a - 1]`` with zero point ``zero``.
+
+    UINT8, not UINT4, even for ``a <= 4``: onnxruntime's default graph optimizer (ClipQuantFusion)
+    fails on a UINT4 QuantizeLinear (ORT 1.31), and UINT8 runs everywhere. INT4 is used for weights.
+    """
+    if 0 <= zero <= 255:
+        return TensorProto.UINT8, a < 8
+    return TensorProto.INT16, True
+
+
+class _Graph:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+        self.acts: dict[str, Any] = {}
+
+    def init(self, name: str, value: Tensor | np.ndarray, dtype: int | None = None) -> str:
+        arr = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+        if dtype is None:
+            self.inits.append(numpy_helper.from_array(arr, name))
+        else:
+            self.inits.append(helper.make_tensor(name, dtype, list(arr.shape), arr.reshape(-1).tolist()))
+        return name
+
+    def add(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+
+def _conv(g: _Graph, mod: nn.Conv2d, x: str, out: str, q: QuantizedBackbone, name: str) -> str:
+    key = f"{name}.weight"
+    if key in q.weights:
+        qw = q.weights[key]
+        wtype = TensorProto.INT4 if qw.bits <= 4 else TensorProto.INT8
+        ints = g.init(f"{key}_q", qw.ints.to(torch.int8).numpy(), wtype)
+        zero = g.init(f"{key}_zero", np.zeros(qw.ints.shape[0], np.int8), wtype)
+        w = g.add("DequantizeLinear", [ints, g.init(f"{key}_scale", qw.scale.float()), zero], f"{key}_dq", axis=0)
+    else:
+        w = g.init(key, mod.weight.float())
+    inputs = [x, w] + ([g.init(f"{name}.bias", mod.bias.float())] if mod.bias is not None else [])
+    k = list(mod.kernel_size)
+    pad = list(mod.padding)  # type: ignore[arg-type]
+    return g.add("Conv", inputs, out, kernel_shape=k, strides=list(mod.stride), pads=pad + pad,
+                 dilations=list(mod.dilation), group=mod.groups)
+
+
+def _act(g: _Graph, mod: ActQuant, x: str, out: str, q: QuantizedBackbone, name: str) -> str:
+    if q.bits.is_fp:
+        return g.add("Identity", [x], out)
+    rng, a, _role = q.ranges[name]
+    arg: int | Tensor = 8 if mod.role == FIXED8 else torch.tensor(float(a))  # as the fake-quant model
+    scale, zero, qmax = activation_qparams(arg, rng[0], rng[1])
+    s, z, qm = float(scale), int(zero), int(qmax)
+    dtype, clip = _act_container(a, z)
+    s_name = g.init(f"{name}_scale", np.array(s, np.float32))
+    z_name = g.init(f"{name}_zero", np.array(z), dtype)
+    if clip:
+        lo = g.init(f"{name}_clip_lo", ((0.0 - zero) * scale).reshape(()).float())
+        hi = g.init(f"{name}_clip_hi", ((qmax - zero) * scale).reshape(()).float())
+        x = g.add("Clip", [x, lo, hi], f"{name}_clip")
+    qx = g.add("QuantizeLinear", [x, s_name, z_name], f"{name}_q")
+    g.acts[name] = {"bits": a, "scale": s, "zero_point": z, "codes": [0, qm],
+                    "container": TensorProto.DataType.Name(dtype), "clip": clip}
+    return g.add("DequantizeLinear", [qx, s_name, z_name], out)
+
+
+def build_onnx(q: QuantizedBackbone, head: dict[str, Tensor] | None = None, info: dict[str, Any] | None = None) -> onnx.ModelProto:
+    """The ONNX model of ``q`` (+ FP ``head``); see the module docstring."""
+    model = build_quantized_model(q, head)
+    traced = _Tracer().trace(model)
+    mods = dict(model.named_modules())
+    g = _Graph()
+    env: dict[str, str] = {}
+    out_name = "logits" if head is not None else "features"
+    for node in traced.nodes:
+        name = node.name
+        args = [env[a.name] for a in node.args if isinstance(a, fx.Node)]
+        if node.op == "placeholder":
+            env[name] = "input"
+        elif node.op == "output":
+            result = node.args[0]
+            assert isinstance(result, fx.Node)
+            g.add("Identity", [env[result.name]], out_name)
+        elif node.op == "call_module":
+            target = str(node.target)
+            mod, bname = mods[target], target.removeprefix("backbone.")
+            if isinstance(mod, nn.Conv2d):
+                env[name] = _conv(g, mod, args[0], name, q, bname)
+            elif isinstance(mod, ActQuant):
+                env[name] = _act(g, mod, args[0], name, q, bname)
+            elif isinstance(mod, nn.BatchNorm2d):
+                assert mod.running_mean is not None and mod.running_var is not None
+                ins = [g.init(f"{bname}.{p}", t.float()) for p, t in
+                       (("weight", mod.weight), ("bias", mod.bias), ("running_mean", mod.running_mean), ("running_var", mod.running_var))]
+                env[name] = g.add("BatchNormalization", [args[0], *ins], name, epsilon=float(mod.eps))
+            elif isinstance(mod, nn.ReLU):
+                env[name] = g.add("Relu", args, name)
+            elif isinstance(mod, nn.Identity):
+                env[name] = args[0]
+            elif isinstance(mod, nn.MaxPool2d):
+                k, s, p = (mod.kernel_size, mod.stride, mod.padding)
+                env[name] = g.add("MaxPool", args, name, kernel_shape=[k, k], strides=[s, s], pads=[p] * 4,  # type: ignore[list-item]
+                                  ceil_mode=int(mod.ceil_mode))
+            elif isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
+                env[name] = g.add("GlobalAveragePool", args, name)
+            elif isinstance(mod, nn.Linear):
+                ins = [g.init(f"{target}.weight", mod.weight.float()), g.init(f"{target}.bias", mod.bias.float())]
+                env[name] = g.add("Gemm", [args[0], *ins], name, transB=1)
+            else:
+                raise ValueError(f"no ONNX mapping for module {target} ({type(mod).__name__})")
+        elif node.op == "call_function":
+            if node.target is operator.add:
+                env[name] = g.add("Add", args, name)
+            elif node.target is torch.flatten and node.args[1:] == (1,):
+                env[name] = g.add("Flatten", args, name, axis=1)
+            elif node.target is torch.nn.functional.hardtanh:
+                lo, hi = node.kwargs.get("min_val", -1.0), node.kwargs.get("max_val", 1.0)
+                bounds = [g.init(f"{name}_lo", np.array(lo, np.float32)), g.init(f"{name}_hi", np.array(hi, np.float32))]
+                env[name] = g.add("Clip", [args[0], *bounds], name)
+            else:
+                raise ValueError(f"no ONNX mapping for function {node.target}")
+        else:
+            raise ValueError(f"no ONNX mapping for fx op {node.op} {node.target}")
+    graph = helper.make_graph(
+        g.nodes, f"ssql_{q.arch['name']}_{q.bits}",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["N", head["weight"].shape[0] if head is not None else model.backbone.feat_dim])],
+        initializer=g.inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ssql_core.export")
+    proto.ir_version = 10
+    onnx.checker.check_model(proto, full_check=True)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": q.arch, "bits": str(q.bits),
+                "weight_bits": q.bits.w, "act_bits": q.bits.a, "bn_folded": False, "opset": OPSET,
+                "input": "input: float32 [N, 3, H, W], normalized as the run's test transform",
+                "output": out_name, "activations": g.acts, **(info or {})}
+    _set_meta(proto, manifest)
+    return proto
+
+
+def _digest(proto: onnx.ModelProto, manifest_json: str) -> str:
+    return hashlib.sha256(manifest_json.encode() + proto.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _set_meta(proto: onnx.ModelProto, manifest: dict[str, Any]) -> None:
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    for k, v in (("ssql.format", FORMAT), ("ssql.manifest", text), ("ssql.sha256", _digest(proto, text))):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def write_onnx(path: str | Path, q: QuantizedBackbone, head: dict[str, Tensor] | None = None, info: dict[str, Any] | None = None) -> Path:
+    """Write the ONNX model of ``q`` to ``path`` atomically; returns the path."""
+    path = Path(path)
+    proto = build_onnx(q, head, info)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_onnx(path: str | Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Parse (no external data), hash-check and return ``(model, manifest)``; ``CheckpointError`` otherwise."""
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and OS errors
+        raise CheckpointError(f"{path}: not a readable ONNX file (truncated or corrupted?): {e}") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if meta.get("ssql.format") != FORMAT:
+        raise CheckpointError(f"{path}: not an {FORMAT} file")
+    text = meta.get("ssql.manifest", "")
+    if _digest(proto, text) != meta.get("ssql.sha256"):
+        raise CheckpointError(f"{path}: sha256 mismatch: the graph was modified or corrupted after export")
+    return proto, json.loads(text)
+
+
+def onnx_session(path_or_proto: str | Path | onnx.ModelProto, optimize: bool = False) -> Any:
+    """An onnxruntime CPU session; ``optimize=False`` runs the graph as written (QDQ unfused)."""
+    import onnxruntime as ort
+
+    proto = path_or_proto if isinstance(path_or_proto, onnx.ModelProto) else read_onnx(path_or_proto)[0]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def compare_onnx(path_or_proto: str | Path | onnx.ModelProto, reference: QuantizedModel | nn.Module, x: Tensor,
+                 optimize: bool = False) -> dict[str, float]:
+    """Abs differences between onnxruntime and the PyTorch ``reference`` on ``x``, overall and per sample."""
+    sess = onnx_session(path_or_proto, optimize)
+    got = torch.from_numpy(sess.run(None, {"input": x.float().numpy()})[0])
+    ref = reference(x).float()
+    diff = (got - ref).abs()
+    per_sample = diff.reshape(len(x), -1).max(dim=1).values
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "max_abs_ref": float(ref.abs().max()),
+            "samples": len(x), "samples_within_1e-5": int((per_sample <= 1e-5).sum())}
