@@ -38,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, fx, nn
 
 from ssql_core.export.format import CheckpointError
+from ssql_core.export.packing import pack_bits
 from ssql_core.export.quantized import QuantizedBackbone, QuantizedModel, build_quantized_model
 from ssql_core.qnn import FIXED8, ActQuant, QConv2d, QLinear
 from ssql_core.quant import activation_qparams
@@ -77,6 +78,14 @@ class _Graph:
             self.inits.append(helper.make_tensor(name, dtype, list(arr.shape), arr.reshape(-1).tolist()))
         return name
 
+    def init_weight_ints(self, name: str, ints: Tensor, dtype: int) -> str:
+        """Integer weights as raw data: INT4 is ONNX's two-per-byte, low nibble first, which is
+        our 4-bit bitstream; INT8 the bytes themselves."""
+        t = TensorProto(name=name, data_type=dtype, dims=list(ints.shape))
+        t.raw_data = (pack_bits(ints, 4) if dtype == TensorProto.INT4 else ints.to(torch.int8).reshape(-1)).numpy().tobytes()
+        self.inits.append(t)
+        return name
+
     def add(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
         self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
@@ -87,7 +96,7 @@ def _conv(g: _Graph, mod: nn.Conv2d, x: str, out: str, q: QuantizedBackbone, nam
     if key in q.weights:
         qw = q.weights[key]
         wtype = TensorProto.INT4 if qw.bits <= 4 else TensorProto.INT8
-        ints = g.init(f"{key}_q", qw.ints.to(torch.int8).numpy(), wtype)
+        ints = g.init_weight_ints(f"{key}_q", qw.ints, wtype)
         zero = g.init(f"{key}_zero", np.zeros(qw.ints.shape[0], np.int8), wtype)
         w = g.add("DequantizeLinear", [ints, g.init(f"{key}_scale", qw.scale.float()), zero], f"{key}_dq", axis=0)
     else:

@@ -76,7 +76,8 @@ def _initializers(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 @pytest.mark.parametrize("bits", ["2w3a", "4w4a", "5w7a", "8w8a"])
 def test_graph_holds_integers_at_the_bit_width(small: nn.Module, bits: str) -> None:
     w, a = int(bits[0]), int(bits[2])
-    proto = build_onnx(quantize_backbone(small, bits))
+    q = quantize_backbone(small, bits)
+    proto = build_onnx(q)
     inits = _initializers(proto)
     dq_weights = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith(".weight_q")]
     assert len(dq_weights) == sum(isinstance(m, nn.Conv2d) for m in small.modules())
@@ -87,6 +88,7 @@ def test_graph_holds_integers_at_the_bit_width(small: nn.Module, bits: str) -> N
         assert t.data_type == (TensorProto.INT4 if b <= 4 else TensorProto.INT8)
         vals = numpy_helper.to_array(t).astype(np.int64)
         assert vals.min() >= -(1 << (b - 1)) and vals.max() <= (1 << (b - 1)) - 1
+        assert np.array_equal(vals, q.weights[node.input[0].removesuffix("_q")].ints.numpy())
         assert helper.get_attribute_value(node.attribute[0]) == 0  # axis 0: per output channel
         assert numpy_helper.to_array(inits[node.input[1]]).shape == (vals.shape[0],)
     # every activation point is one QuantizeLinear; run the graph with the codes as outputs

@@ -171,6 +171,15 @@ def test_uncalibrated_backbone_refused(tmp_path: Path) -> None:
         save_quantized(build_backbone("resnet18", "cifar", 0.0625), "4w4a", tmp_path / "x.safetensors")
 
 
+def test_backbone_with_attached_qat_quantizers_refused(tmp_path: Path) -> None:
+    from ssql_core.quantizers.attach import attach
+
+    bb = calibrated()
+    attach(bb, "pact", "4w4a")  # PACT takes over at 4w4a: PSQ integers would not be what it runs
+    with pytest.raises(ValueError, match="carry their own quantizers"):
+        save_quantized(bb, "4w4a", tmp_path / "x.safetensors")
+
+
 def test_mobilenet_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(1)
     bb = build_backbone("mobilenet_v2", "cifar", 0.25).eval()
