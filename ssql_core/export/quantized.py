@@ -151,6 +151,19 @@ class QuantizedModel(nn.Module):
         return self.head(f) if self.head is not None else f
 
 
+def check_layout(q: QuantizedBackbone, backbone: nn.Module) -> None:
+    """Every quant point of the architecture is present at the bits SPEC 3 gives it, and no other."""
+    assert q.bits.w is not None and q.bits.a is not None
+    expect_w = {f"{n}.weight": 8 if m.role == FIXED8 else q.bits.w for n, m in weight_points(backbone).items()}
+    expect_a = {n: 8 if m.role == FIXED8 else q.bits.a for n, m in act_points(backbone).items()}
+    got_w = {k: w.bits for k, w in q.weights.items()}
+    got_a = {k: r[1] for k, r in q.ranges.items()}
+    for what, got, expect in (("weights", got_w, expect_w), ("activation ranges", got_a, expect_a)):
+        if got != expect:
+            bad = sorted(k for k in set(got) | set(expect) if got.get(k) != expect.get(k))
+            raise ValueError(f"{what} do not match the {q.arch['name']} layout at {q.bits}: {bad[:5]}")
+
+
 def build_quantized_model(q: QuantizedBackbone, head: dict[str, Tensor] | None = None, manifest: dict[str, Any] | None = None) -> QuantizedModel:
     """The module of :class:`QuantizedBackbone` ``q`` (see module docstring); strict shapes."""
     backbone = build_backbone(q.arch["name"], q.arch["stem"], q.arch["width"])
@@ -158,8 +171,8 @@ def build_quantized_model(q: QuantizedBackbone, head: dict[str, Tensor] | None =
     state.update({k: w.dequantize() for k, w in q.weights.items()})
     backbone.load_state_dict(state, strict=True)
     points = act_points(backbone)
-    if set(points) != set(q.ranges) and not q.bits.is_fp:
-        raise ValueError(f"activation ranges {sorted(set(points) ^ set(q.ranges))[:5]} do not match the architecture")
+    if not q.bits.is_fp:
+        check_layout(q, backbone)
     for name, (rng, _bits, _role) in q.ranges.items():
         points[name].lo.copy_(rng[0])
         points[name].hi.copy_(rng[1])

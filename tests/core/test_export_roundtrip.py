@@ -191,3 +191,34 @@ def test_mobilenet_round_trip(tmp_path: Path) -> None:
         model = load_quantized(save_quantized(bb, bits, tmp_path / f"{bits}.safetensors"))
         with torch.no_grad():
             assert (model(x) - fake_quant_reference(bb, bits, x)).abs().max().item() <= 1e-5
+
+
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    """Re-sign an edited manifest: a well-formed file that lies, as a hostile upload could."""
+    from safetensors.torch import save_file
+
+    from ssql_core.export.format import tensor_digest
+
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    manifest = json.loads(meta["manifest"])
+    edit(manifest)
+    text = json.dumps(manifest)
+    save_file(tensors, str(dst), metadata={**meta, "manifest": text, "sha256": tensor_digest(text, tensors)})
+    return dst
+
+
+def test_well_formed_but_inconsistent_manifest_refused(small: nn.Module, tmp_path: Path) -> None:
+    good = save_quantized(small, "4w4a", tmp_path / "good.safetensors")
+    assert load_quantized(_rewrite(good, tmp_path / "same.safetensors", lambda m: None)).manifest["bits"] == "4w4a"
+    cases = {
+        "do not match the resnet18 layout": lambda m: m["activations"]["backbone.act_stem"].update(bits=4),
+        "width must be": lambda m: m["arch"].update(width=1e6),
+        "unknown architecture": lambda m: m["arch"].update(name="os.system"),
+        "need": lambda m: m["weights"]["backbone.layer1.0.conv1.weight"].update(bits=3),
+        "invalid bit-width": lambda m: m.update(bits="16w16a"),
+    }
+    for i, (message, edit) in enumerate(cases.items()):
+        with pytest.raises(CheckpointError, match=message):
+            load_quantized(_rewrite(good, tmp_path / f"bad{i}.safetensors", edit))
