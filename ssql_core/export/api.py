@@ -38,38 +38,80 @@ FORMATS = ("safetensors", "onnx", "torchvision")
 SUFFIX = {"safetensors": ".safetensors", "onnx": ".onnx", "torchvision": ".torchvision.safetensors"}
 
 
-def load_heads(path: str | Path, bits: str, pcfg: PretrainConfig) -> tuple[dict[str, Tensor], EvalConfig, dict[str, Any]]:
-    """The linear head for ``bits`` from an evaluation's ``heads.pt`` of the same pretrain run."""
-    state = ckpt.load(path)
+def load_heads(path: str | Path, pcfg: PretrainConfig) -> tuple[dict[str, Any], EvalConfig]:
+    """An evaluation's ``heads.pt`` of the same pretrain run, and that evaluation's config."""
+    try:
+        state = ckpt.load(path)  # weights_only: tensors and plain containers, never objects
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable heads file (heads.pt): {e}") from None
     if not isinstance(state, dict) or state.get("kind") != "linear_heads":
         raise ValueError(f"{path} is not an evaluation's heads file (heads.pt)")
     if state.get("pretrain_config") != pcfg.to_dict():
         raise ValueError(f"{path} was trained on a different pretrain run's backbone than the source checkpoint")
+    return state, EvalConfig.from_dict(state["config"])
+
+
+def _head_for(state: dict[str, Any], path: str | Path, bits: str, feat_dim: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
     heads = state.get("heads") or {}
     if bits not in heads:
         raise ValueError(f"{path} has no head for {bits}; it has {sorted(heads)}")
+    head = heads[bits]
+    w, b = head.get("weight"), head.get("bias")
+    if not isinstance(w, Tensor) or not isinstance(b, Tensor) or w.dim() != 2 or w.shape[1] != feat_dim or b.shape != (w.shape[0],):
+        raise ValueError(f"{path}: the {bits} head is not a linear layer on {feat_dim} features")
     row = next((r for r in state.get("rows", []) if r.get("bits") == bits), None)
-    return heads[bits], EvalConfig.from_dict(state["config"]), {"bits": bits, "row": row, "num_classes": state.get("num_classes")}
+    return head, {"heads_file": Path(path).name, "bits": bits, "row": row, "num_classes": int(w.shape[0])}
 
 
-def prepare(source: str | Path, bits: str, calib: Calibration, heads: str | Path | None,
-            device: str = "cpu") -> tuple[PretrainConfig, nn.Module, dict[str, Tensor] | None, dict[str, Any]]:
-    """Load and calibrate the backbone of ``source``; returns config, backbone, head, manifest info."""
-    b = parse_bits(bits)
+def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path, fmt: str = "safetensors",
+                       calib: Calibration = None, heads: str | Path | None = None, source_job: str | None = None,
+                       device: str = "cpu") -> list[Path]:
+    """:func:`export_checkpoint` for several bit-widths, loading and calibrating once.
+
+    Activation ranges do not depend on the bit-width (they are recorded in FP), so one calibration
+    serves every file.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    parsed = [parse_bits(b) for b in bits]
+    if not parsed:
+        raise ValueError("give at least one bit-width")
+    if fmt == "torchvision" and any(not b.is_fp for b in parsed):
+        raise ValueError("the torchvision format holds FP weights only (torchvision has no quantized activations): use bits='fp'")
     pcfg, method = load_pretrained(source)
     dev = resolve_device(device)
     backbone = method.backbone.to(dev).eval()
-    head, info = None, {}
+    heads_state, info = None, {}
     if heads is not None:
-        head, ecfg, hinfo = load_heads(heads, str(b), pcfg)
-        info["evaluation"] = {"heads_file": Path(heads).name, **hinfo}
+        heads_state, ecfg = load_heads(heads, pcfg)
         if calib is None:
             calib = CalibrationSpec.from_eval(ecfg)
-    if not b.is_fp:
-        ctx = bind_context(backbone)
-        info["calibration"] = run_calibration(backbone, ctx, calib, pcfg, dev)
+        for b in parsed:  # refuse before any work
+            _head_for(heads_state, heads, str(b), int(backbone.feat_dim))
+    if any(not b.is_fp for b in parsed):
+        info["calibration"] = run_calibration(backbone, bind_context(backbone), calib, pcfg, dev)
     backbone = backbone.cpu()
-    return pcfg, backbone, head, info
+    info["source"] = {"job": source_job, "checkpoint": Path(source).name, "method": pcfg.method, "dataset": pcfg.dataset,
+                      "image_size": pcfg.image_size, "pretrain_config": pcfg.to_dict()}
+    paths = []
+    for b in parsed:
+        head, extra = None, {}
+        if heads_state is not None:
+            head, hinfo = _head_for(heads_state, heads, str(b), int(backbone.feat_dim))  # type: ignore[arg-type]
+            extra["evaluation"] = hinfo
+        file_info = {**info, **extra} if not b.is_fp else {k: v for k, v in {**info, **extra}.items() if k != "calibration"}
+        out = Path(out_dir) / f"{'classifier' if head is not None else 'backbone'}-{b}{SUFFIX[fmt]}"
+        if fmt == "torchvision":
+            from ssql_core.export.torchvision_format import write_torchvision
+
+            paths.append(write_torchvision(out, backbone, head, file_info))
+        elif fmt == "onnx":
+            from ssql_core.export.onnx_graph import write_onnx
+
+            paths.append(write_onnx(out, quantize_backbone(backbone, b), head, file_info))
+        else:
+            paths.append(write_quantized(out, quantize_backbone(backbone, b), head, file_info))
+    return paths
 
 
 def export_checkpoint(source: str | Path, bits: str, out_dir: str | Path, fmt: str = "safetensors",
@@ -80,27 +122,10 @@ def export_checkpoint(source: str | Path, bits: str, out_dir: str | Path, fmt: s
     ``calib``: ``None`` (SPEC 6.2 defaults on the run's training data, or the evaluation's
     calibration when ``heads`` is given), a :class:`CalibrationSpec`, batches, or a callable
     returning batches. ``heads``: an evaluation's ``heads.pt``; its head for ``bits`` makes the file
-    a complete classifier. Returns the written path (``{backbone|classifier}-{bits}{suffix}``).
+    a complete classifier. ``source_job`` is recorded in the manifest. Returns the written path,
+    ``out_dir/{backbone|classifier}-{bits}{.safetensors|.onnx|.torchvision.safetensors}``.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    b = parse_bits(bits)
-    if fmt == "torchvision" and not b.is_fp:
-        raise ValueError("the torchvision format holds FP weights only (torchvision has no quantized activations): use bits='fp'")
-    pcfg, backbone, head, info = prepare(source, str(b), calib, heads, device)
-    info["source"] = {"job": source_job, "checkpoint": Path(source).name, "method": pcfg.method, "dataset": pcfg.dataset,
-                      "image_size": pcfg.image_size, "pretrain_config": pcfg.to_dict()}
-    out = Path(out_dir) / f"{'classifier' if head is not None else 'backbone'}-{b}{SUFFIX[fmt]}"
-    if fmt == "torchvision":
-        from ssql_core.export.torchvision_format import write_torchvision
-
-        return write_torchvision(out, backbone, head, info)
-    q = quantize_backbone(backbone, b)
-    if fmt == "onnx":
-        from ssql_core.export.onnx_graph import write_onnx
-
-        return write_onnx(out, q, head, info)
-    return write_quantized(out, q, head, info)
+    return export_checkpoints(source, [bits], out_dir, fmt, calib, heads, source_job, device)[0]
 
 
 def load_quantized(path: str | Path) -> QuantizedModel:
@@ -111,7 +136,7 @@ def load_quantized(path: str | Path) -> QuantizedModel:
     """
     path = Path(path)
     if path.suffix == ".onnx":
-        raise CheckpointError(f"{path}: ONNX files run in onnxruntime (ssql_core.export.onnx_graph.run_onnx), not as torch modules")
+        raise CheckpointError(f"{path}: ONNX files run in onnxruntime (ssql_core.export.onnx_graph.read_onnx / onnx_session), not as torch modules")
     manifest, tensors = read_safetensors(path, FORMAT)
     q, head = decode(manifest, tensors)
     try:

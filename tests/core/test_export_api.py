@@ -110,3 +110,23 @@ def test_onnx_and_torchvision_formats(run: tuple[Path, list[dict]], tmp_path: Pa
         export_checkpoint(work / "last.pt", "4w4a", tmp_path, fmt="torchvision")
     with pytest.raises(ValueError, match="ONNX files run in onnxruntime"):
         load_quantized(path)
+
+
+def test_several_bit_widths_in_one_call_are_the_same_files(run: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    from ssql_core.export import export_checkpoints
+
+    work, _ = run
+    many = export_checkpoints(work / "last.pt", ["fp", "4w4a", "2w8a"], tmp_path / "many", heads=work / "heads.pt", source_job="j")
+    assert [p.name for p in many] == ["classifier-fp.safetensors", "classifier-4w4a.safetensors", "classifier-2w8a.safetensors"]
+    one = export_checkpoint(work / "last.pt", "4w4a", tmp_path / "one", heads=work / "heads.pt", source_job="j")
+    # same content (the hash covers manifest and every tensor; safetensors orders its header
+    # metadata by a Rust HashMap, so raw bytes may differ)
+    assert _sha(one) == _sha(many[1])
+    assert "calibration" not in load_quantized(many[0]).manifest  # fp needs none
+
+
+def _sha(path: Path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()["sha256"]
