@@ -253,3 +253,9 @@ def mark_published(session: Session, job_ids: list[str]) -> None:
         session.execute(update(Job).where(Job.id.in_(job_ids)).values(published_at=now))
         session.commit()
 
+
+
+def job_flags(session: Session, job_id: str) -> tuple[bool, int]:
+    """``(cancel_requested, max_attempts)`` as currently stored."""
+    row = session.execute(select(Job.cancel_requested, Job.max_attempts).where(Job.id == job_id)).one()
+    return bool(row.cancel_requested), int(row.max_attempts)

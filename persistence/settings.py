@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     allow_download: bool = False
     device: str = "auto"
     num_workers: int = 0
+    #: CPU threads of a training process (0: torch's default). On a small shared CPU, 1 avoids
+    #: OpenMP oversubscription that can slow training by an order of magnitude.
+    torch_threads: int = 0
 
     # Job execution.
     queue: str = "gpu"

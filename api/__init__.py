@@ -1,0 +1,1 @@
+"""HTTP API of the training service (FastAPI): jobs, metrics, results, checkpoints, catalog."""

@@ -1,0 +1,45 @@
+"""The FastAPI application: ``uvicorn api.app:app`` (or ``ssql up``)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+
+from api.errors import FieldError, field_error_handler, request_validation_handler
+from api.routes import catalog, checkpoints, health, jobs
+from api.state import AppState, KeyCache
+from persistence.db import make_async_engine
+from persistence.queue import make_celery
+from persistence.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; the database engine and the broker client live for the app's lifetime."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_async_engine(settings)
+        app.state.ssql = AppState(
+            settings=settings, engine=engine, celery=make_celery(settings), keys=KeyCache(settings.auth_cache_seconds)
+        )
+        yield
+        await engine.dispose()
+
+    app = FastAPI(
+        title="SSQL training service",
+        version="1",
+        description="Quantization-friendly self-supervised pretraining and evaluation at many bit-widths, as jobs.",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(FieldError, field_error_handler)
+    app.add_exception_handler(RequestValidationError, request_validation_handler)
+    for module in (health, catalog, jobs, checkpoints):
+        app.include_router(module.router)
+    return app
+
+
+app = create_app()

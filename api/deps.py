@@ -1,0 +1,55 @@
+"""FastAPI dependencies: settings, a pooled DB connection, and the authenticated owner."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from api.state import AppState
+from persistence import api_store
+from persistence.settings import Settings
+
+bearer = HTTPBearer(auto_error=False, description="API key created with `ssql keys create NAME`")
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.ssql
+
+
+def get_settings_dep(state: Annotated[AppState, Depends(app_state)]) -> Settings:
+    return state.settings
+
+
+async def get_conn(state: Annotated[AppState, Depends(app_state)]) -> AsyncIterator[AsyncConnection]:
+    """One pooled connection per request (Core statements; no ORM session on hot paths)."""
+    async with state.engine.connect() as conn:
+        yield conn
+
+
+async def current_owner(
+    state: Annotated[AppState, Depends(app_state)],
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> int:
+    """The owner id of the presented API key (cached), or 401."""
+    if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+    key_hash = hashlib.sha256(creds.credentials.encode()).hexdigest()
+    hit, owner = state.keys.get(key_hash)
+    if not hit:
+        async with state.engine.connect() as conn:
+            owner = await api_store.owner_for_key(conn, key_hash)
+        state.keys.put(key_hash, owner)
+    if owner is None:
+        raise HTTPException(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+    return owner
+
+
+Owner = Annotated[int, Depends(current_owner)]
+Conn = Annotated[AsyncConnection, Depends(get_conn)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+StateDep = Annotated[AppState, Depends(app_state)]

@@ -1,0 +1,173 @@
+"""Job routes: submit (idempotent), status, list, cancel, metrics, results."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Header, HTTPException, Query
+from fastapi.responses import JSONResponse
+
+from api.deps import Conn, Owner, SettingsDep, StateDep
+from api.errors import FieldError
+from api.schemas import JobOut, JobPage, JobRequest, MetricPage, ResultsOut
+from api.specs import eval_spec, pretrain_spec
+from api.views import job_view, metric_view
+from persistence import api_store
+from persistence.models import JOB_STATUSES
+from persistence.queue import publish_job
+
+log = logging.getLogger("ssql.api")
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+NOT_FOUND = "job not found"
+_KINDS = ("pretrain", "eval")
+
+
+def _request_hash(raw: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobOut,
+    responses={
+        200: {"description": "Replay of an earlier submission with the same Idempotency-Key", "model": JobOut},
+        409: {"description": "The Idempotency-Key was used with a different body"},
+        422: {"description": "Invalid field: `detail[].loc` names it, `detail[].msg` says why"},
+    },
+)
+async def submit_job(
+    body: JobRequest,
+    owner: Owner,
+    conn: Conn,
+    state: StateDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+) -> JSONResponse:
+    """Create a job (status ``queued``). It is committed before it is published to the queue."""
+    raw = body.model_dump(exclude_unset=True)
+    request_hash = _request_hash(raw)
+    if idempotency_key is not None:
+        existing = await api_store.find_by_idempotency_key(conn, owner, idempotency_key)
+        if existing is not None:
+            return _replay_or_conflict(existing, request_hash)
+    settings = state.settings
+    source_job_id = None
+    if raw["kind"] == "pretrain":
+        spec = pretrain_spec(raw, settings)
+    else:
+        source_job_id = raw["source_job"]
+        source = await api_store.source_job(conn, owner, source_job_id)
+        if source is None or source["kind"] != "pretrain":
+            raise FieldError(("body", "source_job"), f"no pretrain job {source_job_id!r} of yours")
+        if source["status"] != "succeeded":
+            raise FieldError(("body", "source_job"), f"the pretrain job has not succeeded (status: {source['status']})")
+        spec = eval_spec(raw, settings, source["spec"]["config"]["dataset"])
+    try:
+        job, created = await api_store.create_job(
+            conn,
+            job_id=str(uuid.uuid4()),
+            owner_id=owner,
+            kind=raw["kind"],
+            spec=spec,
+            source_job_id=source_job_id,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            max_attempts=settings.max_attempts,
+        )
+    except api_store.IdempotencyConflict:
+        raise HTTPException(409, "this Idempotency-Key was already used with a different request body") from None
+    if not created:
+        return _replay_or_conflict(job, request_hash)
+    try:
+        await anyio.to_thread.run_sync(publish_job, state.celery, job["id"], settings.queue)
+        await api_store.mark_published(conn, job["id"])
+    except Exception:  # noqa: BLE001 - the row is committed; the reconciler publishes it later
+        log.exception("could not publish job %s; the reconciler will retry", job["id"])
+    return JSONResponse(job_view(job), status_code=201, headers={"Location": f"/v1/jobs/{job['id']}"})
+
+
+def _replay_or_conflict(existing: Any, request_hash: str) -> JSONResponse:
+    if existing["request_hash"] != request_hash:
+        raise HTTPException(409, "this Idempotency-Key was already used with a different request body")
+    return JSONResponse(job_view(existing), status_code=200, headers={"Idempotent-Replayed": "true"})
+
+
+@router.get("/{job_id}", response_model=JobOut, responses={404: {"description": NOT_FOUND}})
+async def get_job(job_id: str, owner: Owner, conn: Conn) -> JSONResponse:
+    """Status, progress (fraction, epoch, step, images/s, ETA), attempts and error of a job."""
+    row = await api_store.get_job(conn, owner, job_id)
+    if row is None:
+        raise HTTPException(404, NOT_FOUND)
+    return JSONResponse(job_view(row))
+
+
+@router.get("", response_model=JobPage)
+async def list_jobs(
+    owner: Owner,
+    conn: Conn,
+    settings: SettingsDep,
+    status: Annotated[str | None, Query(description=f"one of {', '.join(JOB_STATUSES)}")] = None,
+    kind: Annotated[str | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JSONResponse:
+    """Your jobs, newest first; pass ``next_offset`` back as ``offset`` for the next page."""
+    if status is not None and status not in JOB_STATUSES:
+        raise FieldError(("query", "status"), f"must be one of {list(JOB_STATUSES)}, got {status!r}")
+    if kind is not None and kind not in _KINDS:
+        raise FieldError(("query", "kind"), f"must be one of {list(_KINDS)}, got {kind!r}")
+    limit = min(limit, settings.page_size_max)
+    rows = await api_store.list_jobs(conn, owner, status, kind, limit + 1, offset)
+    next_offset = offset + limit if len(rows) > limit else None
+    return JSONResponse({"items": [job_view(r) for r in rows[:limit]], "next_offset": next_offset})
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=JobOut,
+    responses={404: {"description": NOT_FOUND}, 409: {"description": "The job already finished"}},
+)
+async def cancel_job(job_id: str, owner: Owner, conn: Conn) -> JSONResponse:
+    """Queued: cancelled now. Running: the worker stops the training process within seconds."""
+    row = await api_store.get_job(conn, owner, job_id)
+    if row is None:
+        raise HTTPException(404, NOT_FOUND)
+    if row["status"] in ("succeeded", "failed"):
+        raise HTTPException(409, f"the job already finished (status: {row['status']})")
+    row = await api_store.request_cancel(conn, owner, job_id)
+    assert row is not None
+    return JSONResponse(job_view(row), status_code=202)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricPage, responses={404: {"description": NOT_FOUND}})
+async def job_metrics(
+    job_id: str,
+    owner: Owner,
+    conn: Conn,
+    after: Annotated[int, Query(ge=0, description="return samples with id above this")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+) -> JSONResponse:
+    """Loss, learning rate and images/s history, oldest first (pass ``next_after`` to continue)."""
+    if not await api_store.job_exists(conn, owner, job_id):
+        raise HTTPException(404, NOT_FOUND)
+    rows = await api_store.metrics(conn, job_id, after, limit)
+    next_after = rows[-1]["id"] if len(rows) == limit else None
+    return JSONResponse({"items": [metric_view(r) for r in rows], "next_after": next_after})
+
+
+@router.get("/{job_id}/results", response_model=ResultsOut, responses={404: {"description": NOT_FOUND}})
+async def job_results(job_id: str, owner: Owner, conn: Conn) -> JSONResponse:
+    """An eval job's rows, one per bit-width: bits, protocol, top1 and the run's details."""
+    row = await api_store.get_job(conn, owner, job_id)
+    if row is None:
+        raise HTTPException(404, NOT_FOUND)
+    rows = await api_store.results(conn, job_id)
+    out = [{**r["row"], "bits": r["bits"], "protocol": r["protocol"], "top1": r["top1"]} for r in rows]
+    return JSONResponse({"job_id": job_id, "status": row["status"], "rows": out})

@@ -1,0 +1,161 @@
+"""Request and response models of API v1 (they are also the OpenAPI documentation).
+
+Request fields default to ``None`` = "use the library's default (SPEC 5/6)"; the real checks are
+ssql_core's, applied in :mod:`api.specs`. Extra keys on a pretrain request are method options.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PretrainRequest(BaseModel):
+    """Self-supervised pretraining (SSQL or a baseline)."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "example": {"kind": "pretrain", "method": "ssql", "backbone": "resnet18", "dataset": "digits", "epochs": 20}
+        },
+    )
+
+    kind: Literal["pretrain"]
+    method: str | None = None
+    backbone: str | None = None
+    dataset: str | None = Field(None, description="digits, synthetic, cifar10, cifar100 or imagefolder:<name>")
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
+    seed: int | None = None
+    image_size: int | None = None
+    width: float | None = None
+    max_samples: int | None = None
+    w_bits: list[int] | None = None
+    a_bits: list[int] | None = None
+    bits: str | None = Field(None, description="fixed bit-width of fixed-bit QAT baselines, e.g. 4w4a")
+    stem: str | None = None
+    amp: bool | None = None
+    channels_last: bool | None = None
+    compile: bool | None = None
+    checkpoint_every_steps: int | None = None
+    method_options: dict[str, Any] | None = None
+
+
+class EvalRequest(BaseModel):
+    """Evaluation of a finished pretrain job at several bit-widths."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "example": {"kind": "eval", "source_job": "<pretrain job id>", "bits": ["fp", "8w8a", "4w4a", "2w4a"]}
+        },
+    )
+
+    kind: Literal["eval"]
+    source_job: str
+    bits: list[str] | None = None
+    protocol: Literal["linear", "knn"] | None = None
+    path: str | None = None
+    dataset: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
+    lr_milestones: list[float] | None = None
+    calib_images: int | None = None
+    knn_k: int | None = None
+    knn_t: float | None = None
+    seed: int | None = None
+    max_samples: int | None = None
+
+
+JobRequest = Annotated[PretrainRequest | EvalRequest, Field(discriminator="kind")]
+
+
+class ProgressOut(BaseModel):
+    phase: str | None = None
+    fraction: float = 0.0
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    images_per_s: float | None = None
+    eta_s: float | None = None
+    loss: float | None = None
+    lr: float | None = None
+
+
+class ErrorOut(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    spec: dict[str, Any]
+    source_job: str | None
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    progress: ProgressOut
+    summary: dict[str, Any] | None
+    error: ErrorOut | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_offset: int | None
+
+
+class MetricOut(BaseModel):
+    id: int
+    attempt: int
+    phase: str
+    epoch: int
+    step: int
+    loss: float | None
+    lr: float | None
+    images_per_s: float | None
+    metrics: dict[str, Any] | None
+    at: datetime
+
+
+class MetricPage(BaseModel):
+    items: list[MetricOut]
+    next_after: int | None
+
+
+class ResultRow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    bits: str
+    protocol: str
+    top1: float | None
+
+
+class ResultsOut(BaseModel):
+    job_id: str
+    status: str
+    rows: list[ResultRow]
+
+
+class CheckpointOut(BaseModel):
+    bits: str
+    format: str
+    bytes: int
+    sha256: str
+    url: str
+    created_at: datetime

@@ -1,0 +1,66 @@
+"""Database rows -> JSON-ready dicts (built by hand: the status route is hot, pydantic is not free)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import RowMapping
+
+from persistence.db import as_utc
+
+_EMPTY_PROGRESS = {"fraction": 0.0}
+
+
+def _ts(value: datetime | None) -> str | None:
+    v = as_utc(value)
+    return None if v is None else v.isoformat()
+
+
+def job_view(row: RowMapping) -> dict[str, Any]:
+    progress = row["progress"] or _EMPTY_PROGRESS
+    if row["status"] == "succeeded":
+        progress = {**progress, "fraction": 1.0}
+    return {
+        "id": row["id"],
+        "kind": row["kind"],
+        "status": row["status"],
+        "spec": row["spec"],
+        "source_job": row["source_job_id"],
+        "attempts": row["attempts"],
+        "max_attempts": row["max_attempts"],
+        "cancel_requested": row["cancel_requested"],
+        "progress": progress,
+        "summary": row["summary"],
+        "error": row["error"],
+        "created_at": _ts(row["created_at"]),
+        "updated_at": _ts(row["updated_at"]),
+        "started_at": _ts(row["started_at"]),
+        "finished_at": _ts(row["finished_at"]),
+    }
+
+
+def metric_view(row: RowMapping) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "attempt": row["attempt"],
+        "phase": row["phase"],
+        "epoch": row["epoch"],
+        "step": row["step"],
+        "loss": row["loss"],
+        "lr": row["lr"],
+        "images_per_s": row["images_per_s"],
+        "metrics": row["extra"],
+        "at": _ts(row["created_at"]),
+    }
+
+
+def checkpoint_view(row: RowMapping, job_id: str) -> dict[str, Any]:
+    return {
+        "bits": row["bits"],
+        "format": row["format"],
+        "bytes": row["bytes"],
+        "sha256": row["sha256"],
+        "url": f"/v1/jobs/{job_id}/checkpoints/{row['bits']}?format={row['format']}",
+        "created_at": _ts(row["created_at"]),
+    }

@@ -1,0 +1,181 @@
+"""Queries of the HTTP API (asyncio). Every read filters on the owner so ids cannot be probed.
+
+Hot paths (key lookup, job status) use Core statements on a pooled connection, no ORM session.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import RowMapping, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from persistence.db import utcnow
+from persistence.models import ApiKey, Artifact, Job, JobMetric, JobResult
+
+JOB_COLUMNS = (
+    Job.id,
+    Job.kind,
+    Job.status,
+    Job.spec,
+    Job.source_job_id,
+    Job.attempts,
+    Job.max_attempts,
+    Job.cancel_requested,
+    Job.progress,
+    Job.summary,
+    Job.error,
+    Job.created_at,
+    Job.updated_at,
+    Job.started_at,
+    Job.finished_at,
+)
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+async def owner_for_key(conn: AsyncConnection, key_hash: str) -> int | None:
+    row = (
+        await conn.execute(select(ApiKey.user_id).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
+    ).first()
+    return None if row is None else int(row[0])
+
+
+async def get_job(conn: AsyncConnection, owner_id: int, job_id: str) -> RowMapping | None:
+    return (await conn.execute(select(*JOB_COLUMNS).where(Job.id == job_id, Job.owner_id == owner_id))).mappings().first()
+
+
+async def find_by_idempotency_key(conn: AsyncConnection, owner_id: int, key: str) -> RowMapping | None:
+    stmt = select(*JOB_COLUMNS, Job.request_hash).where(Job.owner_id == owner_id, Job.idempotency_key == key)
+    return (await conn.execute(stmt)).mappings().first()
+
+
+async def create_job(
+    conn: AsyncConnection,
+    *,
+    job_id: str,
+    owner_id: int,
+    kind: str,
+    spec: dict[str, Any],
+    source_job_id: str | None,
+    idempotency_key: str | None,
+    request_hash: str,
+    max_attempts: int,
+) -> tuple[RowMapping, bool]:
+    """Insert a queued job and commit. Returns ``(job, created)``; a replayed key returns the old job."""
+    if idempotency_key is not None:
+        existing = await find_by_idempotency_key(conn, owner_id, idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash)
+    now = utcnow()
+    try:
+        await conn.execute(
+            insert(Job).values(
+                id=job_id,
+                owner_id=owner_id,
+                kind=kind,
+                status="queued",
+                spec=spec,
+                source_job_id=source_job_id,
+                idempotency_key=idempotency_key,
+                request_hash=request_hash,
+                attempts=0,
+                max_attempts=max_attempts,
+                cancel_requested=False,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        await conn.commit()
+    except IntegrityError:
+        await conn.rollback()
+        if idempotency_key is None:
+            raise
+        existing = await find_by_idempotency_key(conn, owner_id, idempotency_key)
+        if existing is None:
+            raise
+        return _replay(existing, request_hash)
+    job = await get_job(conn, owner_id, job_id)
+    assert job is not None
+    return job, True
+
+
+def _replay(existing: RowMapping, request_hash: str) -> tuple[RowMapping, bool]:
+    if existing["request_hash"] != request_hash:
+        raise IdempotencyConflict()
+    return existing, False
+
+
+async def mark_published(conn: AsyncConnection, job_id: str) -> None:
+    await conn.execute(update(Job).where(Job.id == job_id).values(published_at=utcnow()))
+    await conn.commit()
+
+
+async def list_jobs(
+    conn: AsyncConnection, owner_id: int, status: str | None, kind: str | None, limit: int, offset: int
+) -> list[RowMapping]:
+    stmt = select(*JOB_COLUMNS).where(Job.owner_id == owner_id)
+    if status:
+        stmt = stmt.where(Job.status == status)
+    if kind:
+        stmt = stmt.where(Job.kind == kind)
+    stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)
+    return list((await conn.execute(stmt)).mappings().all())
+
+
+async def request_cancel(conn: AsyncConnection, owner_id: int, job_id: str) -> RowMapping | None:
+    """Queued: cancelled at once. Running: flag for the worker. Returns the job after the change."""
+    now = utcnow()
+    mine = (Job.id == job_id, Job.owner_id == owner_id)
+    await conn.execute(
+        update(Job)
+        .where(*mine, Job.status == "queued")
+        .values(status="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
+    )
+    await conn.execute(update(Job).where(*mine, Job.status == "running").values(cancel_requested=True, updated_at=now))
+    await conn.commit()
+    return await get_job(conn, owner_id, job_id)
+
+
+async def job_exists(conn: AsyncConnection, owner_id: int, job_id: str) -> bool:
+    row = (await conn.execute(select(func.count()).where(Job.id == job_id, Job.owner_id == owner_id))).scalar_one()
+    return bool(row)
+
+
+async def metrics(conn: AsyncConnection, job_id: str, after: int, limit: int) -> list[RowMapping]:
+    stmt = (
+        select(
+            JobMetric.id,
+            JobMetric.attempt,
+            JobMetric.phase,
+            JobMetric.epoch,
+            JobMetric.step,
+            JobMetric.loss,
+            JobMetric.lr,
+            JobMetric.images_per_s,
+            JobMetric.extra,
+            JobMetric.created_at,
+        )
+        .where(JobMetric.job_id == job_id, JobMetric.id > after)
+        .order_by(JobMetric.id)
+        .limit(limit)
+    )
+    return list((await conn.execute(stmt)).mappings().all())
+
+
+async def results(conn: AsyncConnection, job_id: str) -> list[RowMapping]:
+    stmt = select(JobResult.bits, JobResult.protocol, JobResult.top1, JobResult.row).where(JobResult.job_id == job_id)
+    return list((await conn.execute(stmt.order_by(JobResult.id))).mappings().all())
+
+
+async def artifacts(conn: AsyncConnection, job_id: str) -> list[RowMapping]:
+    stmt = select(Artifact.bits, Artifact.format, Artifact.path, Artifact.bytes, Artifact.sha256, Artifact.created_at)
+    return list((await conn.execute(stmt.where(Artifact.job_id == job_id).order_by(Artifact.id))).mappings().all())
+
+
+async def source_job(conn: AsyncConnection, owner_id: int, job_id: str) -> RowMapping | None:
+    stmt = select(Job.id, Job.kind, Job.status, Job.spec).where(Job.id == job_id, Job.owner_id == owner_id)
+    return (await conn.execute(stmt)).mappings().first()

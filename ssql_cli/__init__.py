@@ -1,0 +1,1 @@
+"""The ``ssql`` command: run the service locally (``up``, ``demo``) and talk to its HTTP API."""

@@ -1,0 +1,249 @@
+"""``ssql``: run the service (up, demo, migrate, keys) and use its HTTP API (submit, status, ...).
+
+Server URL and key come from ``--url``/``--key`` or SSQL_URL / SSQL_API_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from persistence.settings import Settings
+from ssql_cli.client import ApiError, Client
+from ssql_cli.render import LiveProgress, progress_line, table
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _client(args: argparse.Namespace) -> Client:
+    settings = Settings()
+    return Client(args.url or settings.url, args.key or settings.api_key)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from persistence.migrate import upgrade_head
+    from ssql_cli.stack import Stack
+
+    settings = Settings()
+    env = dict(os.environ, SSQL_HOME=str(settings.resolved_home()))
+    upgrade_head(settings)
+    stack = Stack(env, args.port, host=args.host)
+    stack.start(timeout=120)
+    print(f"ssql service on {stack.url} (docs: {stack.url}/docs); home {settings.resolved_home()}; Ctrl-C stops it")
+    stop = {"flag": False}
+
+    def _handler(_s: int, _f: Any) -> None:
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+    try:
+        while not stop["flag"]:
+            for name, proc in (("api", stack.api), ("worker", stack.worker)):
+                if proc is not None and proc.poll() is not None:
+                    print(f"the {name} process exited with code {proc.returncode}", file=sys.stderr)
+                    stop["flag"] = True
+            time.sleep(0.5)
+    finally:
+        stack.stop()
+    return 0
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from persistence.migrate import upgrade_head
+
+    upgrade_head(Settings())
+    print("database schema is at head")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from persistence.db import make_engine, make_sessionmaker
+    from persistence.keys import create_key
+    from persistence.migrate import upgrade_head
+
+    settings = Settings()
+    if settings.is_sqlite():
+        upgrade_head(settings)
+    engine = make_engine(settings)
+    with make_sessionmaker(engine)() as s:
+        key = create_key(s, args.name)
+    engine.dispose()
+    print(key)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = json.loads(Path(args.json).read_text()) if args.json else {}
+    body["kind"] = args.kind
+    for item in args.set or []:
+        name, _, value = item.partition("=")
+        body[name] = _parse_value(value)
+    if args.source_job:
+        body["source_job"] = args.source_job
+    if args.bits:
+        body["bits"] = args.bits.split(",")
+    client = _client(args)
+    job = client.submit(body, args.idempotency_key or str(uuid.uuid4()))
+    print(job["id"])
+    if args.wait:
+        job = client.wait(job["id"], LiveProgress(sys.stderr))
+        return 0 if job["status"] == "succeeded" else 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if not args.watch:
+        job = client.job(args.job_id)
+        print(json.dumps(job, indent=2) if args.json else progress_line(job))
+        if job.get("error"):
+            print(f"error: {job['error'].get('message')}")
+        return 0
+    job = client.wait(args.job_id, LiveProgress())
+    if job.get("error"):
+        print(f"error: {job['error'].get('message')}")
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    page = _client(args).jobs(args.status, args.kind, args.limit, args.offset)
+    rows = [
+        {
+            "id": j["id"],
+            "kind": j["kind"],
+            "status": j["status"],
+            "progress": f"{(j['progress'] or {}).get('fraction', 0) * 100:.0f}%",
+            "attempts": j["attempts"],
+            "created": j["created_at"][:19],
+        }
+        for j in page["items"]
+    ]
+    print(table(rows, ["id", "kind", "status", "progress", "attempts", "created"]))
+    if page["next_offset"] is not None:
+        print(f"(more: --offset {page['next_offset']})")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job = _client(args).cancel(args.job_id)
+    print(f"{job['id']}: {job['status']}{' (stopping)' if job['status'] == 'running' else ''}")
+    return 0
+
+
+def print_results(rows: list[dict[str, Any]]) -> None:
+    shown = [{**r, "top1": r.get("top1")} for r in rows]
+    print(table(shown, ["bits", "protocol", "top1", "calib_images", "epochs", "dataset"]))
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    res = _client(args).results(args.job_id)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print_results(res["rows"])
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    client = _client(args)
+    dest = Path(args.out or f"{args.job_id}-{args.bits}.pt")
+    path, sha = client.download(args.job_id, args.bits, dest, args.format)
+    print(f"{path}  sha256 {sha} (verified)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ssql_cli.demo import run_demo
+
+    return run_demo(port=args.port, epochs=args.epochs, eval_epochs=args.eval_epochs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ssql", description=__doc__)
+    p.add_argument("--url", help="server URL (default SSQL_URL or http://127.0.0.1:8000)")
+    p.add_argument("--key", help="API key (default SSQL_API_KEY)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the API and a worker on this machine (embedded by default)")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--host", default="127.0.0.1")
+    up.set_defaults(func=cmd_up)
+
+    demo = sub.add_parser("demo", help="end to end: pretrain SSQL on digits, evaluate at 4 bit-widths, download")
+    demo.add_argument("--port", type=int, default=0, help="0: any free port")
+    demo.add_argument("--epochs", type=int, default=15)
+    demo.add_argument("--eval-epochs", type=int, default=30)
+    demo.set_defaults(func=cmd_demo)
+
+    sub.add_parser("migrate", help="alembic upgrade head on SSQL_DATABASE_URL").set_defaults(func=cmd_migrate)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    kc = keys.add_parser("create", help="create an API key for NAME and print it (shown once)")
+    kc.add_argument("name")
+    kc.set_defaults(func=cmd_keys_create)
+
+    sb = sub.add_parser("submit", help="submit a job; prints its id")
+    sb.add_argument("kind", choices=["pretrain", "eval"])
+    sb.add_argument("--set", action="append", metavar="FIELD=VALUE", help="a spec field (JSON value), repeatable")
+    sb.add_argument("--json", help="file with the job body")
+    sb.add_argument("--source-job", help="eval: the pretrain job to evaluate")
+    sb.add_argument("--bits", help="eval: comma-separated bit-widths, e.g. fp,8w8a,4w4a,2w4a")
+    sb.add_argument("--idempotency-key")
+    sb.add_argument("--wait", action="store_true", help="show live progress until the job ends")
+    sb.set_defaults(func=cmd_submit)
+
+    st = sub.add_parser("status", help="a job's status (--watch: live progress bar)")
+    st.add_argument("job_id")
+    st.add_argument("--watch", "-w", action="store_true")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    ls = sub.add_parser("list", help="your jobs, newest first")
+    ls.add_argument("--status")
+    ls.add_argument("--kind")
+    ls.add_argument("--limit", type=int, default=20)
+    ls.add_argument("--offset", type=int, default=0)
+    ls.set_defaults(func=cmd_list)
+
+    cc = sub.add_parser("cancel", help="cancel a job")
+    cc.add_argument("job_id")
+    cc.set_defaults(func=cmd_cancel)
+
+    rs = sub.add_parser("results", help="an eval job's table (top-1 per bit-width)")
+    rs.add_argument("job_id")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(func=cmd_results)
+
+    dl = sub.add_parser("download", help="download a checkpoint and verify its sha256")
+    dl.add_argument("job_id")
+    dl.add_argument("--bits", default="fp")
+    dl.add_argument("--format")
+    dl.add_argument("--out", "-o")
+    dl.set_defaults(func=cmd_download)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ApiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

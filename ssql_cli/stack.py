@@ -1,0 +1,107 @@
+"""Start an API process and a Celery worker process on this machine, wait until ready, stop them.
+
+Used by ``ssql up`` and ``ssql demo`` (embedded: SQLite + filesystem broker under SSQL_HOME) and by
+the service tests (Postgres + Redis): the processes read everything from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def worker_command(queue: str, name: str = "ssql") -> list[str]:
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+        "-Q", queue, "--concurrency", "1", "--pool", "prefork", "-n", f"{name}@%h",
+        "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO",
+    ]  # fmt: skip
+
+
+def api_command(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "api.app:app", "--host", host, "--port", str(port), "--log-level", "warning"]
+
+
+class Stack:
+    """An API and a worker as child processes (each in its own process group)."""
+
+    def __init__(self, env: dict[str, str], port: int, host: str = "127.0.0.1", log_dir: Path | None = None) -> None:
+        self.env, self.host, self.port, self.log_dir = env, host, port, log_dir
+        self.api: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self._worker_starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _spawn(self, cmd: list[str], name: str) -> subprocess.Popen:
+        out = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = (self.log_dir / f"{name}.log").open("ab")
+        return subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
+
+    def start_worker(self) -> subprocess.Popen:
+        self._worker_starts += 1
+        queue = self.env.get("SSQL_QUEUE", "gpu")
+        self.worker = self._spawn(worker_command(queue, f"ssql{self._worker_starts}"), "worker")
+        return self.worker
+
+    def start(self, timeout: float = 60.0) -> Stack:
+        self.api = self._spawn(api_command(self.host, self.port), "api")
+        self.start_worker()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.api is not None and self.api.poll() is not None:
+                raise RuntimeError(f"the API process exited with code {self.api.returncode}")
+            try:
+                r = httpx.get(f"{self.url}/readyz", timeout=5)
+                if r.status_code == 200:
+                    return
+                last = r.text
+            except httpx.HTTPError as e:
+                last = str(e)
+            time.sleep(0.25)
+        raise TimeoutError(f"the API did not become ready in {timeout:.0f} s: {last}")
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen | None, grace: float) -> None:
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+    def kill_worker(self) -> None:
+        """``kill -9`` the worker's whole process group (main and pool processes)."""
+        assert self.worker is not None
+        os.killpg(self.worker.pid, signal.SIGKILL)
+        self.worker.wait()
+
+    def stop(self, grace: float = 10.0) -> None:
+        self._stop(self.worker, grace)
+        self._stop(self.api, grace)
