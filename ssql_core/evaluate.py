@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from ssql_core.bits import parse_bits
 from ssql_core.config import EvalConfig
@@ -70,6 +70,18 @@ def knn_top1(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, n
         votes.scatter_add_(1, train_y[idx], (w / t).exp())
         correct += (votes.argmax(1) == test_y[i:i + 1024]).sum().item()
     return 100.0 * correct / len(test_f)
+
+
+def materialize(ds: Any, max_bytes: int = 2**30) -> Any:
+    """The deterministic eval images as one tensor when they fit in ``max_bytes`` (computed once,
+    reused for every bit-width); otherwise the lazy dataset."""
+    if len(ds) == 0:
+        return ds
+    x0, _ = ds[0]
+    if len(ds) * x0.numel() * 4 > max_bytes:
+        return ds
+    xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)
+    return TensorDataset(torch.stack(xs), torch.as_tensor(ys))
 
 
 def _lr_at(cfg: EvalConfig, epoch: int) -> float:
@@ -142,7 +154,8 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
     train = load_split(dataset, True, size, cfg.data_root, cfg.allow_download, cfg.max_samples, cfg.seed)
     test = load_split(dataset, False, size, cfg.data_root, cfg.allow_download, None, cfg.seed)
     ttf = test_transform(size, train.stats_key)
-    train_plain = Transformed(train.data, ttf)
+    train_plain = materialize(Transformed(train.data, ttf))
+    test_plain = materialize(Transformed(test.data, ttf))
     g = torch.Generator().manual_seed(cfg.seed)
     calib_idx = torch.randperm(len(train_plain), generator=g)[: cfg.calib_images].tolist()
     calib_loader = DataLoader(Subset(train_plain, calib_idx), batch_size=min(cfg.batch_size, 256))
@@ -165,7 +178,7 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
                 raise Cancelled(f"cancelled while evaluating {bits_str}")
 
         with ctx.quantized(bits):
-            test_f, test_y = extract(backbone, loader(Transformed(test.data, ttf)), device)
+            test_f, test_y = extract(backbone, loader(test_plain), device)
             if cfg.protocol == "knn" or cfg.path == "cached":
                 train_f, train_y = extract(backbone, loader(train_plain), device)
             if cfg.protocol == "knn":

@@ -11,6 +11,8 @@ from ssql_core.config import MAX_BATCH, MAX_EPOCHS, _check_range, _from_dict
 from ssql_core.errors import ConfigError
 from ssql_core.quantizers import QUANTIZER_NAMES
 
+BN_MODES = ("recalibrate", "frozen", "train")
+
 
 @dataclass
 class DistillConfig:
@@ -33,10 +35,11 @@ class DistillConfig:
     ewgs_delta: float = 1e-3
     #: EWGS only: re-estimate delta per layer at every epoch start (Hutchinson Hessian trace)
     ewgs_hessian: bool = False
-    #: student BatchNorm during training: "frozen" (running statistics of the teacher, affine
-    #: parameters trained: the student starts as the PTQ model) or "train" (batch statistics, the
-    #: reference code's choice; drifts badly when pretraining statistics differ from these images)
-    bn: str = "frozen"
+    #: student BatchNorm: "frozen" (the teacher's running statistics, affine parameters trained:
+    #: the student starts as the PTQ model), "recalibrate" (running statistics re-estimated on the
+    #: quantized student from the calibration images at every epoch start, frozen in between), or
+    #: "train" (batch statistics, the reference code's choice)
+    bn: str = "recalibrate"
     #: training images seen through RandomResizedCrop(0.8-1) + flip (False: test transform)
     augment: bool = True
     calib_images: int = 128
@@ -62,8 +65,8 @@ class DistillConfig:
             raise ConfigError("bits", "distillation trains a quantized student: give e.g. '4w4a', not 'fp'")
         if self.quantizer not in QUANTIZER_NAMES:
             raise ConfigError("quantizer", f"unknown quantizer {self.quantizer!r}; known: {list(QUANTIZER_NAMES)}")
-        if self.bn not in ("frozen", "train"):
-            raise ConfigError("bn", f"must be 'frozen' or 'train', got {self.bn!r}")
+        if self.bn not in BN_MODES:
+            raise ConfigError("bn", f"must be one of {list(BN_MODES)}, got {self.bn!r}")
         if self.dataset is not None:
             check_dataset_name(self.dataset, self.data_root)
         _check_range("epochs", self.epochs, 1, MAX_EPOCHS)

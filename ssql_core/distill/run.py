@@ -79,6 +79,32 @@ def _kl(student_logits: Tensor, teacher_logits: Tensor, t: float) -> float:
     return round(distill_kl(student_logits, teacher_logits, t).item(), 5)
 
 
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recalibrate_bn(student: Student, images: list[Tensor]) -> None:
+    """Re-estimate BN running statistics of the *quantized* student on ``images`` (label-free):
+    quantized activations have other statistics than the FP ones the teacher's BN saw."""
+    bns = _batchnorms(student)
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = student.training
+    student.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+        m.train()
+    try:
+        for x in images:
+            student(x)
+    finally:
+        for m, (mom, tr) in zip(bns, saved, strict=True):
+            m.momentum = mom
+            m.train(tr)
+        student.train(was_training)
+
+
 class _Distiller:
     def __init__(self, cfg: DistillConfig, workdir: Path, hooks: Hooks) -> None:
         self.cfg, self.workdir, self.hooks = cfg, workdir, hooks
@@ -149,11 +175,12 @@ class _Distiller:
                 from ssql_core.quantizers.hessian import update_ewgs_deltas
 
                 update_ewgs_deltas(student, self._kl_loss, self.calib)
+            if cfg.bn == "recalibrate":
+                recalibrate_bn(student, self.calib)
             student.train()
-            if cfg.bn == "frozen":
-                for m in student.modules():
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                        m.eval()
+            if cfg.bn != "train":
+                for m in _batchnorms(student):
+                    m.eval()
             source = self.train_labelled if cfg.labels_used else self.train_images
             if isinstance(source, ImagesOnly):
                 source.set_epoch(epoch)

@@ -78,7 +78,8 @@ def check_standard_backbone(backbone: nn.Module) -> dict[str, Any]:
     if odd:
         raise ValueError(f"backbone quant points carry their own quantizers ({', '.join(odd)}): "
                          "the PSQ export would not reproduce what they compute")
-    ref = build_backbone(arch["name"], arch["stem"], arch["width"])
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        ref = build_backbone(arch["name"], arch["stem"], arch["width"])
     ours, theirs = backbone.state_dict(), ref.state_dict()
     extra, missing = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     if extra or missing:

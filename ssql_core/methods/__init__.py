@@ -25,3 +25,4 @@ def build_method(cfg: PretrainConfig) -> Method:
 
 
 __all__ = ["METHODS", "Method", "StepOutput", "build_method", "register"]
+from ssql_core.methods import pact as _pact  # noqa: E402,F401  (registers simsiam_pact)

@@ -104,9 +104,10 @@ def attach(model: nn.Module, family: str, bits: BitWidth | str, options: dict | 
 
 
 @torch.no_grad()
-def init_quantizers(model: nn.Module, images: Iterable[Tensor]) -> int:
+def init_quantizers(model: nn.Module, images: Iterable[Tensor], eval_mode: bool = True) -> int:
     """Data-dependent init of every attached quantizer: weights from themselves, activations from
-    FP forwards (eval mode) over ``images``. Returns the number of images seen."""
+    FP forwards over ``images`` (in eval mode for a trained model; ``eval_mode=False`` for one
+    trained from scratch, whose BN running statistics mean nothing yet). Returns the image count."""
     stats: dict[str, TensorStats] = {}
     handles = []
     for name, m in model.named_modules():
@@ -118,7 +119,7 @@ def init_quantizers(model: nn.Module, images: Iterable[Tensor]) -> int:
 
             handles.append(m.register_forward_hook(hook))
     was_training = model.training
-    model.eval()
+    model.train(not eval_mode)
     n = 0
     try:
         for x in images:
