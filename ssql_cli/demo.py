@@ -29,15 +29,16 @@ def pretrain_body(epochs: int) -> dict:
         "backbone": "resnet18",
         "dataset": "digits",
         "epochs": epochs,
-        "batch_size": 128,
+        "batch_size": 64,
         "lr": 0.05,
         "seed": 0,
         "image_size": 16,
-        "width": 0.25,
+        "width": 0.125,
+        "max_samples": 512,
     }
 
 
-def run_demo(port: int = 0, epochs: int = 15, eval_epochs: int = 30) -> int:
+def run_demo(port: int = 0, epochs: int = 20, eval_epochs: int = 50) -> int:
     t0 = time.monotonic()
     settings = Settings()
     home = settings.resolved_home()
@@ -54,7 +55,7 @@ def run_demo(port: int = 0, epochs: int = 15, eval_epochs: int = 30) -> int:
     try:
         client = Client(stack.url, key)
         job = client.submit(pretrain_body(epochs))
-        print(f"pretrain job {job['id']}: SSQL, ResNet-18 (width 0.25), digits 16x16, {epochs} epochs")
+        print(f"pretrain job {job['id']}: SSQL, ResNet-18 (width 0.125), 512 digits at 16x16, {epochs} epochs")
         job = client.wait(job["id"], LiveProgress(), poll_s=0.5)
         if job["status"] != "succeeded":
             print(f"pretrain {job['status']}: {(job.get('error') or {}).get('message')}", file=sys.stderr)

@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="end to end: pretrain SSQL on digits, evaluate at 4 bit-widths, download")
     demo.add_argument("--port", type=int, default=0, help="0: any free port")
-    demo.add_argument("--epochs", type=int, default=15)
-    demo.add_argument("--eval-epochs", type=int, default=30)
+    demo.add_argument("--epochs", type=int, default=20)
+    demo.add_argument("--eval-epochs", type=int, default=50)
     demo.set_defaults(func=cmd_demo)
 
     sub.add_parser("migrate", help="alembic upgrade head on SSQL_DATABASE_URL").set_defaults(func=cmd_migrate)
