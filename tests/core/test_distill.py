@@ -169,3 +169,26 @@ def test_ewgs_hessian_distillation_runs(teacher: Path, tmp_path: Path) -> None:
     assert deltas and all(torch.isfinite(d) and d >= 0 for d in deltas)
     assert any(d != 1e-3 for d in deltas)
     assert r["steps"] == 4
+
+
+# -- export into the packed checkpoint format -------------------------------------------------
+@pytest.mark.parametrize("quantizer", ["psq", "lsq"])
+def test_integer_grid_students_export_exactly(teacher: Path, tmp_path: Path, quantizer: str) -> None:
+    from ssql_core.distill.export import export_student
+    from ssql_core.export.api import load_quantized
+
+    distill(cfg_for(teacher, epochs=1, quantizer=quantizer, bits="4w4a"), tmp_path)
+    path = export_student(tmp_path / "student.pt", tmp_path / "student-4w4a.safetensors")
+    packed = load_quantized(path)
+    _, student = load_student(tmp_path / "student.pt")
+    x = torch.randn(8, 3, 16, 16)
+    torch.testing.assert_close(packed(x), student(x), atol=0, rtol=0)
+    assert packed.manifest["source"]["quantizer"] == quantizer
+
+
+def test_odd_grid_students_are_refused_with_a_reason(teacher: Path, tmp_path: Path) -> None:
+    from ssql_core.distill.export import export_student
+
+    distill(cfg_for(teacher, epochs=1, quantizer="dorefa", bits="4w4a"), tmp_path)
+    with pytest.raises(ValueError, match="need 5 bits"):
+        export_student(tmp_path / "student.pt", tmp_path / "x.safetensors")
