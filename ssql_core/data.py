@@ -130,7 +130,15 @@ def _cifar(name: str, train: bool, root: Path, allow_download: bool) -> Split:
             if allow_download:
                 return super()._check_integrity()
             folder = Path(self.root) / self.base_folder
-            return all((folder / f).is_file() for f, _ in self.train_list + self.test_list)
+            files = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
+            return all((folder / f).is_file() for f in files)
+
+        def _load_meta(self) -> None:
+            import pickle
+
+            with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     folder = Path(root) / base.base_folder
     try:

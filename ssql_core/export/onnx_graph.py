@@ -118,12 +118,13 @@ def _act(g: _Graph, mod: ActQuant, x: str, out: str, q: QuantizedBackbone, name:
     dtype, clip = _act_container(a, z)
     s_name = g.init(f"{name}_scale", np.array(s, np.float32))
     z_name = g.init(f"{name}_zero", np.array(z), dtype)
+    source = x
     if clip:
         lo = g.init(f"{name}_clip_lo", ((0.0 - zero) * scale).reshape(()).float())
         hi = g.init(f"{name}_clip_hi", ((qmax - zero) * scale).reshape(()).float())
         x = g.add("Clip", [x, lo, hi], f"{name}_clip")
     qx = g.add("QuantizeLinear", [x, s_name, z_name], f"{name}_q")
-    g.acts[name] = {"bits": a, "scale": s, "zero_point": z, "codes": [0, qm],
+    g.acts[name] = {"bits": a, "scale": s, "zero_point": z, "codes": [0, qm], "input": source, "output": qx,
                     "container": TensorProto.DataType.Name(dtype), "clip": clip}
     return g.add("DequantizeLinear", [qx, s_name, z_name], out)
 
@@ -266,3 +267,36 @@ def compare_onnx(path_or_proto: str | Path | onnx.ModelProto, reference: Quantiz
     per_sample = diff.reshape(len(x), -1).max(dim=1).values
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "max_abs_ref": float(ref.abs().max()),
             "samples": len(x), "samples_within_1e-5": int((per_sample <= 1e-5).sum())}
+
+
+def quant_point_agreement(path_or_proto: str | Path | onnx.ModelProto, x: Tensor) -> dict[str, Any]:
+    """Do the graph's activation codes equal the fake quantizer's, given the graph's own inputs?
+
+    Runs onnxruntime with every quant point's input and codes exposed, and recomputes the codes
+    from that input with the PyTorch formula ``clamp(round(x * (1/s)) + z, 0, 2^a - 1)``. This checks
+    the Clip/QuantizeLinear semantics (scale, zero point, clamping) exactly, independently of
+    float differences upstream, which :func:`compare_onnx` sees compounded through the network.
+    """
+    if isinstance(path_or_proto, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(path_or_proto)
+        manifest = json.loads({p.key: p.value for p in proto.metadata_props}["ssql.manifest"])
+    else:
+        proto, manifest = read_onnx(path_or_proto)
+    points = manifest["activations"]
+    names = []
+    for p in points.values():
+        proto.graph.output.append(helper.make_tensor_value_info(p["input"], TensorProto.FLOAT, None))
+        proto.graph.output.append(helper.make_tensor_value_info(p["output"], TensorProto.DataType.Value(p["container"]), None))
+        names += [p["input"], p["output"]]
+    outs = onnx_session(proto).run(names, {"input": x.float().numpy()})
+    total = mismatched = worst = 0
+    for i, p in enumerate(points.values()):
+        inp, got = torch.from_numpy(outs[2 * i]), torch.from_numpy(outs[2 * i + 1].astype(np.int64))
+        scale = torch.tensor(p["scale"], dtype=torch.float32)
+        expect = torch.clamp(torch.round(inp * (1.0 / scale)) + p["zero_point"], *p["codes"]).to(torch.int64)
+        delta = (got - expect).abs()
+        total += delta.numel()
+        mismatched += int((delta > 0).sum())
+        worst = max(worst, int(delta.max()) if delta.numel() else 0)
+    return {"points": len(points), "elements": total, "mismatched": mismatched, "max_code_delta": worst}
