@@ -2,7 +2,12 @@
 
 Random-init backbones calibrated on random 224 px inputs (sizes do not depend on the weights'
 values). For each bit-width: the packed safetensors file against its ideal (``b/8`` bytes per
-quantized weight + every FP tensor + the metadata), the FP32 file, and the ONNX QDQ graph.
+quantized weight + every FP tensor + the metadata), the FP32 file, and the ONNX QDQ graph. On 2
+random images: the reloaded module against the fake-quant model; onnxruntime against the reloaded
+module; the same PyTorch module run channels-last against contiguous (another conv summation
+order: the model's own sensitivity to ulp-level differences, which the ONNX difference should
+match); and the activation codes onnxruntime computes against the fake quantizer's formula applied
+to onnxruntime's own inputs at each quant point.
 
     .venv/bin/python bench/checkpoint_sizes.py [--models resnet18 resnet50] [--out DIR]
 """
@@ -10,6 +15,7 @@ quantized weight + every FP tensor + the metadata), the FP32 file, and the ONNX 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -18,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ssql_core.export import fake_quant_reference, load_quantized, save_quantized, size_report
-from ssql_core.export.onnx_graph import write_onnx
+from ssql_core.export.onnx_graph import compare_onnx, quant_point_agreement, write_onnx
 from ssql_core.export.quantized import quantize_backbone
 from ssql_core.models import build_backbone
 from ssql_core.qnn import bind_context
@@ -46,9 +52,18 @@ def bench(name: str, out: Path, calib_images: int, image_size: int) -> list[dict
             diff = float((model(x) - fake_quant_reference(bb, bits, x)).abs().max())
         rep = size_report(path)
         fp_bytes = fp_bytes or rep["file_bytes"]
-        onnx_path = write_onnx(out / f"{name}-{bits}.onnx", quantize_backbone(bb, bits))
+        q = quantize_backbone(bb, bits)
+        onnx_path = write_onnx(out / f"{name}-{bits}.onnx", q)
+        onnx_cmp = compare_onnx(onnx_path, model, x)
+        codes = quant_point_agreement(onnx_path, x) if not q.bits.is_fp else {"mismatched": 0, "elements": 0}
+        with torch.no_grad():  # the same PyTorch model with another conv algorithm: its own sensitivity
+            nhwc = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+            model.to(memory_format=torch.contiguous_format)
+            self_diff = float((nhwc - model(x)).abs().max())
         rows.append({"model": name, **rep, "vs_fp32": rep["file_bytes"] / fp_bytes, "onnx_bytes": onnx_path.stat().st_size,
-                     "save_s": t_save, "load_s": t_load, "reload_max_abs_diff": diff})
+                     "save_s": t_save, "load_s": t_load, "reload_max_abs_diff": diff, "onnx_max_abs_diff": onnx_cmp["max_abs_diff"],
+                     "max_abs_ref": onnx_cmp["max_abs_ref"], "nhwc_max_abs_diff": self_diff,
+                     "code_mismatch": f"{codes['mismatched']}/{codes['elements']:,}"})
     return rows
 
 
@@ -62,15 +77,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        print(f"# machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.python_version()}")
+        print(f"# machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+              f"load average {os.getloadavg()[0]:.1f} at start, torch {torch.__version__}, Python {platform.python_version()}")
         print(f"# calibration: {args.calib_images} random images at {args.image_size} px")
-        header = "| model | bits | quantized weights | file bytes | ideal bytes | file / ideal | file / fp32 | ONNX bytes | save s | load s | reload max abs diff |"
+        header = "| model | bits | quantized weights | file bytes | ideal bytes | file / ideal | file / fp32 | ONNX bytes | save s | load s | reload max abs diff | max abs output | ONNX max abs diff | NHWC max abs diff | ONNX code mismatches |"
         print(header)
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name in args.models:
             for r in bench(name, out, args.calib_images, args.image_size):
                 print(f"| {r['model']} | {r['bits']} | {r['quantized_weights']:,} | {r['file_bytes']:,} | {int(r['ideal_bytes']):,} | "
-                      f"{r['ratio']:.4f} | {r['vs_fp32']:.4f} | {r['onnx_bytes']:,} | {r['save_s']:.2f} | {r['load_s']:.2f} | {r['reload_max_abs_diff']:.1e} |")
+                      f"{r['ratio']:.4f} | {r['vs_fp32']:.4f} | {r['onnx_bytes']:,} | {r['save_s']:.2f} | {r['load_s']:.2f} | {r['reload_max_abs_diff']:.1e} | "
+                      f"{r['max_abs_ref']:.3g} | {r['onnx_max_abs_diff']:.1e} | {r['nhwc_max_abs_diff']:.1e} | {r['code_mismatch']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from ssql_core.export.onnx_graph import (
     build_onnx,
     compare_onnx,
     onnx_session,
+    quant_point_agreement,
     read_onnx,
     write_onnx,
 )
@@ -67,6 +68,29 @@ def test_onnx_matches_pytorch_every_bit_width(small: nn.Module, w: int, record_p
         assert r["mean_abs_diff"] <= 1e-3 * r["max_abs_ref"], (w, a, r)
     record_property("max_abs_diff", worst)
     print(f"{w}w*a: onnxruntime vs PyTorch max abs diff {worst:.3g}")
+
+
+@pytest.mark.parametrize("bits", ["2w2a", "3w6a", "4w4a", "8w8a"])
+def test_activation_codes_equal_the_fake_quantizer_on_the_graphs_own_inputs(small: nn.Module, bits: str) -> None:
+    # isolates Clip/QuantizeLinear semantics from upstream float differences that compound
+    x = 2 * torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(7))  # beyond the range too
+    r = quant_point_agreement(build_onnx(quantize_backbone(small, bits)), x)
+    assert r["points"] == len(act_points(small)) and r["elements"] > 50_000
+    assert r["mismatched"] == 0, r
+
+
+def test_imagenet_stem_with_maxpool(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    bb = build_backbone("resnet18", "imagenet", 0.0625).eval()
+    ctx = bind_context(bb)
+    with ctx.recording(), torch.no_grad():
+        bb(torch.randn(8, 3, 32, 32))
+    x = torch.randn(4, 3, 32, 32)
+    for bits in ("fp", "5w3a"):
+        q = quantize_backbone(bb, bits)
+        r = compare_onnx(build_onnx(q), build_quantized_model(q), x)
+        assert r["samples_within_1e-5"] >= 3, (bits, r)
+    assert quant_point_agreement(build_onnx(quantize_backbone(bb, "5w3a")), x)["mismatched"] == 0
 
 
 def _initializers(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
