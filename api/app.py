@@ -12,6 +12,7 @@ from api.errors import FieldError, field_error_handler, request_validation_handl
 from api.routes import catalog, checkpoints, health, jobs
 from api.state import AppState, KeyCache
 from persistence.db import make_async_engine
+from persistence.fast_reads import make_hot_reads
 from persistence.queue import make_celery
 from persistence.settings import Settings, get_settings
 
@@ -23,10 +24,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_async_engine(settings)
+        reads = await make_hot_reads(settings, engine)
         app.state.ssql = AppState(
-            settings=settings, engine=engine, celery=make_celery(settings), keys=KeyCache(settings.auth_cache_seconds)
+            settings=settings,
+            engine=engine,
+            celery=make_celery(settings),
+            keys=KeyCache(settings.auth_cache_seconds),
+            reads=reads,
         )
         yield
+        await reads.close()
         await engine.dispose()
 
     app = FastAPI(

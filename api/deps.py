@@ -11,7 +11,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from api.state import AppState
-from persistence import api_store
 from persistence.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="API key created with `ssql keys create NAME`")
@@ -31,22 +30,38 @@ async def get_conn(state: Annotated[AppState, Depends(app_state)]) -> AsyncItera
         yield conn
 
 
-async def current_owner(
-    state: Annotated[AppState, Depends(app_state)],
-    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> int:
-    """The owner id of the presented API key (cached), or 401."""
-    if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+async def authenticate(state: AppState, key: str | None) -> int:
+    """The owner id of an API key (cached key hash -> owner), or 401."""
+    if not key:
         raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
-    key_hash = hashlib.sha256(creds.credentials.encode()).hexdigest()
+    key_hash = hashlib.sha256(key.encode()).hexdigest()
     hit, owner = state.keys.get(key_hash)
     if not hit:
-        async with state.engine.connect() as conn:
-            owner = await api_store.owner_for_key(conn, key_hash)
+        owner = await state.reads.owner_for_key(key_hash)
         state.keys.put(key_hash, owner)
     if owner is None:
         raise HTTPException(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
     return owner
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header value."""
+    if not authorization:
+        return None
+    scheme, _, key = authorization.partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else None
+
+
+async def current_owner(
+    state: Annotated[AppState, Depends(app_state)],
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> int:
+    """Dependency form of :func:`authenticate` (documents the Bearer scheme in OpenAPI)."""
+    return await authenticate(state, creds.credentials if creds and creds.scheme.lower() == "bearer" else None)
+
+
+#: for routes that authenticate inline (hot paths): how OpenAPI learns they need the key
+BEARER_SECURITY = {"security": [{"HTTPBearer": []}]}
 
 
 Owner = Annotated[int, Depends(current_owner)]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from celery import Celery
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from persistence.fast_reads import HotReads
 from persistence.settings import Settings
 
 
@@ -38,3 +39,4 @@ class AppState:
     engine: AsyncEngine
     celery: Celery
     keys: KeyCache
+    reads: HotReads

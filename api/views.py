@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
-
-from sqlalchemy import RowMapping
 
 from persistence.db import as_utc
 
@@ -17,7 +16,7 @@ def _ts(value: datetime | None) -> str | None:
     return None if v is None else v.isoformat()
 
 
-def job_view(row: RowMapping) -> dict[str, Any]:
+def job_view(row: Mapping[str, Any]) -> dict[str, Any]:
     progress = row["progress"] or _EMPTY_PROGRESS
     if row["status"] == "succeeded":
         progress = {**progress, "fraction": 1.0}
@@ -40,7 +39,7 @@ def job_view(row: RowMapping) -> dict[str, Any]:
     }
 
 
-def metric_view(row: RowMapping) -> dict[str, Any]:
+def metric_view(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "id": row["id"],
         "attempt": row["attempt"],
@@ -55,7 +54,7 @@ def metric_view(row: RowMapping) -> dict[str, Any]:
     }
 
 
-def checkpoint_view(row: RowMapping, job_id: str) -> dict[str, Any]:
+def checkpoint_view(row: Mapping[str, Any], job_id: str) -> dict[str, Any]:
     return {
         "bits": row["bits"],
         "format": row["format"],

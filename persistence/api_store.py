@@ -72,23 +72,30 @@ async def create_job(
             return _replay(existing, request_hash)
     now = utcnow()
     try:
-        await conn.execute(
-            insert(Job).values(
-                id=job_id,
-                owner_id=owner_id,
-                kind=kind,
-                status="queued",
-                spec=spec,
-                source_job_id=source_job_id,
-                idempotency_key=idempotency_key,
-                request_hash=request_hash,
-                attempts=0,
-                max_attempts=max_attempts,
-                cancel_requested=False,
-                created_at=now,
-                updated_at=now,
+        # published_at is set optimistically: the caller publishes right after the commit and
+        # clears it (mark_unpublished) only if that fails, saving a round trip per submission.
+        job = (
+            await conn.execute(
+                insert(Job)
+                .values(
+                    id=job_id,
+                    owner_id=owner_id,
+                    kind=kind,
+                    status="queued",
+                    spec=spec,
+                    source_job_id=source_job_id,
+                    idempotency_key=idempotency_key,
+                    request_hash=request_hash,
+                    attempts=0,
+                    max_attempts=max_attempts,
+                    cancel_requested=False,
+                    created_at=now,
+                    updated_at=now,
+                    published_at=now,
+                )
+                .returning(*JOB_COLUMNS)
             )
-        )
+        ).mappings().one()
         await conn.commit()
     except IntegrityError:
         await conn.rollback()
@@ -98,8 +105,6 @@ async def create_job(
         if existing is None:
             raise
         return _replay(existing, request_hash)
-    job = await get_job(conn, owner_id, job_id)
-    assert job is not None
     return job, True
 
 
@@ -109,8 +114,9 @@ def _replay(existing: RowMapping, request_hash: str) -> tuple[RowMapping, bool]:
     return existing, False
 
 
-async def mark_published(conn: AsyncConnection, job_id: str) -> None:
-    await conn.execute(update(Job).where(Job.id == job_id).values(published_at=utcnow()))
+async def mark_unpublished(conn: AsyncConnection, job_id: str) -> None:
+    """Publishing failed: let the reconciler's next round publish the job."""
+    await conn.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(published_at=None))
     await conn.commit()
 
 
