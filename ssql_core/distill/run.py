@@ -119,6 +119,8 @@ class _Distiller:
         train = load_split(dataset, True, size, cfg.data_root, cfg.allow_download, cfg.max_samples, cfg.seed)
         test = load_split(dataset, False, size, cfg.data_root, cfg.allow_download, None, cfg.seed)
         self.num_classes = train.num_classes
+        if self.num_classes != self.teacher_head.out_features:
+            raise ConfigError("dataset", f"{dataset} has {self.num_classes} classes, the teacher's head {self.teacher_head.out_features}")
         ttf = test_transform(size, train.stats_key)
         train_tf = linear_train_transform(size, train.stats_key) if cfg.augment else ttf
         # the training stream: images only (labels only when the user asked for a CE term)
@@ -237,6 +239,9 @@ class _Distiller:
         student = self.build_student()
         start = self.test(student, teacher_test, y)
         result.update({"student_top1_start": start["top1"], "kl_start": start["kl"]})
+        if cfg.bn == "recalibrate":  # what BN re-estimation alone gives, before any training
+            recalibrate_bn(student, self.calib)
+            result["bn_recalibrated_top1"] = self.test(student, teacher_test, y)["top1"]
         result.update(self.train(student))
         end = self.test(student, teacher_test, y)
         result.update({
