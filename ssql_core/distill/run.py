@@ -46,6 +46,8 @@ def load_teacher(cfg: DistillConfig) -> tuple[Any, nn.Module, nn.Linear, dict[st
     record = ckpt.load(cfg.heads)
     if record.get("kind") != "linear_heads":
         raise ConfigError("heads", f"{cfg.heads} is not an evaluation heads file (heads.pt)")
+    if record.get("pretrain_config") not in (None, pcfg.to_dict()):
+        raise ConfigError("heads", f"{cfg.heads} was trained on another pretrain run's backbone than {cfg.checkpoint}")
     if "fp" not in record["heads"]:
         raise ConfigError("heads", f"{cfg.heads} has no 'fp' head (evaluate with 'fp' among the bits); has {sorted(record['heads'])}")
     w = record["heads"]["fp"]["weight"]

@@ -192,3 +192,12 @@ def test_odd_grid_students_are_refused_with_a_reason(teacher: Path, tmp_path: Pa
     distill(cfg_for(teacher, epochs=1, quantizer="dorefa", bits="4w4a"), tmp_path)
     with pytest.raises(ValueError, match="need 5 bits"):
         export_student(tmp_path / "student.pt", tmp_path / "x.safetensors")
+
+
+def test_heads_of_another_pretrain_run_are_refused(teacher: Path, tmp_path: Path) -> None:
+    rec = ckpt.load(teacher / "heads.pt")
+    rec["pretrain_config"] = {**rec["pretrain_config"], "seed": 7}
+    ckpt.save_atomic(rec, tmp_path / "heads.pt")
+    with pytest.raises(ConfigError) as e:
+        distill(cfg_for(teacher, heads=str(tmp_path / "heads.pt")), tmp_path / "out")
+    assert e.value.field == "heads"
