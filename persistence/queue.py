@@ -42,6 +42,7 @@ def make_celery(settings: Settings) -> Celery:
     opts = transport_options(settings)
     serverless = url.startswith(("filesystem://", "sqla+", "memory://"))
     app.conf.update(
+        # visibility_timeout in all three places Celery/kombu read it (celery #7651, #9264)
         broker_transport_options=opts,
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         visibility_timeout=settings.visibility_timeout,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from persistence import job_store
@@ -149,12 +150,16 @@ def supervise(
     os.close(write_fd)
     events: queue.Queue = queue.Queue()
     threading.Thread(target=_read_events, args=(read_fd, events), daemon=True).start()
-    with Sessions() as s:
-        job_store.start_attempt(s, job, worker_name(), proc.pid, resumed_from)
-    log.info("job %s attempt %d: runner pid %d%s", job.id, job.attempt, proc.pid, " (resuming)" if resumed_from else "")
-
     state = AttemptState()
-    outcome = _watch(settings, Sessions, job, proc, events, state)
+    try:
+        with Sessions() as s:
+            job_store.start_attempt(s, job, worker_name(), proc.pid, resumed_from)
+        log.info("job %s attempt %d: runner pid %d%s", job.id, job.attempt, proc.pid, " (resuming)" if resumed_from else "")
+        outcome = _watch(settings, Sessions, job, proc, events, state)
+    finally:
+        if proc.poll() is None:  # the supervisor itself failed: never leave the runner unsupervised
+            _kill_group(proc, signal.SIGKILL)
+            proc.wait()
     if outcome == "lease_lost":
         with Sessions() as s:
             job_store.end_attempt(s, job.id, job.attempt, outcome)
@@ -175,7 +180,7 @@ def _watch(
 ) -> str:
     """Pump events and heartbeats until the runner exits; returns "exited" or "lease_lost"."""
     progress_every = min(1.0, settings.heartbeat_seconds)
-    last_beat = last_flush = time.monotonic()
+    last_beat = last_flush = last_renewed = time.monotonic()
     kill_at: float | None = None
     exited_at: float | None = None
     reader_done = False
@@ -203,13 +208,20 @@ def _watch(
         due_beat = now - last_beat >= settings.heartbeat_seconds
         due_flush = state.progress_dirty and now - last_flush >= progress_every
         if due_beat or due_flush:
-            with Sessions() as s:
-                cancel = job_store.heartbeat(
-                    s, job.id, job.attempt, settings.lease_seconds, state.progress if state.progress_dirty else None
-                )
-                if cancel is not None:
-                    job_store.add_metrics(s, job.id, job.attempt, state.metrics)
-            state.metrics, state.progress_dirty = [], False
+            try:
+                with Sessions() as s:
+                    cancel = job_store.heartbeat(
+                        s, job.id, job.attempt, settings.lease_seconds, state.progress if state.progress_dirty else None
+                    )
+                    if cancel is not None:
+                        job_store.add_metrics(s, job.id, job.attempt, state.metrics)
+                state.metrics, state.progress_dirty = [], False
+                last_renewed = now
+            except SQLAlchemyError:
+                # database briefly unreachable: keep training, but never past our own lease, after
+                # which the reaper may hand the job to another worker
+                log.exception("job %s: heartbeat failed", job.id)
+                cancel = None if now - last_renewed > settings.lease_seconds * 0.8 else False
             last_beat = last_flush = now
             if cancel is None:
                 log.warning("job %s attempt %d: lease lost, killing runner", job.id, job.attempt)
