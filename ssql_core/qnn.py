@@ -46,14 +46,27 @@ class QuantContext:
         self.quant_a = True
         self.w_bits = torch.tensor(8.0)
         self.a_bits = torch.tensor(8.0)
+        # the same bits as Python ints, for torch's fused eager kernels (see quant._eager)
+        self.w_int, self.a_int = 8, 8
         self.points: list[ActQuant] = []
 
     def set_bits(self, bits: BitWidth | str) -> None:
         b = parse_bits(bits)
         self.quant_w = b.w is not None
         self.quant_a = b.a is not None
-        self.w_bits.fill_(b.w or 8)
-        self.a_bits.fill_(b.a or 8)
+        self.w_int, self.a_int = b.w or 8, b.a or 8
+        self.w_bits.fill_(self.w_int)
+        self.a_bits.fill_(self.a_int)
+
+    def weight_bits(self, role: str) -> int | torch.Tensor:
+        if role == FIXED8:
+            return 8
+        return self.w_bits if torch.compiler.is_compiling() else self.w_int
+
+    def act_bits(self, role: str) -> int | torch.Tensor:
+        if role == FIXED8:
+            return 8
+        return self.a_bits if torch.compiler.is_compiling() else self.a_int
 
     def reset_ranges(self) -> None:
         for p in self.points:
@@ -104,7 +117,7 @@ class QConv2d(nn.Conv2d, _QuantPoint):
     def quant_weight(self) -> Tensor:
         ctx = self._qctx
         if ctx.mode is Mode.QUANT and ctx.quant_w:
-            return quantize_weight(self.weight, 8 if self.role == FIXED8 else ctx.w_bits)
+            return quantize_weight(self.weight, ctx.weight_bits(self.role))
         return self.weight
 
     def forward(self, x: Tensor) -> Tensor:
@@ -118,7 +131,7 @@ class QLinear(nn.Linear, _QuantPoint):
         ctx = self._qctx
         w = self.weight
         if ctx.mode is Mode.QUANT and ctx.quant_w:
-            w = quantize_weight(w, 8 if self.role == FIXED8 else ctx.w_bits)
+            w = quantize_weight(w, ctx.weight_bits(self.role))
         return F.linear(x, w, self.bias)
 
 
@@ -140,12 +153,12 @@ class ActQuant(nn.Module, _QuantPoint):
         ctx = self._qctx
         if ctx.mode is Mode.RECORD:
             with torch.no_grad():
-                xd = x.detach()
-                torch.minimum(self.lo, xd.min().float(), out=self.lo)
-                torch.maximum(self.hi, xd.max().float(), out=self.hi)
+                lo, hi = torch.aminmax(x.detach())
+                torch.minimum(self.lo, lo.float(), out=self.lo)
+                torch.maximum(self.hi, hi.float(), out=self.hi)
             return x
         if ctx.mode is Mode.QUANT and ctx.quant_a:
-            return quantize_activation(x, 8 if self.role == FIXED8 else ctx.a_bits, self.lo, self.hi)
+            return quantize_activation(x, ctx.act_bits(self.role), self.lo, self.hi)
         return x
 
     def extra_repr(self) -> str:

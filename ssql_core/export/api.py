@@ -138,11 +138,14 @@ def load_quantized(path: str | Path) -> QuantizedModel:
     if path.suffix == ".onnx":
         raise CheckpointError(f"{path}: ONNX files run in onnxruntime (ssql_core.export.onnx_graph.read_onnx / onnx_session), not as torch modules")
     manifest, tensors = read_safetensors(path, FORMAT)
-    q, head = decode(manifest, tensors)
     try:
+        q, head = decode(manifest, tensors)
         return build_quantized_model(q, head, manifest)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: tensors do not fit architecture {q.arch}: {e}") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+        # a manifest that is valid JSON and hashes correctly but lies about its contents
+        raise CheckpointError(f"{path}: manifest and tensors do not describe a {FORMAT}: {type(e).__name__}: {e}") from None
 
 
 @torch.no_grad()
