@@ -40,7 +40,7 @@ from torch import Tensor, fx, nn
 from ssql_core.export.format import CheckpointError
 from ssql_core.export.packing import pack_bits
 from ssql_core.export.quantized import QuantizedBackbone, QuantizedModel, build_quantized_model
-from ssql_core.qnn import FIXED8, ActQuant, QConv2d, QLinear
+from ssql_core.qnn import ActQuant, QConv2d, QLinear
 from ssql_core.quant import activation_qparams
 
 OPSET = 21
@@ -112,8 +112,7 @@ def _act(g: _Graph, mod: ActQuant, x: str, out: str, q: QuantizedBackbone, name:
     if q.bits.is_fp:
         return g.add("Identity", [x], out)
     rng, a, _role = q.ranges[name]
-    arg: int | Tensor = 8 if mod.role == FIXED8 else torch.tensor(float(a))  # as the fake-quant model
-    scale, zero, qmax = activation_qparams(arg, rng[0], rng[1])
+    scale, zero, qmax = activation_qparams(a, rng[0], rng[1])  # a is 8 for the fixed8 stem point
     s, z, qm = float(scale), int(zero), int(qmax)
     dtype, clip = _act_container(a, z)
     s_name = g.init(f"{name}_scale", np.array(s, np.float32))

@@ -104,10 +104,11 @@ def quantize_backbone(backbone: nn.Module, bits: str | BitWidth) -> QuantizedBac
         out.fp = state
         return out
     assert b.w is not None and b.a is not None
-    step_w = torch.tensor(float(b.w))  # what QuantContext.w_bits holds in QUANT mode
+    ctx = QuantContext()
+    ctx.set_bits(b)
     for name, mod in weight_points(backbone).items():
         w = mod.weight.detach().float().cpu()
-        arg: int | Tensor = 8 if mod.role == FIXED8 else step_w
+        arg = ctx.weight_bits(mod.role)  # what QConv2d.quant_weight passes in QUANT mode
         scale = weight_scale(w, arg)
         qmin, qmax = weight_int_range(arg, w)
         ints = torch.clamp(torch.round(w * (1.0 / scale)), qmin, qmax)
@@ -141,10 +142,9 @@ class QuantizedModel(nn.Module):
         self.manifest = manifest or {}
         self.ctx = bind_context(backbone, QuantContext())
         if not bits.is_fp:
-            assert bits.a is not None
+            self.ctx.set_bits(bits)
             # weights hold w_int * scale already: quantize activations only
-            self.ctx.quant_w, self.ctx.quant_a = False, True
-            self.ctx.a_bits.fill_(bits.a)
+            self.ctx.quant_w = False
             self.ctx.mode = Mode.QUANT
 
     def forward(self, x: Tensor) -> Tensor:

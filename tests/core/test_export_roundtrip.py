@@ -222,3 +222,29 @@ def test_well_formed_but_inconsistent_manifest_refused(small: nn.Module, tmp_pat
     for i, (message, edit) in enumerate(cases.items()):
         with pytest.raises(CheckpointError, match=message):
             load_quantized(_rewrite(good, tmp_path / f"bad{i}.safetensors", edit))
+
+
+def test_any_single_byte_flip_is_refused_or_harmless(small: nn.Module, tmp_path: Path) -> None:
+    good = save_quantized(small, "3w5a", tmp_path / "good.safetensors")
+    data = good.read_bytes()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expect = load_quantized(good)(x)
+    rng = torch.Generator().manual_seed(0)
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    # half the flips in the header (JSON, manifest), half in the tensor bytes
+    spots = torch.cat([torch.randint(0, header_end, (30,), generator=rng), torch.randint(header_end, len(data), (30,), generator=rng)])
+    refused = 0
+    for i, pos in enumerate(spots.tolist()):
+        bad = bytearray(data)
+        bad[pos] ^= 1 << (i % 8)
+        path = tmp_path / f"flip{i}.safetensors"
+        path.write_bytes(bytes(bad))
+        try:
+            model = load_quantized(path)
+        except CheckpointError:
+            refused += 1
+            continue
+        with torch.no_grad():  # accepted only when nothing that matters changed (header padding)
+            assert torch.equal(model(x), expect), pos
+    assert refused >= 55
