@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,6 @@ from ssql_core.config import EvalConfig, PretrainConfig
 from ssql_core.evaluate import evaluate
 from ssql_core.export import CalibrationSpec, export_checkpoint, load_quantized
 from ssql_core.train import pretrain
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="module")

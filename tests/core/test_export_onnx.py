@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,31 +21,8 @@ from ssql_core.export.onnx_graph import (
     write_onnx,
 )
 from ssql_core.export.quantized import build_quantized_model, quantize_backbone
-from ssql_core.models import build_backbone
-from ssql_core.qnn import act_points, bind_context
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-def calibrated(name: str = "resnet18", width: float = 0.0625, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    bb = build_backbone(name, "cifar", width).eval()
-    for m in bb.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    ctx = bind_context(bb)
-    with ctx.recording(), torch.no_grad():
-        bb(torch.randn(16, 3, 16, 16))
-    return bb
+from ssql_core.qnn import act_points
+from tests.core.test_export_roundtrip import calibrated
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +56,7 @@ def test_activation_codes_equal_the_fake_quantizer_on_the_graphs_own_inputs(smal
 
 
 def test_imagenet_stem_with_maxpool(tmp_path: Path) -> None:
-    torch.manual_seed(3)
-    bb = build_backbone("resnet18", "imagenet", 0.0625).eval()
-    ctx = bind_context(bb)
-    with ctx.recording(), torch.no_grad():
-        bb(torch.randn(8, 3, 32, 32))
+    bb = calibrated(seed=3, size=32, stem="imagenet")
     x = torch.randn(4, 3, 32, 32)
     for bits in ("fp", "5w3a"):
         q = quantize_backbone(bb, bits)
@@ -140,7 +112,7 @@ def test_classifier_and_mobilenet(small: nn.Module, tmp_path: Path) -> None:
     assert manifest["bits"] == "3w4a" and manifest["source"]["job"] == "j1" and manifest["output"] == "logits"
     r = compare_onnx(path, build_quantized_model(q, head), x)
     assert r["samples_within_1e-5"] >= 5 and r["max_abs_ref"] > 0
-    mb = calibrated("mobilenet_v2", 0.25, seed=2)
+    mb = calibrated(0.25, seed=2, name="mobilenet_v2")
     qm = quantize_backbone(mb, "4w6a")
     r = compare_onnx(build_onnx(qm), build_quantized_model(qm), x)
     assert r["samples_within_1e-5"] >= 5, r

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,19 +23,10 @@ from ssql_core.models import build_backbone
 from ssql_core.qnn import bind_context
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # small convs on a shared 2-core box: intra-op threads only add contention
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
-def calibrated(width: float = 0.0625, seed: int = 0, size: int = 16) -> nn.Module:
+def calibrated(width: float = 0.0625, seed: int = 0, size: int = 16, name: str = "resnet18", stem: str = "cifar") -> nn.Module:
     """A random-init backbone with non-trivial BN statistics and ranges calibrated on noise."""
     torch.manual_seed(seed)
-    bb = build_backbone("resnet18", "cifar", width).eval()
+    bb = build_backbone(name, stem, width).eval()
     for m in bb.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
@@ -102,9 +92,15 @@ def test_fp_and_classifier_round_trip(small: nn.Module, tmp_path: Path) -> None:
     assert clf.manifest["kind"] == "classifier" and clf.manifest["head"]["num_classes"] == 10
 
 
+@pytest.fixture(scope="module")
+def medium() -> nn.Module:
+    """Width 0.5: 2.8 M weights, enough that the safetensors index is a small part of the file."""
+    return calibrated(width=0.5, size=8)
+
+
 @pytest.mark.parametrize("w", [2, 3, 4, 5, 6, 8])
-def test_size_within_5_percent_of_ideal(w: int, tmp_path: Path) -> None:
-    bb = _medium()
+def test_size_within_5_percent_of_ideal(medium: nn.Module, w: int, tmp_path: Path) -> None:
+    bb = medium
     path = save_quantized(bb, f"{w}w{w}a", tmp_path / "m.safetensors")
     rep = size_report(path)
     n = sum(m.weight.numel() for m in bb.modules() if isinstance(m, nn.Conv2d))
@@ -114,15 +110,6 @@ def test_size_within_5_percent_of_ideal(w: int, tmp_path: Path) -> None:
     assert rep["ratio"] <= 1.05, rep
     # and the packed weights really are b bits each: far below the FP32 file
     assert rep["file_bytes"] < (n * 4) * (w + 1) / 32
-
-
-_MEDIUM: list[nn.Module] = []
-
-
-def _medium() -> nn.Module:
-    if not _MEDIUM:
-        _MEDIUM.append(calibrated(width=0.5, size=8))
-    return _MEDIUM[0]
 
 
 def _corrupt(src: Path, dst: Path, edit) -> Path:
@@ -181,11 +168,7 @@ def test_backbone_with_attached_qat_quantizers_refused(tmp_path: Path) -> None:
 
 
 def test_mobilenet_round_trip(tmp_path: Path) -> None:
-    torch.manual_seed(1)
-    bb = build_backbone("mobilenet_v2", "cifar", 0.25).eval()
-    ctx = bind_context(bb)
-    with ctx.recording(), torch.no_grad():
-        bb(torch.randn(4, 3, 16, 16))
+    bb = calibrated(0.25, seed=1, name="mobilenet_v2")
     x = torch.randn(2, 3, 16, 16)
     for bits in ("3w5a", "8w8a"):
         model = load_quantized(save_quantized(bb, bits, tmp_path / f"{bits}.safetensors"))

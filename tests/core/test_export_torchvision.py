@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,14 +13,6 @@ from torch import nn
 from ssql_core.export import CheckpointError
 from ssql_core.export.torchvision_format import load_torchvision, write_torchvision
 from ssql_core.models import build_backbone
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def _randomize_bn(m: nn.Module) -> nn.Module:
