@@ -22,7 +22,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +70,20 @@ def tensor_digest(manifest_json: str, tensors: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def write_atomic_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: never a torn file."""
+def write_atomic(path: Path, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, fsync, rename: never a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 def encode(q: QuantizedBackbone, head: dict[str, Tensor] | None, info: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -131,8 +134,7 @@ def write_quantized(path: str | Path, q: QuantizedBackbone, head: dict[str, Tens
     """Write the packed checkpoint of ``q`` to ``path`` (atomically); returns the path."""
     path = Path(path)
     tensors, metadata = encode(q, head, info or {})
-    write_atomic_safetensors(tensors, metadata, path)
-    return path
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_safetensors(path: str | Path, expected_format: str) -> tuple[dict[str, Any], dict[str, Tensor]]:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, fx, nn
 
-from ssql_core.export.format import CheckpointError
+from ssql_core.export.format import CheckpointError, write_atomic
 from ssql_core.export.packing import pack_bits
 from ssql_core.export.quantized import QuantizedBackbone, QuantizedModel, build_quantized_model
 from ssql_core.qnn import ActQuant, QConv2d, QLinear
@@ -108,7 +106,7 @@ def _conv(g: _Graph, mod: nn.Conv2d, x: str, out: str, q: QuantizedBackbone, nam
                  dilations=list(mod.dilation), group=mod.groups)
 
 
-def _act(g: _Graph, mod: ActQuant, x: str, out: str, q: QuantizedBackbone, name: str) -> str:
+def _act(g: _Graph, x: str, out: str, q: QuantizedBackbone, name: str) -> str:
     if q.bits.is_fp:
         return g.add("Identity", [x], out)
     rng, a, _role = q.ranges[name]
@@ -151,7 +149,7 @@ def build_onnx(q: QuantizedBackbone, head: dict[str, Tensor] | None = None, info
             if isinstance(mod, nn.Conv2d):
                 env[name] = _conv(g, mod, args[0], name, q, bname)
             elif isinstance(mod, ActQuant):
-                env[name] = _act(g, mod, args[0], name, q, bname)
+                env[name] = _act(g, args[0], name, q, bname)
             elif isinstance(mod, nn.BatchNorm2d):
                 assert mod.running_mean is not None and mod.running_var is not None
                 ins = [g.init(f"{bname}.{p}", t.float()) for p, t in
@@ -217,16 +215,7 @@ def write_onnx(path: str | Path, q: QuantizedBackbone, head: dict[str, Tensor] |
     """Write the ONNX model of ``q`` to ``path`` atomically; returns the path."""
     path = Path(path)
     proto = build_onnx(q, head, info)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: Path(tmp).write_bytes(proto.SerializeToString()))
 
 
 def read_onnx(path: str | Path) -> tuple[onnx.ModelProto, dict[str, Any]]:

@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 import torchvision
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ssql_core.export.format import (
@@ -30,7 +30,7 @@ from ssql_core.export.format import (
     check_arch,
     read_safetensors,
     tensor_digest,
-    write_atomic_safetensors,
+    write_atomic,
 )
 from ssql_core.export.quantized import check_standard_backbone
 
@@ -86,8 +86,7 @@ def write_torchvision(path: str | Path, backbone: nn.Module, head: dict[str, Ten
                 **(info or {})}
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "manifest": text, "sha256": tensor_digest(text, state)}
-    write_atomic_safetensors(state, metadata, path)
-    return path
+    return write_atomic(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def load_torchvision(path: str | Path) -> nn.Module:
@@ -102,9 +101,3 @@ def load_torchvision(path: str | Path) -> nn.Module:
     except (KeyError, ValueError, RuntimeError, AttributeError) as e:
         raise CheckpointError(f"{path}: does not load into torchvision's model: {e}") from None
     return model.eval()
-
-
-@torch.no_grad()
-def max_diff_vs(backbone_or_model: nn.Module, tv_model: nn.Module, x: Tensor) -> float:
-    """Max abs difference between our FP module and torchvision's on ``x``."""
-    return float((backbone_or_model.eval()(x) - tv_model.eval()(x)).abs().max())
