@@ -66,6 +66,18 @@ def run_config(settings: Settings, job: ClaimedJob) -> dict[str, Any]:
     return config
 
 
+def _preflight(job: ClaimedJob, config: dict[str, Any]) -> dict[str, Any] | None:
+    """Problems no retry can fix, reported before a process is started for nothing."""
+    if job.kind == "eval" and not Path(config["checkpoint"]).is_file():
+        return {
+            "code": "missing_checkpoint",
+            "field": "source_job",
+            "message": f"the checkpoint of source job {job.source_job_id} is gone from the server "
+            f"({config['checkpoint']}); run the pretrain job again",
+        }
+    return None
+
+
 def _progress_view(event: dict[str, Any]) -> dict[str, Any]:
     keys = ("phase", "fraction", "epoch", "epochs", "step", "total_steps", "images_per_s", "eta_s", "loss", "lr")
     return {k: event.get(k) for k in keys}
@@ -127,8 +139,16 @@ def supervise(
     workdir = job_workdir(settings, job.id)
     workdir.mkdir(parents=True, exist_ok=True)
     resumed_from = str(workdir / "last.pt") if (workdir / "last.pt").exists() else None
+    config = run_config(settings, job)
+    problem = _preflight(job, config)
+    if problem is not None:
+        with Sessions() as s:
+            job_store.start_attempt(s, job, worker_name(), None, None)
+            job_store.finish(s, job.id, job.attempt, "failed", error=problem)
+            job_store.end_attempt(s, job.id, job.attempt, "failed")
+        return "failed"
     job_file = workdir / f"attempt-{job.attempt}.json"
-    job_file.write_text(json.dumps({"kind": job.kind, "workdir": str(workdir), "config": run_config(settings, job)}))
+    job_file.write_text(json.dumps({"kind": job.kind, "workdir": str(workdir), "config": config}))
     log_path = workdir / f"attempt-{job.attempt}.log"
 
     read_fd, write_fd = os.pipe()

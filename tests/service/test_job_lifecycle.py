@@ -114,3 +114,15 @@ def test_duplicate_delivery_runs_the_job_once(client: httpx.Client, settings, se
     with sessions() as s:
         attempts = s.scalars(select(JobAttempt.attempt).where(JobAttempt.job_id == job["id"])).all()
     assert attempts == [1]
+
+
+def test_failed_job_explains_what_went_wrong(client: httpx.Client, settings, live_worker) -> None:  # type: ignore[no-untyped-def]
+    pre = client.post("/v1/jobs", json={**TINY, "epochs": 1, "seed": 11}).json()
+    pre = wait_for(client, pre["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+    assert pre["status"] == "succeeded", pre
+    (settings.resolved_artifacts_dir() / "jobs" / pre["id"] / "last.pt").unlink()
+    ev = client.post("/v1/jobs", json={"kind": "eval", "source_job": pre["id"], "bits": ["fp"], "epochs": 1}).json()
+    done = wait_for(client, ev["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+    assert done["status"] == "failed" and done["attempts"] == 1
+    assert done["error"]["code"] == "missing_checkpoint" and done["error"]["field"] == "source_job"
+    assert pre["id"] in done["error"]["message"] and "gone" in done["error"]["message"]
