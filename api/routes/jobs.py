@@ -6,11 +6,12 @@ import hashlib
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Header, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.deps import BEARER_SECURITY, Conn, Owner, SettingsDep, StateDep, authenticate, bearer_key
 from api.errors import FieldError
@@ -19,7 +20,7 @@ from api.specs import eval_spec, pretrain_spec
 from api.state import AppState
 from api.views import job_view, metric_view
 from persistence import api_store
-from persistence.models import JOB_STATUSES
+from persistence.models import JOB_STATUSES, TERMINAL_STATUSES
 from persistence.queue import publish_job
 
 log = logging.getLogger("ssql.api")
@@ -27,6 +28,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 NOT_FOUND = "job not found"
 _KINDS = ("pretrain", "eval")
+EVENTS_POLL_S = 0.5
 
 
 def _request_hash(raw: dict[str, Any]) -> str:
@@ -117,6 +119,35 @@ async def get_job(job_id: str, request: Request) -> JSONResponse:
     if row is None:
         raise HTTPException(404, NOT_FOUND)
     return JSONResponse(job_view(row))
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"description": "Server-Sent Events: one `status` event per change", "content": {"text/event-stream": {}}},
+               404: {"description": NOT_FOUND}},
+)  # fmt: skip
+async def job_events(job_id: str, owner: Owner, state: StateDep, request: Request) -> StreamingResponse:
+    """Live status and progress as Server-Sent Events; the stream ends when the job does."""
+    if await state.reads.get_job(owner, job_id) is None:
+        raise HTTPException(404, NOT_FOUND)
+
+    async def stream() -> AsyncIterator[str]:
+        last = None
+        while not await request.is_disconnected():
+            row = await state.reads.get_job(owner, job_id)
+            if row is None:
+                return
+            view = job_view(row)
+            payload = json.dumps({k: view[k] for k in ("id", "status", "progress", "attempts", "error")})
+            if payload != last:
+                last = payload
+                yield f"event: status\ndata: {payload}\n\n"
+            if view["status"] in TERMINAL_STATUSES:
+                return
+            await anyio.sleep(EVENTS_POLL_S)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 @router.get("", response_model=JobPage)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 
 import httpx
@@ -126,3 +127,18 @@ def test_failed_job_explains_what_went_wrong(client: httpx.Client, settings, liv
     assert done["status"] == "failed" and done["attempts"] == 1
     assert done["error"]["code"] == "missing_checkpoint" and done["error"]["field"] == "source_job"
     assert pre["id"] in done["error"]["message"] and "gone" in done["error"]["message"]
+
+
+def test_progress_stream_server_sent_events(client: httpx.Client, other_client: httpx.Client, live_worker) -> None:  # type: ignore[no-untyped-def]
+    job = client.post("/v1/jobs", json={**TINY, "epochs": 20, "seed": 21}).json()
+    assert other_client.get(f"/v1/jobs/{job['id']}/events").status_code == 404
+    events = []
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=180) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    statuses = [e["status"] for e in events]
+    assert statuses[-1] == "succeeded" and "running" in statuses, statuses
+    fractions = [e["progress"]["fraction"] for e in events]
+    assert fractions == sorted(fractions) and any(0 < f < 1 for f in fractions), fractions
