@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ssql_core.config import EvalConfig, PretrainConfig
-from ssql_core.distill import DistillConfig, distill
+from ssql_core.distill import DistillConfig, distill, distill_baselines
 from ssql_core.evaluate import evaluate, format_table
 from ssql_core.quantizers import QUANTIZER_NAMES
 from ssql_core.train import pretrain
@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--distill-epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--baselines-only", action="store_true",
+                   help="no training: PTQ and BN re-estimation top-1 of each initial student (seconds)")
     return p.parse_args()
 
 
@@ -68,6 +70,18 @@ def table(rows: list[dict[str, Any]], bits: list[str], quantizers: list[str]) ->
     return "\n".join(lines)
 
 
+def baselines_table(rows: list[dict[str, Any]], bits: list[str], quantizers: list[str]) -> str:
+    """Top-1 of each initial student after BN re-estimation alone (no training), mean ± std."""
+    head = ["bits", "PTQ", *[f"{q} (BN re-est.)" for q in quantizers]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for b in bits:
+        rs = [r for r in rows if r["bits"] == b]
+        cells = [b, mean_std([r["ptq_top1"] for r in rs if r["quantizer"] == quantizers[0]])]
+        cells += [mean_std([r["bn_recalibrated_top1"] for r in rs if r["quantizer"] == q]) for q in quantizers]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     a = parse_args()
     torch.set_num_threads(a.threads)
@@ -82,6 +96,19 @@ def main() -> None:
     print(format_table(eval_rows), flush=True)
     t_eval = time.perf_counter() - t0 - t_pre
     rows: list[dict[str, Any]] = []
+    if a.baselines_only:
+        for seed in a.seeds:
+            for bits in a.bits:
+                for q in a.quantizers:
+                    rows.append(distill_baselines(DistillConfig(
+                        checkpoint=str(out / "pretrain" / "last.pt"), heads=str(out / "pretrain" / "heads.pt"),
+                        bits=bits, quantizer=q, seed=seed)))
+        md = baselines_table(rows, a.bits, a.quantizers)
+        (out / "baselines.json").write_text(json.dumps(rows, indent=2))
+        (out / "baselines.md").write_text(md + "\n")
+        print(md)
+        print(f"seconds {time.perf_counter() - t0:.1f}")
+        return
     for seed in a.seeds:
         for bits in a.bits:
             for q in a.quantizers:

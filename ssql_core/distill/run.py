@@ -231,7 +231,8 @@ class _Distiller:
         logits, _ = _logits_and_labels(student, self.test_loader, self.device)
         return {"top1": _top1(logits, y), "kl": _kl(logits, teacher_test, self.cfg.temperature)}
 
-    def run(self) -> dict[str, Any]:
+    def start(self) -> tuple[dict[str, Any], Student, Tensor, Tensor]:
+        """Baselines and the initialised student: (result so far, student, teacher test logits, labels)."""
         cfg = self.cfg
         teacher_test, y = _logits_and_labels(self.teacher_logits, self.test_loader, self.device)
         result: dict[str, Any] = {
@@ -244,6 +245,11 @@ class _Distiller:
         if cfg.bn == "recalibrate":  # what BN re-estimation alone gives, before any training
             recalibrate_bn(student, self.calib)
             result["bn_recalibrated_top1"] = self.test(student, teacher_test, y)["top1"]
+        return result, student, teacher_test, y
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        result, student, teacher_test, y = self.start()
         result.update(self.train(student))
         end = self.test(student, teacher_test, y)
         result.update({
@@ -257,6 +263,13 @@ class _Distiller:
             "num_classes": self.num_classes, "result": result,
         })
         return result
+
+
+def distill_baselines(cfg: DistillConfig) -> dict[str, Any]:
+    """What a job starts from, without training: teacher, PTQ and (``bn="recalibrate"``) BN
+    re-estimation top-1, and the initial student's top-1 and KL. Writes nothing."""
+    cfg = cfg.validate()
+    return _Distiller(cfg, Path("."), Hooks()).start()[0]
 
 
 def distill(cfg: DistillConfig, workdir: str | Path, hooks: Hooks | None = None) -> dict[str, Any]:
