@@ -10,7 +10,7 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -51,7 +51,7 @@ def _pg_user() -> str:
     pytest.fail("Postgres is not reachable on 127.0.0.1:5432 (db 'test', user postgres or root); see README")
 
 
-def create_database(prefix: str) -> tuple[str, callable]:
+def create_database(prefix: str) -> tuple[str, Callable[[], None]]:
     """A fresh database for this test session; returns its URL and a function that drops it."""
     user = _pg_user()
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
