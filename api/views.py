@@ -8,7 +8,8 @@ from typing import Any
 
 from persistence.db import as_utc
 
-_EMPTY_PROGRESS = {"fraction": 0.0}
+_PROGRESS_KEYS = ("phase", "fraction", "epoch", "epochs", "step", "total_steps", "images_per_s", "eta_s", "loss", "lr")
+_EMPTY_PROGRESS = dict.fromkeys(_PROGRESS_KEYS) | {"fraction": 0.0, "epoch": 0, "step": 0}
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -17,7 +18,9 @@ def _ts(value: datetime | None) -> str | None:
 
 
 def job_view(row: Mapping[str, Any]) -> dict[str, Any]:
-    progress = row["progress"] or _EMPTY_PROGRESS
+    progress = row["progress"]
+    if progress is None:  # not started yet: every key present, so clients need no special case
+        progress = {**_EMPTY_PROGRESS, "epochs": ((row["spec"] or {}).get("config") or {}).get("epochs")}
     if row["status"] == "succeeded":
         progress = {**progress, "fraction": 1.0}
     return {
