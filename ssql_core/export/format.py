@@ -141,7 +141,7 @@ def read_safetensors(path: str | Path, expected_format: str) -> tuple[dict[str, 
     """Parse, hash-check and return ``(manifest, tensors)``; ``CheckpointError`` on any problem."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: no such file (or not a regular file)")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
