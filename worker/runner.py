@@ -51,6 +51,10 @@ def _run(job: dict[str, Any], hooks: EventHooks) -> dict[str, Any]:
         from ssql_core.train import pretrain
 
         summary = pretrain(PretrainConfig.from_dict(config), workdir, hooks)
+        # file names only: server paths are none of the user's business (files are served by the API)
+        for key in ("checkpoint", "backbone"):
+            if isinstance(summary.get(key), str):
+                summary[key] = Path(summary[key]).name
         return {"summary": summary}
     if kind == "eval":
         from ssql_core.config import EvalConfig
