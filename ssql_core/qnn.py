@@ -48,6 +48,10 @@ class QuantContext:
         self.a_bits = torch.tensor(8.0)
         # the same bits as Python ints, for torch's fused eager kernels (see quant._eager)
         self.w_int, self.a_int = 8, 8
+        #: set by ``quantized(..., reuse_weights=True)``: quantized weights are computed once per
+        #: such block and shared by the passes inside it (both views), in eager mode; 0 = off
+        self.generation = 0
+        self._generations = 0
         self.points: list[ActQuant] = []
 
     def set_bits(self, bits: BitWidth | str) -> None:
@@ -88,15 +92,26 @@ class QuantContext:
         return self.mode_as(Mode.RECORD)
 
     @contextlib.contextmanager
-    def quantized(self, bits: BitWidth | str) -> Iterator[None]:
-        """Quantized forward at ``bits`` with the ranges recorded last."""
+    def quantized(self, bits: BitWidth | str, reuse_weights: bool = False) -> Iterator[None]:
+        """Quantized forward at ``bits`` with the ranges recorded last.
+
+        ``reuse_weights=True`` promises that the weights do not change and that backward runs at
+        most once inside the block (one training step's forward passes): each layer's weight is
+        then quantized once for all passes in the block.
+        """
         b = parse_bits(bits)
         if b.is_fp:
             yield
             return
         self.set_bits(b)
-        with self.mode_as(Mode.QUANT):
-            yield
+        if reuse_weights:
+            self._generations += 1
+            self.generation = self._generations
+        try:
+            with self.mode_as(Mode.QUANT):
+                yield
+        finally:
+            self.generation = 0
 
 
 _FP_CONTEXT = QuantContext()  # what an unbound quant point reads: always FP
@@ -111,13 +126,32 @@ class _QuantPoint:
         object.__setattr__(self, "_qctx", ctx)
 
 
+def _cached_quant_weight(m: nn.Conv2d | nn.Linear, ctx: QuantContext) -> Tensor:
+    """The layer's quantized weight, computed once per QUANT-mode entry (eager mode only).
+
+    Within one ``ctx.quantized(...)`` block the weights cannot change (the optimizer steps
+    outside it), so the second view's pass reuses the first's tensor; autograd sums both
+    passes' gradients through the one quantize node.
+    """
+    bits = ctx.weight_bits(m.role)  # type: ignore[attr-defined]
+    if ctx.generation == 0 or torch.compiler.is_compiling():
+        return quantize_weight(m.weight, bits)
+    key = (id(ctx), ctx.generation, id(m.weight), m.weight._version)
+    cache = m.__dict__.get("_wq_cache")
+    if cache is not None and cache[0] == key:
+        return cache[1]
+    wq = quantize_weight(m.weight, bits)
+    m.__dict__["_wq_cache"] = (key, wq)
+    return wq
+
+
 class QConv2d(nn.Conv2d, _QuantPoint):
     """``nn.Conv2d`` whose weight is fake-quantized per channel in QUANT mode."""
 
     def quant_weight(self) -> Tensor:
         ctx = self._qctx
         if ctx.mode is Mode.QUANT and ctx.quant_w:
-            return quantize_weight(self.weight, ctx.weight_bits(self.role))
+            return _cached_quant_weight(self, ctx)
         return self.weight
 
     def forward(self, x: Tensor) -> Tensor:
@@ -131,7 +165,7 @@ class QLinear(nn.Linear, _QuantPoint):
         ctx = self._qctx
         w = self.weight
         if ctx.mode is Mode.QUANT and ctx.quant_w:
-            w = quantize_weight(w, ctx.weight_bits(self.role))
+            w = _cached_quant_weight(self, ctx)
         return F.linear(x, w, self.bias)
 
 

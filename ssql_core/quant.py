@@ -48,8 +48,8 @@ class _RoundClampSTE(torch.autograd.Function):
 def weight_scale(w: Tensor, bits: int | Tensor) -> Tensor:
     """Per-output-channel symmetric scale, shaped to broadcast against ``w`` (detached)."""
     w = w.detach().float()
-    lo, hi = torch.aminmax(w.reshape(w.shape[0], -1), dim=1)
-    maxabs = torch.maximum(lo.abs(), hi.abs())
+    dims = tuple(range(1, w.dim()))  # reducing in place: reshape would copy a channels_last weight
+    maxabs = torch.maximum(torch.amin(w, dim=dims).abs(), torch.amax(w, dim=dims))
     b = _as_float(bits, w)
     scale = maxabs / ((2.0**b - 1.0) / 2.0)
     scale = torch.clamp(scale, min=EPS)

@@ -35,7 +35,7 @@ class BYOL(Method):
         if not self.quantized:
             return StepOutput(loss, z1)
         bits = self.sampler.sample(step)
-        with self.qctx.quantized(bits):
+        with self.qctx.quantized(bits, reuse_weights=True):
             z1q, z2q = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
         p1q, p2q = self.predictor(z1q), self.predictor(z2q)
         loss_q = 0.5 * (byol_regression(p1q, t2) + byol_regression(p2q, t1))

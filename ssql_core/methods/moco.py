@@ -50,7 +50,7 @@ class MoCoV2(Method):
         metrics: dict[str, float] = {}
         if self.quantized:
             bits = self.sampler.sample(step)
-            with self.qctx.quantized(bits):
+            with self.qctx.quantized(bits, reuse_weights=True):
                 q1q, q2q = self._query(x1), self._query(x2)
             loss = 0.5 * (self._loss(q1q, q2q, k1, k2) + loss)
             metrics = {"w_bits": float(bits.w), "a_bits": float(bits.a)}

@@ -28,7 +28,7 @@ class SimCLR(Method):
         if not self.quantized:
             return StepOutput(loss, f1)
         bits = self.sampler.sample(step)
-        with self.qctx.quantized(bits):
+        with self.qctx.quantized(bits, reuse_weights=True):
             f1q, f2q = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
         loss = 0.5 * (loss + nt_xent(f1q, f2q, t))
         return StepOutput(loss, f1, {"w_bits": float(bits.w), "a_bits": float(bits.a)})

@@ -32,7 +32,7 @@ class SimSiam(Method):
         if not self.quantized:
             return StepOutput(simsiam_loss(p1, p2, z1, z2), z1)
         bits = self.sampler.sample(step)
-        with self.qctx.quantized(bits):
+        with self.qctx.quantized(bits, reuse_weights=True):
             z1q, z2q = self.encode(x1), self.encode(x2)
         p1q, p2q = self.predictor(z1q), self.predictor(z2q)
         loss = ssql_loss(p1, p2, p1q, p2q, z1, z2)

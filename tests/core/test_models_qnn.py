@@ -134,3 +134,27 @@ def test_mlp_spec_builds_simsiam_projector():
     kinds = [type(m).__name__ for m in proj]
     assert kinds == ["QLinear", "BatchNorm1d", "ReLU", "QLinear", "BatchNorm1d", "ReLU", "QLinear", "BatchNorm1d"]
     assert proj[-1].affine is False and proj[0].bias is None
+
+
+def test_reused_quantized_weights_match_fresh_ones_and_sum_gradients():
+    torch.manual_seed(0)
+    m, ctx = _tiny()
+    x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    with ctx.recording():
+        m(x1), m(x2)
+    grads = []
+    for reuse in (False, True):
+        m.zero_grad()
+        with ctx.quantized("3w5a", reuse_weights=reuse):
+            y = m(x1).sum() + 2 * m(x2).sum()
+        y.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
+    # a weight change inside the block (not promised, but detected) re-quantizes
+    with ctx.quantized("3w5a", reuse_weights=True):
+        a = m.layer1[0].conv1.quant_weight()
+        with torch.no_grad():
+            m.layer1[0].conv1.weight.mul_(2)
+        b = m.layer1[0].conv1.quant_weight()
+        assert a is not b and torch.allclose(b, 2 * a)
