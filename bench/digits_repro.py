@@ -4,7 +4,10 @@
 budget, then linear evaluation (cached path, the paper's lr/schedule) at fp, 8w8a, 4w4a, 3w3a,
 2w8a and 2w4a, over several seeds; prints per-seed rows and a mean/std table.
 
-    .venv/bin/python bench/digits_repro.py --seeds 0 1 2 --epochs 30 --out runs/digits_repro
+    .venv/bin/python bench/digits_repro.py --seeds 0 1 2 --epochs 20 --threads 1 --out runs/digits_repro
+
+A finished run folder is reused (pretraining resumes, so nothing is retrained): rerun with
+``--protocol knn`` to evaluate the same checkpoints with the kNN protocol.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ def main() -> None:
             rows = evaluate(EvalConfig(checkpoint=str(wd / "last.pt"), bits=BITS, protocol=args.protocol,
                                        epochs=args.linear_epochs, lr=args.linear_lr, seed=seed, calib_images=128), wd)
             t2 = time.perf_counter()
-            print(f"{method} seed {seed}: pretrain {t1 - t0:.0f}s (loss {summary['final_loss']:.3f}, z_std {summary['final_z_std']:.3f}), eval {t2 - t1:.0f}s: "
+            z = summary["final_z_std"]  # None when the run was already complete (reused checkpoint)
+            print(f"{method} seed {seed}: pretrain {t1 - t0:.0f}s (loss {summary['final_loss']:.3f}, z_std {z if z is None else round(z, 3)}), eval {t2 - t1:.0f}s: "
                   + " ".join(f"{r['bits']}={r['top1']:.1f}" for r in rows), flush=True)
             for r in rows:
                 results.setdefault(method, {}).setdefault(r["bits"], []).append(r["top1"])
@@ -75,7 +79,7 @@ def main() -> None:
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
             cells.append(f"{statistics.mean(v):.1f} ± {sd:.1f}")
         print(f"| {method} | " + " | ".join(cells) + " |")
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    (out / f"results_{args.protocol}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 
 
 if __name__ == "__main__":
