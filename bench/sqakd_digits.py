@@ -43,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--distill-epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ewgs-hessian", action="store_true",
+                   help="EWGS delta from the Hutchinson Hessian trace (files tagged -ewgs_hessian)")
     p.add_argument("--baselines-only", action="store_true",
                    help="no training: PTQ and BN re-estimation top-1 of each initial student (seconds)")
     return p.parse_args()
@@ -96,6 +98,7 @@ def main() -> None:
     print(format_table(eval_rows), flush=True)
     t_eval = time.perf_counter() - t0 - t_pre
     rows: list[dict[str, Any]] = []
+    tag = "-ewgs_hessian" if a.ewgs_hessian else ""
     if a.baselines_only:
         for seed in a.seeds:
             for bits in a.bits:
@@ -114,8 +117,9 @@ def main() -> None:
             for q in a.quantizers:
                 t = time.perf_counter()
                 cfg = DistillConfig(checkpoint=str(out / "pretrain" / "last.pt"), heads=str(out / "pretrain" / "heads.pt"),
-                                    bits=bits, quantizer=q, epochs=a.distill_epochs, batch_size=a.batch_size, seed=seed)
-                r = distill(cfg, out / "distill" / f"s{seed}_{bits}_{q}")
+                                    bits=bits, quantizer=q, epochs=a.distill_epochs, batch_size=a.batch_size, seed=seed,
+                                    ewgs_hessian=a.ewgs_hessian)
+                r = distill(cfg, out / f"distill{tag}" / f"s{seed}_{bits}_{q}")
                 r["seconds"] = round(time.perf_counter() - t, 1)
                 rows.append(r)
                 print(f"seed {seed} {bits} {q:>6}: PTQ {r['ptq_top1']:.1f} -> SQAKD {r['top1']:.1f} "
@@ -128,8 +132,8 @@ def main() -> None:
         "seconds": {"pretrain": round(t_pre, 1), "eval": round(t_eval, 1), "total": round(total, 1)},
         "distill_steps_per_run": rows[0]["steps"] if rows else 0,
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "table.md").write_text(md + "\n")
+    (out / f"results{tag}.json").write_text(json.dumps(summary, indent=2))
+    (out / f"table{tag}.md").write_text(md + "\n")
     print(md)
     print(f"teacher FP top-1 {summary['teacher_fp_top1']:.1f}; pretrain {a.pretrain_epochs} epochs, distill "
           f"{a.distill_epochs} epochs x {summary['distill_steps_per_run']} steps, batch {a.batch_size}; "
