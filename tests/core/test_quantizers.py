@@ -230,3 +230,19 @@ def test_attach_other_bits_equal_psq() -> None:
         with ctx.quantized("3w4a"):
             outs.append(m(x))
     close(outs[0], outs[1], tol=0)
+
+
+def test_mobilenet_block_outputs_get_signed_grids() -> None:
+    torch.manual_seed(0)
+    model = build_backbone("mobilenet_v2", "cifar", 0.25).eval()
+    qdict = attach(model, "pact", "4w4a")
+    signed = {k for k, q in qdict.items() if k.endswith("-a") and q.signed}
+    assert signed and all(k.endswith("act_out-a") for k in signed)
+    ctx = bind_context(model)
+    x = torch.randn(2, 3, 16, 16)
+    init_quantizers(model, [x])
+    with ctx.quantized("4w4a"):
+        out = model(x)
+    assert torch.isfinite(out).all()
+    block_out = next(q for k, q in qdict.items() if k in signed)
+    assert block_out.export()["qmin"] == -7 and block_out.export()["qmax"] == 7
