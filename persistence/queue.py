@@ -27,6 +27,8 @@ def transport_options(settings: Settings) -> dict[str, Any]:
             data_folder_in=str(folder / "queue"),
             data_folder_out=str(folder / "queue"),
             processed_folder=str(folder / "processed"),
+            # exchange tables; kombu's default is ./control in the working directory
+            control_folder=str(folder / "control"),
             store_processed=False,
             polling_interval=0.5,
         )
