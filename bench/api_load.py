@@ -252,6 +252,7 @@ def main() -> int:
             c.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         import redis
 
+        queued_messages = redis.Redis.from_url(REDIS).llen(queue)
         redis.Redis.from_url(REDIS).delete(queue)
 
     def line(name: str, r: dict) -> str:
@@ -263,6 +264,7 @@ def main() -> int:
     print(line("bare FastAPI+asyncpg SELECT", bare))
     print(line("API GET /v1/jobs/{id} (auth)", polls))
     print(line("API POST /v1/jobs (auth)", subs))
+    print(f"messages on the Redis queue afterwards: {queued_messages} (one per 201, warm-up included)")
     print(f"status polls / bare = {ratio:.2f} (median of per-round ratios; target >= 0.75 with p99 <= 30 ms)")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     return 0
