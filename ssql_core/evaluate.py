@@ -26,7 +26,13 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from ssql_core.bits import parse_bits
 from ssql_core.config import EvalConfig
-from ssql_core.data import SeededViews, Transformed, linear_train_transform, load_split, test_transform
+from ssql_core.data import (
+    SeededViews,
+    Transformed,
+    linear_train_transform,
+    load_split,
+    test_transform,
+)
 from ssql_core.errors import Cancelled
 from ssql_core.hooks import Hooks, Progress
 from ssql_core.qnn import QuantContext, bind_context

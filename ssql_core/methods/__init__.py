@@ -6,7 +6,7 @@ from ssql_core.config import PretrainConfig
 from ssql_core.methods.base import Method, StepOutput
 from ssql_core.methods.byol import BYOL, SSQLBYOL
 from ssql_core.methods.moco import MoCoV2, SSQLMoCo
-from ssql_core.methods.simclr import SimCLR, SSQLNCE
+from ssql_core.methods.simclr import SSQLNCE, SimCLR
 from ssql_core.methods.simsiam import SSQL, SimSiam
 
 METHODS: dict[str, type[Method]] = {

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from ssql_core.bits import BitWidth, parse_bits
-from ssql_core.quant import activation_qparams, quantize_activation, quantize_weight, weight_scale, weight_to_int
+from ssql_core.quant import (
+    activation_qparams,
+    quantize_activation,
+    quantize_weight,
+    weight_scale,
+    weight_to_int,
+)
 
 
 @pytest.mark.parametrize("s,expected", [("4w4a", BitWidth(4, 4)), ("2w8a", BitWidth(2, 8)), ("fp", BitWidth(None, None)),
