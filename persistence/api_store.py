@@ -183,5 +183,5 @@ async def artifacts(conn: AsyncConnection, job_id: str) -> list[RowMapping]:
 
 
 async def source_job(conn: AsyncConnection, owner_id: int, job_id: str) -> RowMapping | None:
-    stmt = select(Job.id, Job.kind, Job.status, Job.spec).where(Job.id == job_id, Job.owner_id == owner_id)
+    stmt = select(Job.id, Job.kind, Job.status, Job.spec, Job.source_job_id).where(Job.id == job_id, Job.owner_id == owner_id)
     return (await conn.execute(stmt)).mappings().first()

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from persistence.db import utcnow
@@ -119,13 +120,17 @@ def add_metrics(session: Session, job_id: str, attempt: int, samples: list[dict[
 
 @dataclass(frozen=True)
 class ArtifactRecord:
-    """A produced file, already hashed; ``path`` is relative to the artifacts directory."""
+    """A produced file, already hashed; ``path`` is relative to the artifacts directory.
+
+    ``job_id``: the job it is served under, when not the job that produced it (export jobs).
+    """
 
     bits: str
     format: str
     path: str
     bytes: int
     sha256: str
+    job_id: str | None = None
 
 
 def finish(
@@ -169,9 +174,21 @@ def finish(
             )
         )
     for a in artifacts or []:
-        session.add(
-            Artifact(job_id=job_id, bits=a.bits, format=a.format, path=a.path, bytes=a.bytes, sha256=a.sha256, created_at=now)
-        )
+        row = Artifact(job_id=a.job_id or job_id, bits=a.bits, format=a.format, path=a.path, bytes=a.bytes, sha256=a.sha256,
+                       created_at=now)  # fmt: skip
+        if a.job_id is None:
+            session.add(row)
+            continue
+        # served under another job (an export): that job may already have this file from an
+        # earlier export, which keeps being served (its sha256 is already in users' hands)
+        taken = select(Artifact.id).where(Artifact.job_id == a.job_id, Artifact.bits == a.bits, Artifact.format == a.format)
+        if session.execute(taken).first() is not None:
+            continue
+        try:
+            with session.begin_nested():
+                session.add(row)
+        except IntegrityError:
+            pass
     session.commit()
     return True
 

@@ -1,6 +1,6 @@
 """Database tables shared by the API and the worker (SQLAlchemy 2 declarative mapping).
 
-A job is generic: ``kind`` plus a validated JSON ``spec``, so new kinds (distill, export) need no
+A job is generic: ``kind`` plus a validated JSON ``spec``, so new kinds (distill, export) needed no
 schema change. Everything a user sees about a job (status, progress, metrics, results,
 artifacts) lives here, never in Celery's result backend.
 """
@@ -27,6 +27,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+JOB_KINDS = ("pretrain", "eval", "distill", "export")
+#: torch: FP backbone state dict; safetensors: packed per bit-width; onnx: QDQ graph; torchvision: FP
+ARTIFACT_FORMATS = ("torch", "safetensors", "onnx", "torchvision")
 
 
 class Base(DeclarativeBase):

@@ -1,6 +1,6 @@
 """Entry point of the training subprocess: ``python -m worker.runner JOB_FILE``.
 
-It runs one ssql_core call (pretrain or evaluate) and reports to its supervisor through JSON
+It runs one ssql_core call (pretrain, evaluate, export or distill) and reports to its supervisor through JSON
 lines on the file descriptor named by ``SSQL_EVENT_FD``; it never touches the database. CUDA is
 initialised only here, in a freshly exec'd interpreter, never in a forked Celery process.
 SIGTERM asks the run to stop at the next step (ssql_core raises ``Cancelled``).
@@ -13,6 +13,8 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
@@ -44,6 +46,89 @@ class EventHooks(Hooks):
         self.emit("checkpoint", path=str(path), epoch=epoch, step=step)
 
 
+class ExportFailed(SSQLError):
+    """ssql_core.export refused the request (ValueError with the reason): retrying cannot help."""
+
+
+@contextmanager
+def _exporting() -> Iterator[None]:
+    try:
+        yield
+    except SSQLError:
+        raise
+    except ValueError as e:
+        raise ExportFailed(f"export failed: {e}") from e
+
+
+def _output(path: Path, workdir: Path, bits: str, fmt: str, owner: str = "self") -> dict[str, Any]:
+    """A file for the supervisor to register: path relative to the workdir; ``owner`` "source" =
+    served under the source job's id (export jobs)."""
+    return {"bits": bits, "format": fmt, "file": str(path.relative_to(workdir)), "owner": owner}
+
+
+def _export_pretrain(job: dict[str, Any], workdir: Path, checkpoint: Path) -> list[dict[str, Any]]:
+    """The pretrain job's deployable files: packed safetensors at ``export_bits`` (one calibration)
+    and, when torchvision has the architecture (width 1), the FP torchvision file."""
+    from ssql_core.export import export_checkpoints
+
+    config, out_dir = job["config"], workdir / "exports"
+    outputs = []
+    bits = job.get("export_bits") or []
+    if bits:
+        with _exporting():
+                paths = export_checkpoints(checkpoint, bits, out_dir, fmt="safetensors", source_job=job.get("job_id"),
+                                       device=config.get("device", "cpu"))
+        outputs += [_output(p, workdir, b, "safetensors") for p, b in zip(paths, bits, strict=True)]
+    if float(config.get("width", 1.0)) == 1.0:
+        try:
+            (path,) = export_checkpoints(checkpoint, ["fp"], out_dir, fmt="torchvision", source_job=job.get("job_id"))
+        except ValueError:  # an architecture torchvision does not have: no such file, by design
+            pass
+        else:
+            outputs.append(_output(path, workdir, "fp", "torchvision"))
+    return outputs
+
+
+def _run_export(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Export job: the source's checkpoint at ``bits`` x ``formats`` (one load + calibration per format)."""
+    from ssql_core.export import export_checkpoints
+
+    config, paths = job["config"], job["paths"]
+    heads = paths.get("heads")
+    outputs, files = [], []
+    for fmt in config["formats"]:
+        with _exporting():
+            written = export_checkpoints(paths["checkpoint"], config["bits"], workdir / "exports", fmt=fmt, heads=heads,
+                                         source_job=job.get("pretrain_job"), device=config.get("device", "cpu"))
+        for p, b in zip(written, config["bits"], strict=True):
+            outputs.append(_output(p, workdir, b, fmt, owner="source"))
+            files.append({"bits": b, "format": fmt, "file": p.name})
+    return {"summary": {"source_job": job.get("source_job"), "files": files}, "outputs": outputs}
+
+
+def _run_distill(job: dict[str, Any], workdir: Path, hooks: EventHooks) -> dict[str, Any]:
+    """SQAKD: one result row (protocol "sqakd"); the student as a packed file for psq/lsq."""
+    from ssql_core.distill import DistillConfig, distill
+    from ssql_core.distill.export import export_student
+
+    config = dict(job["config"], **job["paths"])
+    result = distill(DistillConfig.from_dict(config), workdir, hooks)
+    student = Path(result["student"])
+    result["student"] = student.name
+    row = {**result, "protocol": "sqakd"}
+    summary: dict[str, Any] = {k: result.get(k) for k in ("bits", "quantizer", "top1", "ptq_top1", "teacher_top1",
+                                                          "gain_over_ptq", "kl_start", "kl_end", "labels_used")}
+    outputs = []
+    try:
+        packed = export_student(student, workdir / f"student-{result['bits']}.safetensors")
+    except ValueError as e:  # pact / dorefa / ewgs grids have no zero level: no packed file (reason kept)
+        summary.update(packed_checkpoint=None, no_packed_checkpoint_reason=str(e))
+    else:
+        summary["packed_checkpoint"] = packed.name
+        outputs.append(_output(packed, workdir, str(result["bits"]), "safetensors"))
+    return {"summary": summary, "results": [row], "outputs": outputs}
+
+
 def _run(job: dict[str, Any], hooks: EventHooks) -> dict[str, Any]:
     kind, workdir, config = job["kind"], Path(job["workdir"]), job["config"]
     if kind == "pretrain":
@@ -51,17 +136,32 @@ def _run(job: dict[str, Any], hooks: EventHooks) -> dict[str, Any]:
         from ssql_core.train import pretrain
 
         summary = pretrain(PretrainConfig.from_dict(config), workdir, hooks)
+        outputs = _export_pretrain(job, workdir, Path(summary.get("checkpoint") or workdir / "last.pt"))
         # file names only: server paths are none of the user's business (files are served by the API)
         for key in ("checkpoint", "backbone"):
             if isinstance(summary.get(key), str):
                 summary[key] = Path(summary[key]).name
-        return {"summary": summary}
+        summary["exports"] = [{"bits": o["bits"], "format": o["format"]} for o in outputs]
+        return {"summary": summary, "outputs": outputs}
     if kind == "eval":
         from ssql_core.config import EvalConfig
-        from ssql_core.evaluate import evaluate
+        from ssql_core.evaluate import HEADS, evaluate
+        from ssql_core.export import export_checkpoints
 
         rows = evaluate(EvalConfig.from_dict(config), workdir, hooks)
-        return {"summary": {"rows": len(rows)}, "results": rows}
+        outputs = []
+        if (workdir / HEADS).is_file():  # linear protocol: a classifier file per evaluated bit-width
+            bits = list(config["bits"])
+            with _exporting():
+                paths = export_checkpoints(config["checkpoint"], bits, workdir / "exports", heads=workdir / HEADS,
+                                           source_job=job.get("source_job"), device=config.get("device", "cpu"))
+            outputs = [_output(p, workdir, b, "safetensors") for p, b in zip(paths, bits, strict=True)]
+        return {"summary": {"rows": len(rows), "classifiers": [o["bits"] for o in outputs]}, "results": rows,
+                "outputs": outputs}
+    if kind == "export":
+        return _run_export(job, workdir)
+    if kind == "distill":
+        return _run_distill(job, workdir, hooks)
     raise ConfigError("kind", f"this worker cannot run jobs of kind {kind!r}")
 
 
@@ -89,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except NonFiniteLoss as e:
         hooks.emit("error", code="non_finite_loss", message=f"training diverged: {e}", retryable=False)
+        return EXIT_ERROR
+    except ExportFailed as e:
+        hooks.emit("error", code="export_error", message=str(e), retryable=False)
         return EXIT_ERROR
     except SSQLError as e:
         hooks.emit("error", code="training_error", message=str(e), retryable=False)

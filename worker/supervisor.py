@@ -66,15 +66,33 @@ def run_config(settings: Settings, job: ClaimedJob) -> dict[str, Any]:
     return config
 
 
-def _preflight(job: ClaimedJob, config: dict[str, Any]) -> dict[str, Any] | None:
+def input_paths(settings: Settings, job: ClaimedJob) -> dict[str, str]:
+    """Server files an export or distill job reads: the pretrain ``last.pt`` and an eval's ``heads.pt``."""
+    if job.kind == "export":
+        paths = {"checkpoint": str(job_workdir(settings, job.spec["pretrain_job"]) / "last.pt")}
+        if job.spec["source_kind"] == "eval":
+            paths["heads"] = str(job_workdir(settings, job.spec["source_job"]) / "heads.pt")
+        return paths
+    if job.kind == "distill":
+        return {"checkpoint": str(job_workdir(settings, job.spec["pretrain_job"]) / "last.pt"),
+                "heads": str(job_workdir(settings, job.spec["source_job"]) / "heads.pt")}
+    return {}
+
+
+def _preflight(job: ClaimedJob, config: dict[str, Any], paths: dict[str, str]) -> dict[str, Any] | None:
     """Problems no retry can fix, reported before a process is started for nothing."""
-    if job.kind == "eval" and not Path(config["checkpoint"]).is_file():
-        return {
-            "code": "missing_checkpoint",
-            "field": "source_job",
-            "message": f"the checkpoint of source job {job.source_job_id} is gone from the server "
-            f"({config['checkpoint']}); run the pretrain job again",
-        }
+    needed = dict(paths)
+    if job.kind == "eval":
+        needed["checkpoint"] = config["checkpoint"]
+    for name, path in needed.items():
+        if not Path(path).is_file():
+            owner = job.spec.get("pretrain_job", job.source_job_id) if name == "checkpoint" else job.source_job_id
+            return {
+                "code": "missing_checkpoint",
+                "field": "source_job",
+                "message": f"the {Path(path).name} of job {owner} is gone from the server ({path}); "
+                "run that job again",
+            }
     return None
 
 
@@ -140,7 +158,8 @@ def supervise(
     workdir.mkdir(parents=True, exist_ok=True)
     resumed_from = str(workdir / "last.pt") if (workdir / "last.pt").exists() else None
     config = run_config(settings, job)
-    problem = _preflight(job, config)
+    paths = input_paths(settings, job)
+    problem = _preflight(job, config, paths)
     if problem is not None:
         with Sessions() as s:
             job_store.start_attempt(s, job, worker_name(), None, None)
@@ -148,7 +167,20 @@ def supervise(
             job_store.end_attempt(s, job.id, job.attempt, "failed")
         return "failed"
     job_file = workdir / f"attempt-{job.attempt}.json"
-    job_file.write_text(json.dumps({"kind": job.kind, "workdir": str(workdir), "config": config}))
+    job_file.write_text(
+        json.dumps(
+            {
+                "kind": job.kind,
+                "job_id": job.id,
+                "source_job": job.source_job_id,
+                "pretrain_job": job.spec.get("pretrain_job"),
+                "workdir": str(workdir),
+                "config": config,
+                "paths": paths,
+                "export_bits": job.spec.get("export_bits", []),
+            }
+        )
+    )
     log_path = workdir / f"attempt-{job.attempt}.log"
 
     read_fd, write_fd = os.pipe()
@@ -287,7 +319,9 @@ def _record_outcome(
                 "succeeded",
                 summary=final.get("summary"),
                 results=final.get("results"),
-                artifacts=collect_artifacts(job.kind, workdir, settings.resolved_artifacts_dir()),
+                artifacts=collect_artifacts(
+                    job.kind, workdir, settings.resolved_artifacts_dir(), final.get("outputs"), job.source_job_id
+                ),
                 progress=progress,
             )
             return "succeeded"
