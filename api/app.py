@@ -23,6 +23,8 @@ def _preload_and_freeze() -> None:
     now from the cyclic GC: otherwise each full collection walks millions of long-lived objects
     and stalls every in-flight request for tens of milliseconds (the status route's p99)."""
     import ssql_core.data  # noqa: F401
+    import ssql_core.distill  # noqa: F401
+    import ssql_core.export  # noqa: F401
     import ssql_core.methods  # noqa: F401
 
     gc.collect()

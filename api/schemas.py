@@ -44,6 +44,11 @@ class PretrainRequest(BaseModel):
     compile: bool | None = None
     checkpoint_every_steps: int | None = None
     method_options: dict[str, Any] | None = None
+    export_bits: list[str] | None = Field(
+        None,
+        description="packed safetensors checkpoints written after training; default the paper's set "
+        "fp, 8w8a, 6w6a, 5w5a, 4w4a, 3w3a, 2w8a, 2w4a; [] for none",
+    )
 
 
 class EvalRequest(BaseModel):
@@ -75,7 +80,47 @@ class EvalRequest(BaseModel):
     max_samples: int | None = None
 
 
-JobRequest = Annotated[PretrainRequest | EvalRequest, Field(discriminator="kind")]
+class DistillRequest(BaseModel):
+    """SQAKD: label-free distillation of the FP model (an eval job's "fp" head) into one bit-width."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "example": {"kind": "distill", "source_job": "<eval job id>", "bits": "4w4a", "quantizer": "psq", "epochs": 10}
+        },
+    )
+
+    kind: Literal["distill"]
+    source_job: str = Field(description="a succeeded eval job (linear protocol) whose bits include 'fp'")
+    bits: str | None = Field(None, description="the student's bit-width, e.g. 4w4a")
+    quantizer: str | None = Field(None, description="psq, pact, lsq, dorefa or ewgs")
+    dataset: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    quantizer_lr: float | None = None
+    weight_decay: float | None = None
+    temperature: float | None = None
+    ce_weight: float | None = None
+    bn: str | None = None
+    calib_images: int | None = None
+    max_samples: int | None = None
+    seed: int | None = None
+
+
+class ExportRequest(BaseModel):
+    """Files of a finished job at more bit-widths / formats (``POST /v1/jobs/{id}/exports``)."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={"example": {"bits": ["4w4a", "2w4a"], "formats": ["safetensors", "onnx"]}},
+    )
+
+    bits: list[Any]
+    formats: list[Any] | None = None
+
+
+JobRequest = Annotated[PretrainRequest | EvalRequest | DistillRequest, Field(discriminator="kind")]
 
 
 class ProgressOut(BaseModel):

@@ -40,9 +40,13 @@ def _limit(loc: tuple[str, ...], value: Any, maximum: int) -> None:
 
 
 def pretrain_spec(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """Validated pretrain spec ``{"config": {...}}`` with every default filled in."""
+    """Validated pretrain spec ``{"config": {...}, "export_bits": [...]}`` with every default filled in.
+
+    ``export_bits``: the packed checkpoints written after training (default: the paper's set).
+    """
     from ssql_core.methods import METHODS
 
+    body, export_bits = split_export_bits(body)
     data = {k: v for k, v in body.items() if k != "kind"}
     _reject_server_fields(data, SERVER_FIELDS)
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
@@ -73,7 +77,7 @@ def pretrain_spec(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
     config = cfg.to_dict()
     for name in SERVER_FIELDS:
         config.pop(name, None)
-    return {"config": config}
+    return {"config": config, "export_bits": export_bits}
 
 
 def eval_spec(body: dict[str, Any], settings: Settings, source_dataset: str) -> dict[str, Any]:
@@ -103,3 +107,114 @@ def eval_spec(body: dict[str, Any], settings: Settings, source_dataset: str) -> 
     for name in EVAL_SERVER_FIELDS:
         config.pop(name, None)
     return {"config": config, "source_job": body["source_job"]}
+
+
+#: packed files a pretrain job writes after training unless its request says otherwise (SPEC 9)
+DEFAULT_EXPORT_BITS: tuple[str, ...] = ("fp", "8w8a", "6w6a", "5w5a", "4w4a", "3w3a", "2w8a", "2w4a")
+#: the most bit-widths one request may ask for (every w, a in 2..8 plus fp)
+MAX_EXPORT_BITS = 50
+DISTILL_SERVER_FIELDS = (*SERVER_FIELDS, "checkpoint", "heads")
+
+
+def bits_list(loc: tuple[str, ...], value: Any, allow_empty: bool) -> list[str]:
+    """Canonical bit-widths (``"4w4f"`` -> ``"fp"``) of a JSON list; 422 naming ``loc`` otherwise."""
+    if not isinstance(value, list) or not all(isinstance(b, str) for b in value):
+        raise FieldError(loc, f"must be a list of bit-widths such as ['fp', '4w4a'], got {value!r}")
+    if not value and not allow_empty:
+        raise FieldError(loc, "give at least one bit-width")
+    if len(value) > MAX_EXPORT_BITS:
+        raise FieldError(loc, f"at most {MAX_EXPORT_BITS} bit-widths per request, got {len(value)}")
+    out = []
+    for i, b in enumerate(value):
+        try:
+            out.append(str(parse_bits(b)))
+        except ValueError as e:
+            raise FieldError((*loc, i), str(e)) from None
+    if len(set(out)) != len(out):
+        raise FieldError(loc, f"bit-widths repeat: {out}")
+    return out
+
+
+def split_export_bits(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Take ``export_bits`` out of a pretrain request: (rest of the body, validated bit-widths)."""
+    rest = dict(body)
+    if "export_bits" not in rest or rest["export_bits"] is None:
+        rest.pop("export_bits", None)
+        return rest, list(DEFAULT_EXPORT_BITS)
+    return rest, bits_list(("body", "export_bits"), rest.pop("export_bits"), allow_empty=True)
+
+
+def export_spec(body: dict[str, Any], source: Any, width: float | None) -> dict[str, Any]:
+    """Validated export spec ``{"config": {"bits", "formats"}, "source_job", "source_kind", "pretrain_job"}``.
+
+    ``source`` is the (succeeded) pretrain or eval job whose files are written. From an eval job
+    the files are classifiers (backbone + that evaluation's linear head), so only bit-widths it
+    evaluated with the linear protocol can be exported from it. ``width`` is the pretrain run's
+    width multiplier (torchvision files need 1).
+    """
+    from ssql_core.export import FORMATS
+
+    unknown = sorted(set(body) - {"bits", "formats"})
+    if unknown:
+        raise FieldError(("body", unknown[0]), "unknown field; accepted: ['bits', 'formats']")
+    bits = bits_list(("body", "bits"), body.get("bits"), allow_empty=False)
+    formats = body.get("formats", ["safetensors"])
+    if not isinstance(formats, list) or not formats or not all(isinstance(f, str) for f in formats):
+        raise FieldError(("body", "formats"), f"must be a non-empty list of formats out of {list(FORMATS)}, got {formats!r}")
+    for i, f in enumerate(formats):
+        if f not in FORMATS:
+            raise FieldError(("body", "formats", i), f"unknown format {f!r}; known: {list(FORMATS)}")
+    if len(set(formats)) != len(formats):
+        raise FieldError(("body", "formats"), f"formats repeat: {formats}")
+    config = source["spec"]["config"]
+    if "torchvision" in formats:
+        if bits != ["fp"]:
+            raise FieldError(("body", "formats"), "the torchvision format holds FP weights only: ask for bits ['fp'] alone")
+        if width is not None and float(width) != 1.0:
+            raise FieldError(("body", "formats"), f"torchvision models have no width multiplier; this run has width {width}")
+    if source["kind"] == "eval":
+        if config.get("protocol", "linear") != "linear":
+            raise FieldError(("body", "bits"), "a kNN evaluation trained no linear heads: export from its pretrain job instead")
+        missing = [b for b in bits if b not in config.get("bits", [])]
+        if missing:
+            raise FieldError(("body", "bits"), f"the eval job trained heads at {config.get('bits')} only, not at {missing}; "
+                             "export the backbone from its pretrain job instead")
+    pretrain_job = source["id"] if source["kind"] == "pretrain" else source["source_job_id"]
+    return {"config": {"bits": bits, "formats": formats}, "source_job": source["id"], "source_kind": source["kind"],
+            "pretrain_job": pretrain_job}
+
+
+def distill_spec(body: dict[str, Any], settings: Settings, source: Any) -> dict[str, Any]:
+    """Validated distill spec ``{"config": {...}, "source_job": eval id, "pretrain_job": its source}``.
+
+    ``source`` is the eval job (already checked to be the owner's, an eval, and succeeded); its
+    ``heads.pt`` must hold an ``fp`` head, i.e. the evaluation ran the linear protocol with "fp".
+    """
+    from ssql_core.distill import DistillConfig
+
+    data = {k: v for k, v in body.items() if k not in ("kind", "source_job")}
+    _reject_server_fields(data, DISTILL_SERVER_FIELDS)
+    econfig = source["spec"]["config"]
+    if econfig.get("protocol", "linear") != "linear" or "fp" not in econfig.get("bits", []):
+        raise FieldError(("body", "source_job"), f"the eval job has no 'fp' linear head (bits {econfig.get('bits')}, protocol "
+                         f"{econfig.get('protocol')!r}): distillation's teacher is the FP model with that head; "
+                         "evaluate with 'fp' among the bits and the linear protocol")
+    try:
+        cfg = DistillConfig.from_dict(data)
+        cfg.checkpoint, cfg.heads = "<server>", "<server>"
+        cfg.data_root = str(settings.resolved_data_root())
+        cfg.allow_download = settings.allow_download
+        cfg.validate()
+    except ConfigError as e:
+        raise FieldError(_loc(e.field, set()), e.reason) from None
+    except TypeError as e:
+        raise FieldError(("body",), str(e)) from None
+    _limit(("body", "epochs"), cfg.epochs, settings.max_epochs)
+    _limit(("body", "batch_size"), cfg.batch_size, settings.max_batch_size)
+    cfg.bits = str(parse_bits(cfg.bits))
+    if cfg.dataset is None:
+        cfg.dataset = econfig.get("dataset")
+    config = cfg.to_dict()
+    for name in DISTILL_SERVER_FIELDS:
+        config.pop(name, None)
+    return {"config": config, "source_job": source["id"], "pretrain_job": source["source_job_id"]}

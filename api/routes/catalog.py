@@ -7,6 +7,8 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.deps import SettingsDep
+from api.specs import DEFAULT_EXPORT_BITS, MAX_EXPORT_BITS
+from persistence.models import ARTIFACT_FORMATS, JOB_KINDS
 from ssql_core.catalog import catalog as core_catalog
 
 router = APIRouter(tags=["catalog"])
@@ -14,7 +16,11 @@ router = APIRouter(tags=["catalog"])
 
 @router.get("/v1/catalog")
 async def get_catalog(settings: SettingsDep) -> dict[str, Any]:
-    """The library's catalog, with this server's limits applied on top (no auth needed)."""
+    """The library's catalog, with this server's limits applied on top (no auth needed): job kinds,
+    quantizers (distill), export formats and the bit-widths a pretrain job exports by default."""
+    from ssql_core.export import FORMATS
+    from ssql_core.quantizers import INT_WEIGHT_FAMILIES, QUANTIZER_NAMES
+
     cat = dict(core_catalog())
     limits = dict(cat.get("limits") or {})
     limits.update(
@@ -27,5 +33,11 @@ async def get_catalog(settings: SettingsDep) -> dict[str, Any]:
         allow_download=settings.allow_download,
     )
     cat["limits"] = limits
-    cat["job_kinds"] = ["pretrain", "eval"]
+    cat["job_kinds"] = list(JOB_KINDS)
+    cat["quantizers"] = list(QUANTIZER_NAMES)
+    cat["packed_quantizers"] = list(INT_WEIGHT_FAMILIES)  # distilled students exported as packed files
+    cat["export_formats"] = list(FORMATS)
+    cat["artifact_formats"] = list(ARTIFACT_FORMATS)
+    cat["default_export_bits"] = list(DEFAULT_EXPORT_BITS)
+    limits["max_export_bits"] = MAX_EXPORT_BITS
     return cat

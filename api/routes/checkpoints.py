@@ -9,9 +9,11 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from api.deps import Conn, Owner, SettingsDep
+from api.errors import FieldError
 from api.schemas import CheckpointOut
 from api.views import checkpoint_view
 from persistence import api_store
+from persistence.models import ARTIFACT_FORMATS
 
 router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"])
 
@@ -41,9 +43,13 @@ async def download_checkpoint(
     conn: Conn,
     settings: SettingsDep,
     request: Request,
-    format: Annotated[str | None, Query(description="e.g. torch; default: the first one available")] = None,
+    format: Annotated[
+        str | None, Query(description=f"one of {', '.join(ARTIFACT_FORMATS)}; default: the first one available")
+    ] = None,
 ) -> Response:
     """Download a checkpoint. Verify it against the ETag (sha256 of the whole file)."""
+    if format is not None and format not in ARTIFACT_FORMATS:
+        raise FieldError(("query", "format"), f"must be one of {list(ARTIFACT_FORMATS)}, got {format!r}")
     if not await api_store.job_exists(conn, owner, job_id):
         raise HTTPException(404, "job not found")
     rows = [r for r in await api_store.artifacts(conn, job_id) if r["bits"] == bits and format in (None, r["format"])]

@@ -15,19 +15,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.deps import BEARER_SECURITY, Conn, Owner, SettingsDep, StateDep, authenticate, bearer_key
 from api.errors import FieldError
-from api.schemas import JobOut, JobPage, JobRequest, MetricPage, ResultsOut
-from api.specs import eval_spec, pretrain_spec
+from api.schemas import ExportRequest, JobOut, JobPage, JobRequest, MetricPage, ResultsOut
+from api.specs import distill_spec, eval_spec, export_spec, pretrain_spec
 from api.state import AppState
 from api.views import job_view, metric_view
 from persistence import api_store
-from persistence.models import JOB_STATUSES, TERMINAL_STATUSES
+from persistence.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES
 from persistence.queue import publish_job
 
 log = logging.getLogger("ssql.api")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 NOT_FOUND = "job not found"
-_KINDS = ("pretrain", "eval")
+_KINDS = JOB_KINDS
 EVENTS_POLL_S = 0.5
 
 
@@ -63,20 +63,46 @@ async def submit_job(
     source_job_id = None
     if raw["kind"] == "pretrain":
         spec = pretrain_spec(raw, settings)
+    elif raw["kind"] == "eval":
+        source_job_id = raw["source_job"]
+        source = await _succeeded_source(conn, owner, source_job_id, "pretrain")
+        spec = eval_spec(raw, settings, source["spec"]["config"]["dataset"])
     else:
         source_job_id = raw["source_job"]
-        source = await api_store.source_job(conn, owner, source_job_id)
-        if source is None or source["kind"] != "pretrain":
-            raise FieldError(("body", "source_job"), f"no pretrain job {source_job_id!r} of yours")
-        if source["status"] != "succeeded":
-            raise FieldError(("body", "source_job"), f"the pretrain job has not succeeded (status: {source['status']})")
-        spec = eval_spec(raw, settings, source["spec"]["config"]["dataset"])
+        source = await _succeeded_source(conn, owner, source_job_id, "eval")
+        spec = distill_spec(raw, settings, source)
+    return await _create_and_publish(conn, state, owner, raw["kind"], spec, source_job_id, idempotency_key, request_hash)
+
+
+async def _succeeded_source(conn: Any, owner: int, job_id: str, kind: str) -> Any:
+    """The request's ``source_job``: one of the owner's jobs of ``kind`` that succeeded (422 otherwise)."""
+    source = await api_store.source_job(conn, owner, job_id)
+    if source is None or source["kind"] != kind:
+        raise FieldError(("body", "source_job"), f"no {kind} job {job_id!r} of yours")
+    if source["status"] != "succeeded":
+        raise FieldError(("body", "source_job"), f"the {kind} job has not succeeded (status: {source['status']})")
+    return source
+
+
+async def _create_and_publish(
+    conn: Any,
+    state: AppState,
+    owner: int,
+    kind: str,
+    spec: dict[str, Any],
+    source_job_id: str | None,
+    idempotency_key: str | None,
+    request_hash: str,
+    status_code: int = 201,
+) -> JSONResponse:
+    """Commit a queued job, then publish it (the reconciler republishes if publishing fails)."""
+    settings = state.settings
     try:
         job, created = await api_store.create_job(
             conn,
             job_id=str(uuid.uuid4()),
             owner_id=owner,
-            kind=raw["kind"],
+            kind=kind,
             spec=spec,
             source_job_id=source_job_id,
             idempotency_key=idempotency_key,
@@ -92,7 +118,50 @@ async def submit_job(
     except Exception:  # noqa: BLE001 - the row is committed; the reconciler publishes it later
         log.exception("could not publish job %s; the reconciler will retry", job["id"])
         await api_store.mark_unpublished(conn, job["id"])
-    return JSONResponse(job_view(job), status_code=201, headers={"Location": f"/v1/jobs/{job['id']}"})
+    return JSONResponse(job_view(job), status_code=status_code, headers={"Location": f"/v1/jobs/{job['id']}"})
+
+
+@router.post(
+    "/{job_id}/exports",
+    status_code=202,
+    response_model=JobOut,
+    responses={
+        200: {"description": "Replay of an earlier request with the same Idempotency-Key", "model": JobOut},
+        404: {"description": NOT_FOUND},
+        409: {"description": "The job has not succeeded (yet), or the Idempotency-Key was used with another body"},
+        422: {"description": "Invalid bits or formats: `detail[].loc` names the field"},
+    },
+)
+async def export_job(
+    job_id: str,
+    body: ExportRequest,
+    owner: Owner,
+    conn: Conn,
+    state: StateDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+) -> JSONResponse:
+    """Queue an ``export`` job writing a succeeded pretrain (or eval) job's checkpoint at more
+    bit-widths and formats. The files are served under *this* job's id (``/checkpoints``) once
+    the export job succeeds; from an eval job they are classifiers (backbone + its linear head)."""
+    raw = {**body.model_dump(exclude_unset=True), "source_job": job_id, "kind": "export"}
+    request_hash = _request_hash(raw)
+    if idempotency_key is not None:
+        existing = await api_store.find_by_idempotency_key(conn, owner, idempotency_key)
+        if existing is not None:
+            return _replay_or_conflict(existing, request_hash)
+    source = await api_store.source_job(conn, owner, job_id)
+    if source is None:
+        raise HTTPException(404, NOT_FOUND)
+    if source["kind"] not in ("pretrain", "eval"):
+        raise HTTPException(409, f"only pretrain and eval jobs have checkpoints to export; this is a {source['kind']} job")
+    if source["status"] != "succeeded":
+        raise HTTPException(409, f"the job has not succeeded (status: {source['status']}); export once it has")
+    width = source["spec"]["config"].get("width")
+    if source["kind"] == "eval":
+        pretrain = await api_store.source_job(conn, owner, source["source_job_id"])
+        width = None if pretrain is None else pretrain["spec"]["config"].get("width")
+    spec = export_spec({k: v for k, v in raw.items() if k not in ("kind", "source_job")}, source, width)
+    return await _create_and_publish(conn, state, owner, "export", spec, job_id, idempotency_key, request_hash, 202)
 
 
 def _replay_or_conflict(existing: Any, request_hash: str) -> JSONResponse:
@@ -207,7 +276,8 @@ async def job_metrics(
 
 @router.get("/{job_id}/results", response_model=ResultsOut, responses={404: {"description": NOT_FOUND}})
 async def job_results(job_id: str, owner: Owner, conn: Conn) -> JSONResponse:
-    """An eval job's rows, one per bit-width: bits, protocol, top1 and the run's details."""
+    """An eval job's rows, one per bit-width (bits, protocol, top1 and the run's details), or a
+    distill job's row (protocol ``sqakd``: top1, ptq_top1, teacher_top1, quantizer, KL, ...)."""
     row = await api_store.get_job(conn, owner, job_id)
     if row is None:
         raise HTTPException(404, NOT_FOUND)
