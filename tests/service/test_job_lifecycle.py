@@ -9,6 +9,7 @@ import time
 import httpx
 from sqlalchemy import select
 
+from api.specs import DEFAULT_EXPORT_BITS
 from persistence.models import JobAttempt
 from persistence.queue import make_celery, publish_job
 from tests.service.conftest import TINY, pid_alive, wait_for
@@ -45,7 +46,8 @@ def test_submit_run_succeeds_with_rising_progress(client: httpx.Client, live_wor
 
 def test_checkpoint_download_matches_etag_and_supports_range(client: httpx.Client, finished_pretrain: str) -> None:
     ckpts = client.get(f"/v1/jobs/{finished_pretrain}/checkpoints").json()
-    assert [(c["bits"], c["format"]) for c in ckpts] == [("fp", "torch")]
+    # the FP torch backbone, then the paper's bit-widths as packed files (width 0.0625: no torchvision file)
+    assert [(c["bits"], c["format"]) for c in ckpts] == [("fp", "torch")] + [(b, "safetensors") for b in DEFAULT_EXPORT_BITS]
     ck = ckpts[0]
     resp = client.get(ck["url"])
     assert resp.status_code == 200
@@ -55,7 +57,7 @@ def test_checkpoint_download_matches_etag_and_supports_range(client: httpx.Clien
     part = client.get(ck["url"], headers={"Range": "bytes=10-19"})
     assert part.status_code == 206 and part.content == resp.content[10:20]
     assert client.get(ck["url"], headers={"If-None-Match": resp.headers["etag"]}).status_code == 304
-    assert client.get(f"/v1/jobs/{finished_pretrain}/checkpoints/4w4a").status_code == 404
+    assert client.get(f"/v1/jobs/{finished_pretrain}/checkpoints/7w7a").status_code == 404
     assert client.get(f"/v1/jobs/{finished_pretrain}/checkpoints/fp", params={"format": "onnx"}).status_code == 404
 
 
