@@ -203,4 +203,5 @@ class CheckpointOut(BaseModel):
     bytes: int
     sha256: str
     url: str
+    produced_by: str | None = Field(None, description="the export job that wrote this file, if not this job")
     created_at: datetime

@@ -64,5 +64,6 @@ def checkpoint_view(row: Mapping[str, Any], job_id: str) -> dict[str, Any]:
         "bytes": row["bytes"],
         "sha256": row["sha256"],
         "url": f"/v1/jobs/{job_id}/checkpoints/{row['bits']}?format={row['format']}",
+        "produced_by": row["produced_by"],
         "created_at": _ts(row["created_at"]),
     }

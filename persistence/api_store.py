@@ -178,7 +178,9 @@ async def results(conn: AsyncConnection, job_id: str) -> list[RowMapping]:
 
 
 async def artifacts(conn: AsyncConnection, job_id: str) -> list[RowMapping]:
-    stmt = select(Artifact.bits, Artifact.format, Artifact.path, Artifact.bytes, Artifact.sha256, Artifact.created_at)
+    stmt = select(
+        Artifact.bits, Artifact.format, Artifact.path, Artifact.bytes, Artifact.sha256, Artifact.produced_by, Artifact.created_at
+    )
     return list((await conn.execute(stmt.where(Artifact.job_id == job_id).order_by(Artifact.id))).mappings().all())
 
 

@@ -175,7 +175,7 @@ def finish(
         )
     for a in artifacts or []:
         row = Artifact(job_id=a.job_id or job_id, bits=a.bits, format=a.format, path=a.path, bytes=a.bytes, sha256=a.sha256,
-                       created_at=now)  # fmt: skip
+                       produced_by=job_id if a.job_id else None, created_at=now)  # fmt: skip
         if a.job_id is None:
             session.add(row)
             continue

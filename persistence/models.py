@@ -158,6 +158,8 @@ class Artifact(Base):
     path: Mapped[str] = mapped_column(Text)  # relative to the artifacts directory
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+    #: the job that wrote the file when it is served under another one (an export job), else null
+    produced_by: Mapped[str | None] = mapped_column(String(36), nullable=True)
     created_at: Mapped[datetime]
 
     __table_args__ = (UniqueConstraint("job_id", "bits", "format", name="uq_artifacts_job_bits_format"),)

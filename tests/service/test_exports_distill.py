@@ -84,6 +84,7 @@ def test_pretrain_export_bits_then_export_job(client: httpx.Client, other_client
     assert _pairs(ckpts) == [("fp", "torch"), ("fp", "safetensors"), ("4w4a", "safetensors"),
                              ("2w4a", "safetensors"), ("4w4a", "onnx"), ("2w4a", "onnx")]  # fmt: skip
     assert client.get(f"/v1/jobs/{export['id']}/checkpoints").json() == []  # served under the source job
+    assert [c["produced_by"] for c in ckpts] == [None] * 3 + [export["id"]] * 3
 
     # the fake-quant model the files must reproduce, and a fresh local export of the same source
     last = settings.resolved_artifacts_dir() / "jobs" / job_id / "last.pt"
