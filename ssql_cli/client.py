@@ -43,6 +43,11 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._check(self.http.post("/v1/jobs", json=body, headers=headers)).json()
 
+    def export(self, job_id: str, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        """Queue an export job for a succeeded pretrain/eval job; its files appear under ``job_id``."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._check(self.http.post(f"/v1/jobs/{job_id}/exports", json=body, headers=headers)).json()
+
     def job(self, job_id: str) -> dict[str, Any]:
         return self._check(self.http.get(f"/v1/jobs/{job_id}")).json()
 

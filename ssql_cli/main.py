@@ -19,6 +19,9 @@ from persistence.settings import Settings
 from ssql_cli.client import ApiError, Client
 from ssql_cli.render import LiveProgress, progress_line, table
 
+#: default file name endings of ``ssql download`` per format
+SUFFIXES = {"safetensors": ".safetensors", "onnx": ".onnx", "torchvision": ".torchvision.safetensors", "torch": ".pt"}
+
 
 def _parse_value(text: str) -> Any:
     try:
@@ -94,13 +97,39 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.source_job:
         body["source_job"] = args.source_job
     if args.bits:
-        body["bits"] = args.bits.split(",")
+        body["bits"] = args.bits if args.kind == "distill" else args.bits.split(",")
+    if args.quantizer:
+        body["quantizer"] = args.quantizer
+    if args.export_bits is not None:
+        body["export_bits"] = [b for b in args.export_bits.split(",") if b]
     client = _client(args)
     job = client.submit(body, args.idempotency_key or str(uuid.uuid4()))
+    return _print_and_wait(client, job, args.wait)
+
+
+def _print_and_wait(client: Client, job: dict[str, Any], wait: bool) -> int:
     print(job["id"])
-    if args.wait:
+    if wait:
         job = client.wait(job["id"], LiveProgress(sys.stderr))
+        if job.get("error"):
+            print(f"error: {job['error'].get('message')}", file=sys.stderr)
         return 0 if job["status"] == "succeeded" else 1
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"bits": args.bits.split(","), "formats": args.formats.split(",")}
+    client = _client(args)
+    job = client.export(args.job_id, body, args.idempotency_key or str(uuid.uuid4()))
+    return _print_and_wait(client, job, args.wait)
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    rows = _client(args).checkpoints(args.job_id)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(table(rows, ["bits", "format", "bytes", "sha256", "produced_by"]))
     return 0
 
 
@@ -145,6 +174,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def print_results(rows: list[dict[str, Any]]) -> None:
     shown = [{**r, "top1": r.get("top1")} for r in rows]
+    if any(r.get("protocol") == "sqakd" for r in rows):  # a distill job's row
+        print(table(shown, ["bits", "protocol", "quantizer", "top1", "ptq_top1", "teacher_top1", "gain_over_ptq", "epochs"]))
+        return
     print(table(shown, ["bits", "protocol", "top1", "calib_images", "epochs", "dataset"]))
 
 
@@ -159,7 +191,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     client = _client(args)
-    dest = Path(args.out or f"{args.job_id}-{args.bits}.pt")
+    dest = Path(args.out or f"{args.job_id}-{args.bits}{SUFFIXES.get(args.format, '.pt')}")
     path, sha = client.download(args.job_id, args.bits, dest, args.format)
     print(f"{path}  sha256 {sha} (verified)")
     return 0
@@ -196,11 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     kc.set_defaults(func=cmd_keys_create)
 
     sb = sub.add_parser("submit", help="submit a job; prints its id")
-    sb.add_argument("kind", choices=["pretrain", "eval"])
+    sb.add_argument("kind", choices=["pretrain", "eval", "distill"])
     sb.add_argument("--set", action="append", metavar="FIELD=VALUE", help="a spec field (JSON value), repeatable")
     sb.add_argument("--json", help="file with the job body")
-    sb.add_argument("--source-job", help="eval: the pretrain job to evaluate")
-    sb.add_argument("--bits", help="eval: comma-separated bit-widths, e.g. fp,8w8a,4w4a,2w4a")
+    sb.add_argument("--source-job", help="eval: the pretrain job to evaluate; distill: the eval job (with an fp head)")
+    sb.add_argument("--bits", help="eval: comma-separated bit-widths, e.g. fp,8w8a,4w4a,2w4a; distill: one, e.g. 4w4a")
+    sb.add_argument("--quantizer", help="distill: psq, pact, lsq, dorefa or ewgs")
+    sb.add_argument("--export-bits", help="pretrain: packed checkpoints to write (default the paper's set; '' for none)")
     sb.add_argument("--idempotency-key")
     sb.add_argument("--wait", action="store_true", help="show live progress until the job ends")
     sb.set_defaults(func=cmd_submit)
@@ -222,15 +256,28 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("job_id")
     cc.set_defaults(func=cmd_cancel)
 
-    rs = sub.add_parser("results", help="an eval job's table (top-1 per bit-width)")
+    rs = sub.add_parser("results", help="an eval job's table (top-1 per bit-width) or a distill job's row")
     rs.add_argument("job_id")
     rs.add_argument("--json", action="store_true")
     rs.set_defaults(func=cmd_results)
 
+    ex = sub.add_parser("export", help="queue an export job: a finished job's checkpoint at more bit-widths/formats")
+    ex.add_argument("job_id", help="a succeeded pretrain job (backbones) or eval job (classifiers)")
+    ex.add_argument("--bits", required=True, help="comma-separated, e.g. 4w4a,2w4a")
+    ex.add_argument("--formats", default="safetensors", help="comma-separated: safetensors, onnx, torchvision (fp only)")
+    ex.add_argument("--idempotency-key")
+    ex.add_argument("--wait", action="store_true", help="show progress until the export job ends")
+    ex.set_defaults(func=cmd_export)
+
+    ck = sub.add_parser("checkpoints", help="a job's downloadable files: bits, format, size, sha256")
+    ck.add_argument("job_id")
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(func=cmd_checkpoints)
+
     dl = sub.add_parser("download", help="download a checkpoint and verify its sha256")
     dl.add_argument("job_id")
     dl.add_argument("--bits", default="fp")
-    dl.add_argument("--format")
+    dl.add_argument("--format", help="torch, safetensors, onnx or torchvision (default: the first available)")
     dl.add_argument("--out", "-o")
     dl.set_defaults(func=cmd_download)
     return p

@@ -49,6 +49,21 @@ def test_embedded_stack_end_to_end(embedded, tmp_path: Path) -> None:  # type: i
 
     out = _ssql(env, "download", pre_id, "--bits", "fp", "--out", str(tmp_path / "fp.pt"))
     assert "verified" in out and (tmp_path / "fp.pt").stat().st_size > 0
+
+    # issue 4/5 from the CLI: an ONNX export, a distill job, downloads by format
+    ex_id = _ssql(env, "export", pre_id, "--bits", "2w4a", "--formats", "onnx", "--wait").strip()
+    listing = _ssql(env, "checkpoints", pre_id)
+    assert "onnx" in listing and ex_id in listing and "3w3a" in listing
+    out = _ssql(env, "download", pre_id, "--bits", "2w4a", "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert "verified" in out and (tmp_path / "m.onnx").stat().st_size > 0
+    ds_id = _ssql(env, "submit", "distill", "--source-job", ev_id, "--bits", "4w4a", "--quantizer", "lsq",
+                  *sum((["--set", s] for s in ("epochs=1", "batch_size=16", "max_samples=64", "calib_images=16")), []),
+                  "--wait").strip()  # fmt: skip
+    table = _ssql(env, "results", ds_id)
+    assert "sqakd" in table and "lsq" in table and "ptq_top1" in table
+    out = _ssql(env, "download", ds_id, "--bits", "4w4a", "--format", "safetensors", "--out", str(tmp_path / "s.safetensors"))
+    assert "verified" in out
+
     listing = _ssql(env, "list")
     assert pre_id in listing and ev_id in listing
     artifacts = list((home / "artifacts" / "jobs" / pre_id).glob("*.pt"))
