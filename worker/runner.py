@@ -136,7 +136,10 @@ def _run(job: dict[str, Any], hooks: EventHooks) -> dict[str, Any]:
         from ssql_core.train import pretrain
 
         summary = pretrain(PretrainConfig.from_dict(config), workdir, hooks)
-        outputs = _export_pretrain(job, workdir, Path(summary.get("checkpoint") or workdir / "last.pt"))
+        try:
+            outputs = _export_pretrain(job, workdir, Path(summary.get("checkpoint") or workdir / "last.pt"))
+        except ExportFailed as e:  # e.g. a QAT baseline's own quantizers: the trained model stands, say why no files
+            outputs, summary["exports_skipped"] = [], str(e)
         # file names only: server paths are none of the user's business (files are served by the API)
         for key in ("checkpoint", "backbone"):
             if isinstance(summary.get(key), str):
@@ -149,15 +152,20 @@ def _run(job: dict[str, Any], hooks: EventHooks) -> dict[str, Any]:
         from ssql_core.export import export_checkpoints
 
         rows = evaluate(EvalConfig.from_dict(config), workdir, hooks)
-        outputs = []
+        outputs: list[dict[str, Any]] = []
+        summary: dict[str, Any] = {"rows": len(rows)}
         if (workdir / HEADS).is_file():  # linear protocol: a classifier file per evaluated bit-width
             bits = list(config["bits"])
-            with _exporting():
-                paths = export_checkpoints(config["checkpoint"], bits, workdir / "exports", heads=workdir / HEADS,
-                                           source_job=job.get("source_job"), device=config.get("device", "cpu"))
-            outputs = [_output(p, workdir, b, "safetensors") for p, b in zip(paths, bits, strict=True)]
-        return {"summary": {"rows": len(rows), "classifiers": [o["bits"] for o in outputs]}, "results": rows,
-                "outputs": outputs}
+            try:
+                with _exporting():
+                    paths = export_checkpoints(config["checkpoint"], bits, workdir / "exports", heads=workdir / HEADS,
+                                               source_job=job.get("source_job"), device=config.get("device", "cpu"))
+            except ExportFailed as e:  # the evaluation itself stands
+                summary["exports_skipped"] = str(e)
+            else:
+                outputs = [_output(p, workdir, b, "safetensors") for p, b in zip(paths, bits, strict=True)]
+        summary["classifiers"] = [o["bits"] for o in outputs]
+        return {"summary": summary, "results": rows, "outputs": outputs}
     if kind == "export":
         return _run_export(job, workdir)
     if kind == "distill":

@@ -216,3 +216,12 @@ def test_catalog_lists_kinds_quantizers_formats(client: httpx.Client) -> None:
     assert cat["quantizers"] == ["psq", "pact", "lsq", "dorefa", "ewgs"]
     assert cat["export_formats"] == ["safetensors", "onnx", "torchvision"]
     assert cat["default_export_bits"] == ["fp", "8w8a", "6w6a", "5w5a", "4w4a", "3w3a", "2w8a", "2w4a"]
+
+
+def test_qat_baseline_pretrain_succeeds_without_packed_files(client: httpx.Client) -> None:
+    """SimSiam-PACT's own quantizers have no packed format: the training stands, the summary says why."""
+    resp = client.post("/v1/jobs", json={**TINY, "method": "simsiam_pact", "bits": "4w4a", "epochs": 1, "seed": 44})
+    assert resp.status_code == 201, resp.text
+    job = _finished(client, resp.json()["id"])
+    assert "own quantizers" in job["summary"]["exports_skipped"] and job["summary"]["exports"] == []
+    assert _pairs(client.get(f"/v1/jobs/{job['id']}/checkpoints").json()) == [("fp", "torch")]
