@@ -218,11 +218,15 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
 
 
 def _report(hooks: Hooks, cfg: EvalConfig, phase: str, done: float, total: int, t0: float, loss: float | None, metrics: dict[str, float]) -> None:
+    """``done`` counts bit-widths finished (fractional within one); epochs/steps are classifier
+    epochs summed over all bit-widths, so "epoch 120/400" reads as it does for pretraining."""
     elapsed = time.perf_counter() - t0
     frac = min(done / total, 1.0)
+    per_bits = max(cfg.epochs, 1) if phase == "linear" else 1
     hooks.on_progress(Progress(
-        phase=phase, epoch=int(done), epochs=total, step=int(done * max(cfg.epochs, 1)), total_steps=total * max(cfg.epochs, 1),
-        fraction=frac, loss=loss, eta_s=elapsed / frac * (1 - frac) if frac > 0 else None, metrics=metrics,
+        phase=phase, epoch=round(done * per_bits), epochs=total * per_bits, step=round(done * per_bits),
+        total_steps=total * per_bits, fraction=frac, loss=loss,
+        eta_s=elapsed / frac * (1 - frac) if frac > 0 else None, metrics=metrics,
     ))
 
 
