@@ -2,7 +2,7 @@
 
 Starts the API and a worker (SQLite + filesystem broker under SSQL_HOME), creates an API key,
 pretrains SSQL on ``digits`` with live progress, evaluates the backbone at fp/8w8a/4w4a/2w4a,
-downloads the FP checkpoint (sha256 verified) and prints the table. Sized for a 2-core CPU.
+downloads the packed 4w4a checkpoint (sha256 verified), loads it back and prints the table. Sized for a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+import torch
+
 from persistence.db import make_engine, make_sessionmaker
 from persistence.keys import create_key
 from persistence.migrate import upgrade_head
@@ -18,6 +20,7 @@ from persistence.settings import Settings
 from ssql_cli.client import Client
 from ssql_cli.render import LiveProgress, table
 from ssql_cli.stack import Stack, free_port
+from ssql_core.export import load_quantized
 
 DEMO_BITS = ["fp", "8w8a", "4w4a", "2w4a"]
 
@@ -70,8 +73,14 @@ def run_demo(port: int = 0, epochs: int = 20, eval_epochs: int = 50) -> int:
             return 1
         ckpts = client.checkpoints(job["id"])
         print(table(ckpts, ["bits", "format", "bytes", "sha256"]))
-        path, sha = client.download(job["id"], "fp", home / "downloads" / f"{job['id']}-fp.pt")
-        print(f"downloaded {path} ({path.stat().st_size} bytes), sha256 {sha[:16]}... verified")
+        # the product's point: a deployable 4-bit checkpoint from the same training run
+        path, sha = client.download(job["id"], "4w4a", home / "downloads" / f"{job['id']}-4w4a.safetensors", "safetensors")
+        print(f"downloaded {path} ({path.stat().st_size} bytes, packed 4-bit weights), sha256 {sha[:16]}... verified")
+        model = load_quantized(path)
+        size = pretrain_body(epochs)["image_size"]
+        with torch.no_grad():
+            feats = model(torch.zeros(1, 3, size, size))
+        print(f"loaded back with ssql_core.export.load_quantized: {model.bits} backbone, features {tuple(feats.shape)}")
         rows = client.results(ev["id"])["rows"]
         print()
         print(table(rows, ["bits", "protocol", "top1", "calib_images", "epochs", "dataset"]))
