@@ -39,6 +39,23 @@ def _limit(loc: tuple[str, ...], value: Any, maximum: int) -> None:
         raise FieldError(loc, f"must be at most {maximum} on this server, got {value}")
 
 
+def _validated(cls: type, data: dict[str, Any], settings: Settings, top_level_options: frozenset[str] | set[str] = frozenset(),
+               **fixed: Any) -> Any:
+    """``cls.from_dict(data)`` with the server's own fields filled in, validated by ssql_core;
+    a problem becomes a :class:`FieldError` naming the field."""
+    try:
+        cfg = cls.from_dict(data)
+        cfg.data_root = str(settings.resolved_data_root())
+        cfg.allow_download = settings.allow_download
+        for name, value in fixed.items():
+            setattr(cfg, name, value)
+        return cfg.validate()
+    except ConfigError as e:
+        raise FieldError(_loc(e.field, set(top_level_options)), e.reason) from None
+    except TypeError as e:
+        raise FieldError(("body",), str(e)) from None
+
+
 def pretrain_spec(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Validated pretrain spec ``{"config": {...}, "export_bits": [...]}`` with every default filled in.
 
@@ -62,15 +79,7 @@ def pretrain_spec(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
                     f"and the options of method {method!r}: {accepted}",
                 )
         data["method_options"] = {**(data.get("method_options") or {}), **extras}
-    try:
-        cfg = PretrainConfig.from_dict(data)
-        cfg.data_root = str(settings.resolved_data_root())
-        cfg.allow_download = settings.allow_download
-        cfg.validate()
-    except ConfigError as e:
-        raise FieldError(_loc(e.field, set(extras)), e.reason) from None
-    except TypeError as e:
-        raise FieldError(("body",), str(e)) from None
+    cfg = _validated(PretrainConfig, data, settings, set(extras))
     _limit(("body", "epochs"), cfg.epochs, settings.max_epochs)
     _limit(("body", "batch_size"), cfg.batch_size, settings.max_batch_size)
     _limit(("body", "image_size"), cfg.image_size, settings.max_image_size)
@@ -84,15 +93,7 @@ def eval_spec(body: dict[str, Any], settings: Settings, source_dataset: str) -> 
     """Validated eval spec ``{"config": {...}, "source_job": id}``; bit-widths are canonicalised."""
     data = {k: v for k, v in body.items() if k not in ("kind", "source_job")}
     _reject_server_fields(data, EVAL_SERVER_FIELDS)
-    try:
-        cfg = EvalConfig.from_dict(data)
-        cfg.data_root = str(settings.resolved_data_root())
-        cfg.allow_download = settings.allow_download
-        cfg.validate()
-    except ConfigError as e:
-        raise FieldError(_loc(e.field, set()), e.reason) from None
-    except TypeError as e:
-        raise FieldError(("body",), str(e)) from None
+    cfg = _validated(EvalConfig, data, settings)
     bits = [str(parse_bits(b)) for b in cfg.bits]
     if len(bits) > settings.max_bits_per_eval:
         raise FieldError(("body", "bits"), f"at most {settings.max_bits_per_eval} bit-widths per job, got {len(bits)}")
@@ -199,16 +200,7 @@ def distill_spec(body: dict[str, Any], settings: Settings, source: Any) -> dict[
         raise FieldError(("body", "source_job"), f"the eval job has no 'fp' linear head (bits {econfig.get('bits')}, protocol "
                          f"{econfig.get('protocol')!r}): distillation's teacher is the FP model with that head; "
                          "evaluate with 'fp' among the bits and the linear protocol")
-    try:
-        cfg = DistillConfig.from_dict(data)
-        cfg.checkpoint, cfg.heads = "<server>", "<server>"
-        cfg.data_root = str(settings.resolved_data_root())
-        cfg.allow_download = settings.allow_download
-        cfg.validate()
-    except ConfigError as e:
-        raise FieldError(_loc(e.field, set()), e.reason) from None
-    except TypeError as e:
-        raise FieldError(("body",), str(e)) from None
+    cfg = _validated(DistillConfig, data, settings, checkpoint="<server>", heads="<server>")
     _limit(("body", "epochs"), cfg.epochs, settings.max_epochs)
     _limit(("body", "batch_size"), cfg.batch_size, settings.max_batch_size)
     cfg.bits = str(parse_bits(cfg.bits))
