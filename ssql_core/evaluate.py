@@ -54,6 +54,13 @@ def calibrate(backbone: nn.Module, ctx: QuantContext, images: DataLoader, device
     return n
 
 
+def calibration_images(plain: Any, images: int, seed: int, batch_size: int = 256) -> DataLoader:
+    """The protocol's calibration set: a seeded random subset of the (test-transformed) training
+    images. Export calls this too, so an exported checkpoint has the ranges its evaluation had."""
+    idx = torch.randperm(len(plain), generator=torch.Generator().manual_seed(seed))[:images].tolist()
+    return DataLoader(Subset(plain, idx), batch_size=min(batch_size, 256))
+
+
 @torch.no_grad()
 def extract(backbone: nn.Module, loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor]:
     backbone.eval()
@@ -162,9 +169,7 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
     ttf = test_transform(size, train.stats_key)
     train_plain = materialize(Transformed(train.data, ttf))
     test_plain = materialize(Transformed(test.data, ttf))
-    g = torch.Generator().manual_seed(cfg.seed)
-    calib_idx = torch.randperm(len(train_plain), generator=g)[: cfg.calib_images].tolist()
-    calib_loader = DataLoader(Subset(train_plain, calib_idx), batch_size=min(cfg.batch_size, 256))
+    calib_loader = calibration_images(train_plain, cfg.calib_images, cfg.seed, cfg.batch_size)
 
     def loader(ds: Any) -> DataLoader:
         return DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers)

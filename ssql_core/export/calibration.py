@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ssql_core.config import EvalConfig, PretrainConfig
 from ssql_core.data import Transformed, load_split, test_transform
-from ssql_core.evaluate import calibrate
+from ssql_core.evaluate import calibrate, calibration_images
 from ssql_core.qnn import QuantContext
 
 
@@ -52,13 +52,12 @@ def calibration_loader(spec: CalibrationSpec, pcfg: PretrainConfig) -> tuple[Dat
     split = load_split(dataset, True, pcfg.image_size, spec.data_root or pcfg.data_root, spec.allow_download,
                        spec.max_samples, spec.seed)
     plain = Transformed(split.data, test_transform(pcfg.image_size, split.stats_key))
-    g = torch.Generator().manual_seed(spec.seed)
-    idx = torch.randperm(len(plain), generator=g)[: spec.images].tolist()
-    details = {"source": "dataset", "dataset": dataset, "split": "train", "images": len(idx), "seed": spec.seed,
+    loader = calibration_images(plain, spec.images, spec.seed, spec.batch_size)
+    details = {"source": "dataset", "dataset": dataset, "split": "train", "images": len(loader.dataset), "seed": spec.seed,
                "max_samples": spec.max_samples, "image_size": pcfg.image_size,
                "transform": f"test_transform({pcfg.image_size}, {split.stats_key!r})",
                "selection": "torch.randperm(len(split), Generator().manual_seed(seed))[:images]"}
-    return DataLoader(Subset(plain, idx), batch_size=min(spec.batch_size, 256)), details
+    return loader, details
 
 
 def _pairs(batches: Iterable[Any]) -> Iterable[tuple[Tensor, Any]]:
