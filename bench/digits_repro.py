@@ -68,7 +68,7 @@ def main() -> None:
                 results.setdefault(method, {}).setdefault(r["bits"], []).append(r["top1"])
     print(f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; total {time.perf_counter() - t_start:.0f}s")
     print(f"digits (1442 train / 355 test), resnet18 width {args.width} cifar stem {args.image_size}px, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}; "
-          (f"linear eval ({args.linear_epochs} epochs, lr {args.linear_lr}, cached features" if args.protocol == "linear" else "kNN eval (k=200, T=0.1")
+          + (f"linear eval ({args.linear_epochs} epochs, lr {args.linear_lr}, cached features" if args.protocol == "linear" else "kNN eval (k=200, T=0.1")
           + f", 128 calibration images); seeds {args.seeds}")
     header = "| method | " + " | ".join(BITS) + " |"
     print(header)
