@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ssql_core import checkpoint as ckpt
 from ssql_core.bits import parse_bits
@@ -28,6 +28,7 @@ from ssql_core.distill.config import DistillConfig
 from ssql_core.distill.data import ImagesOnly, num_images
 from ssql_core.distill.student import STUDENT, Student, save_student, student_from_teacher
 from ssql_core.errors import Cancelled, ConfigError, NonFiniteLoss
+from ssql_core.evaluate import calibration_images
 from ssql_core.hooks import Hooks, Progress
 from ssql_core.losses import distill_kl
 from ssql_core.qnn import bind_context
@@ -129,9 +130,8 @@ class _Distiller:
         self.train_images = ImagesOnly(train.data, train_tf, cfg.seed)
         self.train_labelled = Transformed(train.data, train_tf) if cfg.labels_used else None
         plain = ImagesOnly(train.data, ttf, cfg.seed)
-        g = torch.Generator().manual_seed(cfg.seed)
-        idx = torch.randperm(num_images(train.data), generator=g)[: cfg.calib_images].tolist()
-        self.calib = [to_input(x, self.device, False) for x in _image_loader(Subset(plain, idx), 256)]
+        # the evaluation protocol's calibration set, so PTQ here matches the eval job's PTQ
+        self.calib = [to_input(x, self.device, False) for x in calibration_images(plain, cfg.calib_images, cfg.seed)]
         self.test_loader = _image_loader(Transformed(test.data, ttf), 512)
         self.n_train, self.n_test = num_images(train.data), num_images(test.data)
 
