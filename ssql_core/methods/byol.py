@@ -6,13 +6,14 @@ import torch
 from torch import Tensor
 
 from ssql_core.losses import byol_regression
-from ssql_core.methods.base import Method, StepOutput
+from ssql_core.methods.base import DIM, MOMENTUM, Method, StepOutput
 from ssql_core.models import MLPSpec
 
 
 class BYOL(Method):
     name = "byol"
     default_options = {"proj_hidden": None, "proj_dim": None, "ema": 0.99}
+    option_ranges = {"proj_hidden": DIM, "proj_dim": DIM, "ema": MOMENTUM}
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

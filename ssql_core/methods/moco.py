@@ -9,14 +9,26 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ssql_core.errors import ConfigError
 from ssql_core.losses import info_nce
-from ssql_core.methods.base import Method, StepOutput
+from ssql_core.methods.base import DIM, MOMENTUM, TEMPERATURE, Method, OptionRange, StepOutput
 from ssql_core.models import MLPSpec
 
 
 class MoCoV2(Method):
     name = "mocov2"
     default_options = {"proj_hidden": None, "proj_dim": 128, "queue_size": 4096, "temperature": 0.2, "key_momentum": 0.999}
+    option_ranges = {"proj_hidden": DIM, "proj_dim": DIM, "queue_size": OptionRange(int, 1, 2**20),
+                     "temperature": TEMPERATURE, "key_momentum": MOMENTUM}
+    #: the queue holds queue_size x proj_dim floats: at most 2**27 (512 MiB in fp32)
+    max_queue_elements = 2**27
+
+    @classmethod
+    def check_option_combination(cls, options: dict) -> None:
+        elements = int(options["queue_size"]) * int(options["proj_dim"])
+        if elements > cls.max_queue_elements:
+            raise ConfigError("method_options.queue_size", f"queue_size x proj_dim must be at most {cls.max_queue_elements} "
+                              f"(the key queue's size), got {options['queue_size']} x {options['proj_dim']} = {elements}")
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -64,9 +76,10 @@ class MoCoV2(Method):
         self.ema_update(self.key_projector, self.projector, m)
         keys = self._pending_keys
         k = len(self.queue)
+        keys = keys[-k:]  # a queue shorter than the batch's keys keeps the newest ones
         ptr = int(self.queue_ptr)
         idx = (torch.arange(len(keys), device=keys.device) + ptr) % k
-        self.queue[idx] = keys[:k]
+        self.queue[idx] = keys
         self.queue_ptr.fill_((ptr + len(keys)) % k)
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from ssql_core.losses import nt_xent
-from ssql_core.methods.base import Method, StepOutput
+from ssql_core.methods.base import DIM, TEMPERATURE, Method, StepOutput
 from ssql_core.models import MLPSpec
 
 
 class SimCLR(Method):
     name = "simclr"
     default_options = {"proj_hidden": None, "proj_dim": 128, "temperature": 0.5}
+    option_ranges = {"proj_hidden": DIM, "proj_dim": DIM, "temperature": TEMPERATURE}
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from ssql_core.losses import simsiam_loss, ssql_loss
-from ssql_core.methods.base import Method, StepOutput
+from ssql_core.methods.base import DIM, Method, StepOutput
 from ssql_core.models import MLPSpec
 
 
 class SimSiam(Method):
     name = "simsiam"
     default_options = {"proj_dim": None, "pred_hidden": None}
+    option_ranges = {"proj_dim": DIM, "pred_hidden": DIM}
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
