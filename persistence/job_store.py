@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from persistence.db import utcnow
+from persistence.json_safe import finite_float, finite_json
 from persistence.models import Artifact, Job, JobAttempt, JobMetric, JobResult
 
 
@@ -87,7 +88,7 @@ def heartbeat(
     now = utcnow()
     values: dict[str, Any] = {"lease_until": now + timedelta(seconds=lease_seconds), "heartbeat_at": now}
     if progress is not None:
-        values["progress"] = progress
+        values["progress"] = finite_json(progress)
         values["updated_at"] = now
     row = session.execute(update(Job).where(_fence(job_id, attempt)).values(**values).returning(Job.cancel_requested)).first()
     session.commit()
@@ -95,7 +96,10 @@ def heartbeat(
 
 
 def add_metrics(session: Session, job_id: str, attempt: int, samples: list[dict[str, Any]]) -> None:
-    """Append progress samples (loss, lr, images/s) to the job's metric history."""
+    """Append progress samples (loss, lr, images/s) to the job's metric history.
+
+    Non-finite numbers are stored as null (a NaN loss must not break the heartbeat, nor the
+    API's JSON rendering of the history)."""
     if not samples:
         return
     now = utcnow()
@@ -103,19 +107,42 @@ def add_metrics(session: Session, job_id: str, attempt: int, samples: list[dict[
         {
             "job_id": job_id,
             "attempt": attempt,
-            "phase": s.get("phase", ""),
-            "epoch": int(s.get("epoch", 0)),
-            "step": int(s.get("step", 0)),
-            "loss": s.get("loss"),
-            "lr": s.get("lr"),
-            "images_per_s": s.get("images_per_s"),
-            "extra": s.get("metrics") or None,
+            "phase": s.get("phase") or "",
+            "epoch": _as_int(s.get("epoch")),
+            "step": _as_int(s.get("step")),
+            "loss": _as_float(s.get("loss")),
+            "lr": _as_float(s.get("lr")),
+            "images_per_s": _as_float(s.get("images_per_s")),
+            "extra": finite_json(s.get("metrics")) or None,
             "created_at": now,
         }
         for s in samples
     ]
     session.execute(insert(JobMetric), rows)
     session.commit()
+
+
+_INT32 = 2**31 - 1
+
+
+def _as_int(value: Any) -> int:
+    """An Integer column's value from a runner's event: 0 when missing, non-finite or out of range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    value = finite_float(value)
+    if value is None:
+        return 0
+    return max(-_INT32, min(_INT32, int(value)))
+
+
+def _as_float(value: Any) -> float | None:
+    """A Float column's value: None when missing, not a number, or non-finite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return finite_float(float(value))
+    except OverflowError:  # an int beyond the float range
+        return None
 
 
 @dataclass(frozen=True)
@@ -149,26 +176,26 @@ def finish(
     now = utcnow()
     values: dict[str, Any] = {
         "status": status,
-        "summary": summary,
-        "error": error,
+        "summary": finite_json(summary),
+        "error": finite_json(error),
         "finished_at": now,
         "updated_at": now,
         "lease_until": None,
     }
     if progress is not None:
-        values["progress"] = progress
+        values["progress"] = finite_json(progress)
     row = session.execute(update(Job).where(_fence(job_id, attempt)).values(**values).returning(Job.id)).first()
     if row is None:
         session.rollback()
         return False
     for r in results or []:
-        top1 = r.get("top1")
+        r = finite_json(r)
         session.add(
             JobResult(
                 job_id=job_id,
                 bits=str(r.get("bits")),
                 protocol=str(r.get("protocol", "")),
-                top1=float(top1) if top1 is not None else None,
+                top1=_as_float(r.get("top1")),
                 row=r,
                 created_at=now,
             )
@@ -199,7 +226,7 @@ def requeue(session: Session, job_id: str, attempt: int, error: dict[str, Any]) 
     row = session.execute(
         update(Job)
         .where(_fence(job_id, attempt))
-        .values(status="queued", lease_until=None, error=error, published_at=None, updated_at=now)
+        .values(status="queued", lease_until=None, error=finite_json(error), published_at=None, updated_at=now)
         .returning(Job.id)
     ).first()
     session.commit()

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from persistence import job_store
@@ -130,6 +131,14 @@ class AttemptState:
     last_checkpoint: str | None = None
 
 
+def _is_outage(exc: SQLAlchemyError) -> bool:
+    """A database that cannot be reached (retry later), as opposed to a statement it refused
+    (bad data: retrying the same write can never succeed)."""
+    if getattr(exc, "connection_invalidated", False):
+        return True
+    return isinstance(exc, (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError))
+
+
 def _read_events(fd: int, out: queue.Queue) -> None:
     with os.fdopen(fd, "r") as f:
         for line in f:
@@ -216,7 +225,11 @@ def supervise(
         with Sessions() as s:
             job_store.end_attempt(s, job.id, job.attempt, outcome)
         return outcome
-    outcome = _record_outcome(settings, Sessions, job, proc.returncode, state, workdir, log_path, publish)
+    try:
+        outcome = _record_outcome(settings, Sessions, job, proc.returncode, state, workdir, log_path, publish)
+    except Exception as e:  # noqa: BLE001 - never leave the job 'running' for the reaper to call it worker_lost
+        log.exception("job %s attempt %d: recording the outcome failed", job.id, job.attempt)
+        outcome = _record_failure(Sessions, job, proc.returncode, state, log_path, e)
     with Sessions() as s:
         job_store.end_attempt(s, job.id, job.attempt, outcome)
     return outcome
@@ -269,11 +282,27 @@ def _watch(
                         job_store.add_metrics(s, job.id, job.attempt, state.metrics)
                 state.metrics, state.progress_dirty = [], False
                 last_renewed = now
-            except SQLAlchemyError:
-                # database briefly unreachable: keep training, but never past our own lease, after
-                # which the reaper may hand the job to another worker
-                log.exception("job %s: heartbeat failed", job.id)
-                cancel = None if now - last_renewed > settings.lease_seconds * 0.8 else False
+            except SQLAlchemyError as e:
+                cancel = None
+                if not _is_outage(e):
+                    # the database refused what we wrote (not an outage): drop that progress and
+                    # those samples, and still renew the lease; retrying them could never succeed
+                    log.exception("job %s: progress/metrics refused by the database; dropped", job.id)
+                    state.metrics, state.progress_dirty = [], False
+                    try:
+                        with Sessions() as s:
+                            cancel = job_store.heartbeat(s, job.id, job.attempt, settings.lease_seconds)
+                        last_renewed = now
+                    except SQLAlchemyError:
+                        log.exception("job %s: heartbeat failed", job.id)
+                        cancel = False
+                else:
+                    log.exception("job %s: heartbeat failed", job.id)
+                    cancel = False
+                if cancel is False and now - last_renewed > settings.lease_seconds * 0.8:
+                    # database unreachable: keep training, but never past our own lease, after
+                    # which the reaper may hand the job to another worker
+                    cancel = None
             last_beat = last_flush = now
             if cancel is None:
                 log.warning("job %s attempt %d: lease lost, killing runner", job.id, job.attempt)
@@ -292,8 +321,11 @@ def _watch(
             if reader_done or now - exited_at > 2.0:
                 _kill_group(proc, signal.SIGKILL)
                 break
-    with Sessions() as s:
-        job_store.add_metrics(s, job.id, job.attempt, state.metrics)
+    try:
+        with Sessions() as s:
+            job_store.add_metrics(s, job.id, job.attempt, state.metrics)
+    except SQLAlchemyError:  # losing the last samples must not lose the attempt's outcome
+        log.exception("job %s: the last metric samples could not be stored; dropped", job.id)
     return "exited"
 
 
@@ -345,3 +377,24 @@ def _record_outcome(
         error["message"] += f" (gave up after {job.attempt} attempts)"
         job_store.finish(s, job.id, job.attempt, "failed", error=error, progress=state.progress)
         return "failed"
+
+
+def _record_failure(
+    Sessions: sessionmaker[Session], job: ClaimedJob, rc: int, state: AttemptState, log_path: Path, exc: Exception
+) -> str:
+    """The attempt's outcome could not be stored as it was (e.g. its results were refused): fail
+    the job with the runner's own error when it reported one, else with what went wrong here."""
+    final = state.final or {}
+    if final.get("event") == "error":
+        error = {k: final[k] for k in ("code", "message", "field") if k in final}
+    else:
+        detail = final.get("message") or _log_tail(log_path)
+        error = {
+            "code": "internal_error",
+            "message": f"the worker could not record the outcome of this attempt ({type(exc).__name__}: {exc}); "
+            f"training process {_describe_exit(rc)}" + (f": {detail}" if detail else ""),
+        }
+    error["message"] = str(error.get("message", ""))[:LOG_TAIL_BYTES]
+    with Sessions() as s:
+        job_store.finish(s, job.id, job.attempt, "failed", error=error)
+    return "failed"
