@@ -173,6 +173,63 @@ def _run(job: dict[str, Any], hooks: EventHooks) -> dict[str, Any]:
     raise ConfigError("kind", f"this worker cannot run jobs of kind {kind!r}")
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during (``__cause__`` / ``__context__``)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _checkpoint_read(exc: BaseException) -> tuple[bool, str | None]:
+    """Whether ``exc`` was raised while reading a checkpoint (torch.load, safetensors, loading a
+    state dict), and the file's path when ssql_core's loader knew it."""
+    for e in _causes(exc):
+        hit, path = type(e).__name__ == "SafetensorError", None
+        tb = e.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            filename = code.co_filename.replace("\\", "/")
+            if filename.endswith("ssql_core/checkpoint.py") and code.co_name == "load":
+                hit, path = True, tb.tb_frame.f_locals.get("path")
+            elif filename.endswith("torch/serialization.py") and code.co_name in ("load", "_load", "_legacy_load"):
+                hit = True
+            elif filename.endswith("torch/nn/modules/module.py") and code.co_name == "load_state_dict":
+                hit = True
+            elif "/safetensors/" in filename:
+                hit = True
+            tb = tb.tb_next
+        if hit:
+            return True, None if path is None else str(path)
+    return False, None
+
+
+def classify_crash(exc: BaseException, job: dict[str, Any]) -> dict[str, Any]:
+    """The ``error`` event of an unexpected exception: errors no retry can fix are final
+    (``invalid_config`` for a ConfigError raised under another exception, ``corrupt_checkpoint``
+    for a truncated or unreadable checkpoint); anything else is ``crashed`` and retried."""
+    for e in _causes(exc):
+        if isinstance(e, ConfigError):
+            return {"code": "invalid_config", "field": e.field, "message": str(e), "retryable": False}
+    is_checkpoint, path = _checkpoint_read(exc)
+    if is_checkpoint:
+        workdir = str(job.get("workdir") or "")
+        own = path is not None and workdir and path.startswith(workdir.rstrip("/") + "/")
+        where = f"the checkpoint {Path(path).name} of " + ("this job" if own else "the source job") if path else "a checkpoint"
+        error: dict[str, Any] = {
+            "code": "corrupt_checkpoint",
+            "message": f"{where} is truncated or corrupt and cannot be read ({type(exc).__name__}: {exc}); "
+            "retrying cannot help: run the job that wrote it again",
+            "retryable": False,
+        }
+        if job.get("kind") != "pretrain" and not own:
+            error["field"] = "source_job"
+        return error
+    return {"code": "crashed", "message": f"{type(exc).__name__}: {exc}", "retryable": True}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     expected_parent = int(os.environ.get("SSQL_SUPERVISOR_PID", "0"))
@@ -206,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except Exception as e:  # noqa: BLE001 - reported to the supervisor, which decides on a retry
         traceback.print_exc()
-        hooks.emit("error", code="crashed", message=f"{type(e).__name__}: {e}", retryable=True)
+        hooks.emit("error", **classify_crash(e, job))
         return EXIT_ERROR
     hooks.emit("result", **out)
     return EXIT_OK
