@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from api.errors import FieldError, field_error_handler, request_validation_handler
+from api.limits import BodySizeLimit
 from api.routes import catalog, checkpoints, health, jobs
 from api.state import AppState, KeyCache
 from persistence.db import make_async_engine
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_exception_handler(FieldError, field_error_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     for module in (health, catalog, jobs, checkpoints):
         app.include_router(module.router)
     return app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -20,10 +22,19 @@ class FieldError(Exception):
         self.reason = reason
 
 
+def printable(value: Any) -> Any:
+    """A string that UTF-8 can encode (lone surrogates from ``\\udXXX`` escapes in the request
+    become the escape text again); anything else unchanged. Response JSON is UTF-8: an unpaired
+    surrogate echoed back in ``loc`` or ``msg`` would turn a 422 into a 500."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 def unprocessable(loc: tuple[str | int, ...], reason: str) -> JSONResponse:
     return JSONResponse(
         status_code=422,
-        content={"detail": [{"loc": list(loc), "msg": reason, "type": "value_error"}]},
+        content={"detail": [{"loc": [printable(p) for p in loc], "msg": printable(reason), "type": "value_error"}]},
     )
 
 
@@ -40,5 +51,5 @@ async def request_validation_handler(_request: Request, exc: Exception) -> JSONR
         loc = list(err.get("loc", ()))
         if len(loc) > 1 and loc[0] == "body" and loc[1] in _UNION_TAGS:
             del loc[1]
-        errors.append({"loc": loc, "msg": err.get("msg"), "type": err.get("type")})
+        errors.append({"loc": [printable(p) for p in loc], "msg": printable(err.get("msg")), "type": err.get("type")})
     return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})

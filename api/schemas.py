@@ -11,6 +11,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: request numbers are strict: a bool is not a number, "3" is not an integer, 3.0 is not an
+#: integer either; an integer is accepted where a number is expected. Numbers must be finite
+#: (NaN / Infinity are no JSON, and no run can use them).
+Int = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Bool = Annotated[bool, Field(strict=True)]
+
 
 class PretrainRequest(BaseModel):
     """Self-supervised pretraining (SSQL or a baseline)."""
@@ -26,23 +33,23 @@ class PretrainRequest(BaseModel):
     method: str | None = None
     backbone: str | None = None
     dataset: str | None = Field(None, description="digits, synthetic, cifar10, cifar100 or imagefolder:<name>")
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    momentum: float | None = None
-    seed: int | None = None
-    image_size: int | None = None
-    width: float | None = None
-    max_samples: int | None = None
-    w_bits: list[int] | None = None
-    a_bits: list[int] | None = None
+    epochs: Int | None = None
+    batch_size: Int | None = None
+    lr: Number | None = None
+    weight_decay: Number | None = None
+    momentum: Number | None = None
+    seed: Int | None = None
+    image_size: Int | None = None
+    width: Number | None = None
+    max_samples: Int | None = None
+    w_bits: list[Int] | None = None
+    a_bits: list[Int] | None = None
     bits: str | None = Field(None, description="fixed bit-width of fixed-bit QAT baselines, e.g. 4w4a")
     stem: str | None = None
-    amp: bool | None = None
-    channels_last: bool | None = None
-    compile: bool | None = None
-    checkpoint_every_steps: int | None = None
+    amp: Bool | None = None
+    channels_last: Bool | None = None
+    compile: Bool | None = None
+    checkpoint_every_steps: Int | None = None
     method_options: dict[str, Any] | None = None
     export_bits: list[str] | None = Field(
         None,
@@ -67,17 +74,17 @@ class EvalRequest(BaseModel):
     protocol: Literal["linear", "knn"] | None = None
     path: str | None = None
     dataset: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    momentum: float | None = None
-    lr_milestones: list[float] | None = None
-    calib_images: int | None = None
-    knn_k: int | None = None
-    knn_t: float | None = None
-    seed: int | None = None
-    max_samples: int | None = None
+    epochs: Int | None = None
+    batch_size: Int | None = None
+    lr: Number | None = None
+    weight_decay: Number | None = None
+    momentum: Number | None = None
+    lr_milestones: list[Number] | None = None
+    calib_images: Int | None = None
+    knn_k: Int | None = None
+    knn_t: Number | None = None
+    seed: Int | None = None
+    max_samples: Int | None = None
 
 
 class DistillRequest(BaseModel):
@@ -95,17 +102,17 @@ class DistillRequest(BaseModel):
     bits: str | None = Field(None, description="the student's bit-width, e.g. 4w4a")
     quantizer: str | None = Field(None, description="psq, pact, lsq, dorefa or ewgs")
     dataset: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    quantizer_lr: float | None = None
-    weight_decay: float | None = None
-    temperature: float | None = None
-    ce_weight: float | None = None
+    epochs: Int | None = None
+    batch_size: Int | None = None
+    lr: Number | None = None
+    quantizer_lr: Number | None = None
+    weight_decay: Number | None = None
+    temperature: Number | None = None
+    ce_weight: Number | None = None
     bn: str | None = None
-    calib_images: int | None = None
-    max_samples: int | None = None
-    seed: int | None = None
+    calib_images: Int | None = None
+    max_samples: Int | None = None
+    seed: Int | None = None
 
 
 class ExportRequest(BaseModel):

@@ -8,6 +8,7 @@ Fields the server decides (paths, device, downloads) cannot be set by a request;
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from api.errors import FieldError
@@ -19,6 +20,36 @@ from ssql_core.errors import ConfigError
 #: config fields only the server sets; a request naming them is rejected
 SERVER_FIELDS = ("data_root", "allow_download", "device", "num_workers")
 EVAL_SERVER_FIELDS = (*SERVER_FIELDS, "checkpoint")
+
+
+def _bad_string(value: str) -> str | None:
+    if "\x00" in value:
+        return "must not contain NUL characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode text (it holds an unpaired surrogate such as \\ud800)"
+    return None
+
+
+def check_json_values(body: Any, loc: tuple[str | int, ...] = ("body",)) -> None:
+    """Every string of a request body (keys too) storable as text, every number finite: a NUL
+    byte or a lone surrogate cannot be stored by Postgres, and NaN / Infinity are no JSON. The
+    first offender is a 422 naming it (the typed fields were checked by pydantic already; this
+    covers method options and every other free-form value)."""
+    if isinstance(body, dict):
+        for k, v in body.items():
+            if isinstance(k, str) and (reason := _bad_string(k)):
+                raise FieldError((*loc, k), f"field name {reason}")
+            check_json_values(v, (*loc, k))
+    elif isinstance(body, list):
+        for i, v in enumerate(body):
+            check_json_values(v, (*loc, i))
+    elif isinstance(body, str):
+        if reason := _bad_string(body):
+            raise FieldError(loc, reason)
+    elif isinstance(body, float) and not math.isfinite(body):
+        raise FieldError(loc, f"must be a finite number, got {body!r}")
 
 
 def _loc(field: str, top_level_options: set[str]) -> tuple[str, ...]:

@@ -33,6 +33,19 @@ JOB_COLUMNS = (
 )
 
 
+#: the longest job id (a uuid4 string; the column is String(36))
+MAX_JOB_ID_CHARS = 36
+
+
+def is_job_id(value: object) -> bool:
+    """Whether ``value`` can be a job id at all: printable ASCII of at most 36 characters.
+
+    Anything else (a NUL byte, a lone surrogate, a megabyte of text) names no job, and some of it
+    the database driver cannot even send (Postgres text holds no NUL; UTF-8 no lone surrogate):
+    callers answer "not found" without a query."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_JOB_ID_CHARS and value.isascii() and value.isprintable()
+
+
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
 
@@ -45,6 +58,8 @@ async def owner_for_key(conn: AsyncConnection, key_hash: str) -> int | None:
 
 
 async def get_job(conn: AsyncConnection, owner_id: int, job_id: str) -> RowMapping | None:
+    if not is_job_id(job_id):
+        return None
     return (await conn.execute(select(*JOB_COLUMNS).where(Job.id == job_id, Job.owner_id == owner_id))).mappings().first()
 
 
@@ -134,6 +149,8 @@ async def list_jobs(
 
 async def request_cancel(conn: AsyncConnection, owner_id: int, job_id: str) -> RowMapping | None:
     """Queued: cancelled at once. Running: flag for the worker. Returns the job after the change."""
+    if not is_job_id(job_id):
+        return None
     now = utcnow()
     mine = (Job.id == job_id, Job.owner_id == owner_id)
     await conn.execute(
@@ -147,6 +164,8 @@ async def request_cancel(conn: AsyncConnection, owner_id: int, job_id: str) -> R
 
 
 async def job_exists(conn: AsyncConnection, owner_id: int, job_id: str) -> bool:
+    if not is_job_id(job_id):
+        return False
     row = (await conn.execute(select(func.count()).where(Job.id == job_id, Job.owner_id == owner_id))).scalar_one()
     return bool(row)
 
@@ -185,5 +204,7 @@ async def artifacts(conn: AsyncConnection, job_id: str) -> list[RowMapping]:
 
 
 async def source_job(conn: AsyncConnection, owner_id: int, job_id: str) -> RowMapping | None:
+    if not is_job_id(job_id):
+        return None
     stmt = select(Job.id, Job.kind, Job.status, Job.spec, Job.source_job_id).where(Job.id == job_id, Job.owner_id == owner_id)
     return (await conn.execute(stmt)).mappings().first()

@@ -59,6 +59,8 @@ class AsyncpgReads:
             return await conn.fetchval(_KEY_SQL, key_hash)
 
     async def get_job(self, owner_id: int, job_id: str) -> dict[str, Any] | None:
+        if not api_store.is_job_id(job_id):
+            return None
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(_JOB_SQL, job_id, owner_id)
         return None if row is None else dict(row)

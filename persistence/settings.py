@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     # API process.
     auth_cache_seconds: float = 30.0
     page_size_max: int = 200
+    #: request bodies above this many bytes are refused with 413 before they are read (0: no limit)
+    max_body_bytes: int = 1 << 20
 
     # Client (ssql CLI).
     url: str = "http://127.0.0.1:8000"

@@ -15,8 +15,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.deps import BEARER_SECURITY, Conn, Owner, SettingsDep, StateDep, authenticate, bearer_key
 from api.errors import FieldError
+from api.limits import TOO_LARGE_RESPONSE
 from api.schemas import ExportRequest, JobOut, JobPage, JobRequest, MetricPage, ResultsOut
-from api.specs import distill_spec, eval_spec, export_spec, pretrain_spec
+from api.specs import check_json_values, distill_spec, eval_spec, export_spec, pretrain_spec
 from api.state import AppState
 from api.views import job_view, metric_view
 from persistence import api_store
@@ -29,6 +30,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND = "job not found"
 _KINDS = JOB_KINDS
 EVENTS_POLL_S = 0.5
+#: the largest offset / metric id a query may name (Postgres BIGINT); above it: 422, not a 500
+MAX_BIGINT = 2**63 - 1
 
 
 def _request_hash(raw: dict[str, Any]) -> str:
@@ -43,6 +46,7 @@ def _request_hash(raw: dict[str, Any]) -> str:
         200: {"description": "Replay of an earlier submission with the same Idempotency-Key", "model": JobOut},
         409: {"description": "The Idempotency-Key was used with a different body"},
         422: {"description": "Invalid field: `detail[].loc` names it, `detail[].msg` says why"},
+        **TOO_LARGE_RESPONSE,
     },
 )
 async def submit_job(
@@ -54,6 +58,7 @@ async def submit_job(
 ) -> JSONResponse:
     """Create a job (status ``queued``). It is committed before it is published to the queue."""
     raw = body.model_dump(exclude_unset=True)
+    check_json_values(raw)
     request_hash = _request_hash(raw)
     if idempotency_key is not None:
         existing = await api_store.find_by_idempotency_key(conn, owner, idempotency_key)
@@ -130,6 +135,7 @@ async def _create_and_publish(
         404: {"description": NOT_FOUND},
         409: {"description": "The job has not succeeded (yet), or the Idempotency-Key was used with another body"},
         422: {"description": "Invalid bits or formats: `detail[].loc` names the field"},
+        **TOO_LARGE_RESPONSE,
     },
 )
 async def export_job(
@@ -144,6 +150,9 @@ async def export_job(
     bit-widths and formats. The files are served under *this* job's id (``/checkpoints``) once
     the export job succeeds; from an eval job they are classifiers (backbone + its linear head)."""
     raw = {**body.model_dump(exclude_unset=True), "source_job": job_id, "kind": "export"}
+    check_json_values({k: v for k, v in raw.items() if k not in ("source_job", "kind")})
+    if not api_store.is_job_id(job_id):
+        raise HTTPException(404, NOT_FOUND)
     request_hash = _request_hash(raw)
     if idempotency_key is not None:
         existing = await api_store.find_by_idempotency_key(conn, owner, idempotency_key)
@@ -227,7 +236,7 @@ async def list_jobs(
     status: Annotated[str | None, Query(description=f"one of {', '.join(JOB_STATUSES)}")] = None,
     kind: Annotated[str | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
 ) -> JSONResponse:
     """Your jobs, newest first; pass ``next_offset`` back as ``offset`` for the next page."""
     if status is not None and status not in JOB_STATUSES:
@@ -263,7 +272,7 @@ async def job_metrics(
     job_id: str,
     owner: Owner,
     conn: Conn,
-    after: Annotated[int, Query(ge=0, description="return samples with id above this")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_BIGINT, description="return samples with id above this")] = 0,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> JSONResponse:
     """Loss, learning rate and images/s history, oldest first (pass ``next_after`` to continue)."""
