@@ -7,7 +7,8 @@ methods so that machine noise hits both alike; the median step time of each is r
     .venv/bin/python bench/core_throughput.py                      # CPU default: small model
     .venv/bin/python bench/core_throughput.py --width 1 --image-size 32 --batch-size 512 --steps 30   # GPU
 
-On CUDA the step runs in bf16 autocast with channels_last (the trainer's defaults).
+On CUDA the step runs in bf16 autocast with channels_last (the trainer's defaults); on the CPU in
+fp32, contiguous (``runtime.use_channels_last``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from ssql_core.config import PretrainConfig
 from ssql_core.methods import build_method
-from ssql_core.runtime import autocast, resolve_device, to_input
+from ssql_core.runtime import autocast, resolve_device, to_input, use_channels_last
 from ssql_core.train import build_optimizer
 
 
@@ -47,13 +48,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    channels_last = True
+    channels_last = use_channels_last(device, True)  # the trainer's policy: CUDA only
     models, opts, fns = {}, {}, {}
     for name in ("simsiam", "ssql"):
         torch.manual_seed(0)
         cfg = PretrainConfig(method=name, backbone=args.backbone, width=args.width, image_size=args.image_size,
                              batch_size=args.batch_size, dataset="synthetic", compile=args.compile).validate()
-        m = build_method(cfg).to(device).to(memory_format=torch.channels_last)
+        m = build_method(cfg).to(device)
+        if channels_last:
+            m = m.to(memory_format=torch.channels_last)
         models[name], opts[name] = m, build_optimizer(m, cfg)
         fns[name] = torch.compile(m.training_step) if args.compile else m.training_step
     g = torch.Generator().manual_seed(0)
@@ -84,7 +87,7 @@ def main() -> None:
     ips = {n: args.batch_size / med[n] for n in med}
     print(f"machine: {machine(device)}; torch {torch.__version__}")
     print(f"model: {args.backbone} width {args.width}, {args.image_size}px, batch {args.batch_size}, "
-          f"{'bf16 autocast, ' if device.type == 'cuda' else 'fp32, '}channels_last{', compiled' if args.compile else ''}; "
+          f"{'bf16 autocast, ' if device.type == 'cuda' else 'fp32, '}{'channels_last' if channels_last else 'contiguous'}{', compiled' if args.compile else ''}; "
           f"{args.steps} timed steps each (median), {args.warmup} warm-up")
     for n in med:
         print(f"  {n:8s} {med[n] * 1000:9.1f} ms/step  {ips[n]:9.1f} images/s")

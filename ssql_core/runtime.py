@@ -31,6 +31,15 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
+def use_channels_last(device: torch.device, requested: bool) -> bool:
+    """channels_last only on CUDA. On the CPU, PyTorch's NHWC convolution kernels corrupted the
+    heap (glibc "double free or corruption", SIGABRT) on an AMD EPYC machine for small ResNets
+    (4-channel convolutions, one thread); a plain PyTorch model reproduced it, and the Intel CPU
+    this project is developed on never showed it, so no channel count can be measured safe here.
+    Contiguous memory costs the CPU nothing measurable (docs/RESULTS.md, "channels_last on the CPU")."""
+    return requested and device.type == "cuda"
+
+
 def to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x

@@ -23,7 +23,7 @@ from ssql_core.errors import Cancelled, ConfigError, NonFiniteLoss
 from ssql_core.hooks import Hooks, Progress
 from ssql_core.losses import representation_std
 from ssql_core.methods import Method, build_method
-from ssql_core.runtime import autocast, resolve_device, seed_everything, to_input
+from ssql_core.runtime import autocast, resolve_device, seed_everything, to_input, use_channels_last
 
 LAST, BACKBONE = "last.pt", "backbone.pt"
 
@@ -59,7 +59,7 @@ class _Trainer:
     def __init__(self, cfg: PretrainConfig, workdir: Path, hooks: Hooks) -> None:
         self.cfg, self.workdir, self.hooks = cfg, workdir, hooks
         self.device = resolve_device(cfg.device)
-        self.channels_last = cfg.channels_last
+        self.channels_last = use_channels_last(self.device, cfg.channels_last)
         seed_everything(cfg.seed)
         split = load_split(cfg.dataset, True, cfg.image_size, cfg.data_root, cfg.allow_download, cfg.max_samples, cfg.seed)
         self.data = SeededViews(split.data, pretrain_transform(cfg.image_size, split.stats_key), cfg.seed)
