@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ssql_core.bits import ACCEPTED_FORMS, MAX_BITS, MIN_BITS, PAPER_BITS
-from ssql_core.config import MAX_BATCH, MAX_EPOCHS
+from ssql_core.config import CALIBRATIONS, MAX_BATCH, MAX_EPOCHS, PRESETS, PROBES, QUANT_BEHAVIOURS
 from ssql_core.data import DATASET_NAMES
 from ssql_core.methods import METHODS
 from ssql_core.models import BACKBONES
@@ -19,5 +19,10 @@ def catalog() -> dict[str, Any]:
         "bits": {"paper_set": list(PAPER_BITS), "min": MIN_BITS, "max": MAX_BITS, "forms": ACCEPTED_FORMS},
         "eval_protocols": ["linear", "knn"],
         "eval_paths": ["cached", "augmented"],
+        "eval_probes": list(PROBES),
+        "calibrations": list(CALIBRATIONS),
+        "calib_weights": ["fp", "quantized"],
+        "quantizer_behaviours": {k: list(v) for k, v in QUANT_BEHAVIOURS.items()},
+        "presets": {k: v for k, v in PRESETS.items() if k},
         "limits": {"max_epochs": MAX_EPOCHS, "max_batch_size": MAX_BATCH},
     }

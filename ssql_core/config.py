@@ -38,6 +38,30 @@ def _check_bit_range(name: str, value: Any, lo_allowed: int) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+#: the choices of each reference behaviour, ours first (the default)
+QUANT_BEHAVIOURS: dict[str, tuple[str, ...]] = {
+    "weight_scale_grad": ("detached", "attached"),
+    "rounding": ("reciprocal", "divide"),
+    "init": ("torchvision", "pytorch"),
+}
+#: ``preset`` -> the behaviours it sets (None: ours)
+PRESETS: dict[str | None, dict[str, str]] = {
+    None: {k: v[0] for k, v in QUANT_BEHAVIOURS.items()},
+    "reference": {"weight_scale_grad": "attached", "rounding": "divide", "init": "pytorch"},
+}
+#: activation calibration methods of evaluation and export (SPEC 6 uses minmax)
+CALIBRATIONS = ("minmax", "reference", "percentile", "mse")
+#: linear probes: the paper's plain linear layer, or a parameter-free BatchNorm before it
+PROBES = ("linear", "bn")
+
+
+def _check_finite_list(name: str, value: Any, lo: float, hi: float, length: int | None = None) -> None:
+    if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
+        raise ConfigError(name, f"must be a list of {length or 'some'} numbers, got {value!r}")
+    for v in value:
+        _check_range(name, v, lo, hi, float)
+
+
 @dataclass
 class PretrainConfig:
     """Everything that defines one self-supervised pretraining run."""
@@ -65,11 +89,21 @@ class PretrainConfig:
     device: str = "auto"
     num_workers: int = 0
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    channels_last: bool = True
+    channels_last: bool = True  # on CUDA only; ignored on the CPU (runtime.use_channels_last)
     compile: bool = False
     #: write a resumable checkpoint every this many steps (and always at an epoch end)
     checkpoint_every_steps: int = 200
     method_options: dict[str, Any] = field(default_factory=dict)
+    #: the reference implementation's behaviours (docs/decisions/008): ``preset="reference"`` sets
+    #: the three below to the reference's choices; a field given explicitly wins over the preset
+    preset: str | None = None
+    #: "detached" (ours): no gradient through the weight scale; "attached" (reference): each
+    #: channel's largest weight also gets a gradient through its scale
+    weight_scale_grad: str | None = None
+    #: "reciprocal" (ours, as torch.fake_quantize_*): x * (1/s); "divide" (reference): x / s
+    rounding: str | None = None
+    #: "torchvision" (ours): kaiming-normal fan_out convolutions; "pytorch" (reference): nn.Conv2d's default
+    init: str | None = None
 
     def validate(self) -> PretrainConfig:
         from ssql_core.data import check_dataset_name
@@ -80,7 +114,7 @@ class PretrainConfig:
             raise ConfigError("method", f"unknown method {self.method!r}; known: {sorted(METHODS)}")
         if self.backbone not in BACKBONES:
             raise ConfigError("backbone", f"unknown backbone {self.backbone!r}; known: {sorted(BACKBONES)}")
-        check_dataset_name(self.dataset, self.data_root)
+        check_dataset_name(self.dataset, self.data_root, self.allow_download)
         _check_range("epochs", self.epochs, 1, MAX_EPOCHS)
         _check_range("batch_size", self.batch_size, 2, MAX_BATCH)
         _check_range("lr", self.lr, 1e-8, 100.0, float)
@@ -109,7 +143,19 @@ class PretrainConfig:
             if self.bits is None or parse_bits(self.bits).is_fp:
                 raise ConfigError("bits", f"method {self.method!r} trains at one fixed bit-width: give e.g. '4w4a'")
         method_cls.check_options(self.method_options)
+        self._resolve_preset()
         return self
+
+    def _resolve_preset(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError("preset", f"must be one of {sorted(k for k in PRESETS if k)} or null, got {self.preset!r}")
+        for name, choices in QUANT_BEHAVIOURS.items():
+            value = getattr(self, name)
+            if value is None:
+                value = PRESETS[self.preset][name]
+            if value not in choices:
+                raise ConfigError(name, f"must be one of {list(choices)}, got {value!r}")
+            setattr(self, name, value)
 
     def resolved_stem(self) -> str:
         if self.stem != "auto":
@@ -144,6 +190,16 @@ class EvalConfig:
     momentum: float = 0.9
     lr_milestones: tuple[float, float] = (0.6, 0.8)
     calib_images: int = 128
+    #: activation ranges: "minmax" (SPEC 6), "reference" (one batch of ``calib_images`` training
+    #: images with the linear-training augmentation, as the reference code), "percentile"
+    #: (``calib_percentile`` per point), "mse" (the range minimising quantization MSE per point)
+    calibration: str = "minmax"
+    calib_percentile: float = 99.99
+    #: "fp": ranges recorded on the FP network (the paper); "quantized": on the network whose
+    #: weights are already quantized at the target bit-width (an ablation)
+    calib_weights: str = "fp"
+    #: "linear" (the paper) or "bn": a parameter-free BatchNorm on the features before the linear layer
+    probe: str = "linear"
     knn_k: int = 200
     knn_t: float = 0.1
     seed: int = 0
@@ -168,11 +224,22 @@ class EvalConfig:
         if self.path not in ("cached", "augmented"):
             raise ConfigError("path", f"must be 'cached' or 'augmented', got {self.path!r}")
         if self.dataset is not None:
-            check_dataset_name(self.dataset, self.data_root)
+            check_dataset_name(self.dataset, self.data_root, self.allow_download)
         _check_range("epochs", self.epochs, 1, MAX_EPOCHS)
         _check_range("batch_size", self.batch_size, 1, MAX_BATCH)
         _check_range("lr", self.lr, 1e-8, 1000.0, float)
+        _check_range("weight_decay", self.weight_decay, 0.0, 1.0, float)
+        _check_range("momentum", self.momentum, 0.0, 0.9999, float)
+        _check_finite_list("lr_milestones", self.lr_milestones, 0.0, 1.0, 2)
+        _check_range("seed", self.seed, 0, 2**31 - 1)
         _check_range("calib_images", self.calib_images, 1, 10**7)
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError("calibration", f"must be one of {list(CALIBRATIONS)}, got {self.calibration!r}")
+        _check_range("calib_percentile", self.calib_percentile, 50.0, 100.0, float)
+        if self.calib_weights not in ("fp", "quantized"):
+            raise ConfigError("calib_weights", f"must be 'fp' or 'quantized', got {self.calib_weights!r}")
+        if self.probe not in PROBES:
+            raise ConfigError("probe", f"must be one of {list(PROBES)}, got {self.probe!r}")
         _check_range("knn_k", self.knn_k, 1, 10**5)
         _check_range("knn_t", self.knn_t, 1e-4, 10.0, float)
         if self.max_samples is not None:

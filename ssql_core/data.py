@@ -1,8 +1,9 @@
 """Datasets by name, the SPEC's augmentations, and per-sample seeded two-view sampling.
 
 Names: ``digits`` (scikit-learn's 1797 real handwritten digits, upscaled), ``synthetic``
-(deterministic class patterns, for tests), ``cifar10`` / ``cifar100`` (torchvision's on-disk
-format under the data root), ``imagefolder:<name>`` (``<root>/<name>/{train,val}/<class>/*``).
+(deterministic class patterns, for tests), ``fashion_mnist`` / ``mnist`` (the IDX files, see
+:func:`idx_locations`), ``cifar10`` / ``cifar100`` (torchvision's on-disk format under the data
+root), ``imagefolder:<name>`` (``<root>/<name>/{train,val}/<class>/*``).
 
 Augmentations are seeded per (seed, epoch, index), so a run's data stream does not depend on the
 number of loader workers or on where a resumed run restarted.
@@ -26,7 +27,9 @@ from torchvision.transforms import v2
 
 from ssql_core.errors import ConfigError
 
-DATASET_NAMES = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder:<name>")
+DATASET_NAMES = ("digits", "synthetic", "fashion_mnist", "mnist", "cifar10", "cifar100", "imagefolder:<name>")
+#: named datasets read from files (``imagefolder:<name>`` aside)
+_NAMED = ("digits", "synthetic", "fashion_mnist", "mnist", "cifar10", "cifar100")
 _FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -35,7 +38,20 @@ _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "digits": ((0.30, 0.30, 0.30), (0.40, 0.40, 0.40)),
     "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    # measured on the 60 000 training images at 28 px (tests/core/test_idx_datasets.py re-measures)
+    "fashion_mnist": ((0.2860, 0.2860, 0.2860), (0.3530, 0.3530, 0.3530)),
+    "mnist": ((0.1307, 0.1307, 0.1307), (0.3081, 0.3081, 0.3081)),
 }
+
+#: IDX datasets: name -> (folder under the data root, torchvision's folder, Debian package or None)
+_IDX = {"fashion_mnist": ("fashion-mnist", "FashionMNIST", "dataset-fashion-mnist"), "mnist": ("mnist", "MNIST", None)}
+_IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def system_datasets_dir() -> Path:
+    """Where Debian's dataset packages put their files (``SSQL_SYSTEM_DATASETS`` overrides)."""
+    return Path(os.environ.get("SSQL_SYSTEM_DATASETS", "/usr/share/datasets"))
 
 
 def default_data_root() -> Path:
@@ -53,15 +69,51 @@ def _folder_path(name: str, data_root: str | Path | None) -> Path:
     return path
 
 
-def check_dataset_name(name: str, data_root: str | Path | None = None) -> None:
-    """Raise :class:`ConfigError` on ``dataset`` unless ``name`` is a known dataset name."""
+def check_dataset_name(name: str, data_root: str | Path | None = None, allow_download: bool = False) -> None:
+    """Raise :class:`ConfigError` on ``dataset`` unless ``name`` is a known dataset name (and, for
+    the IDX datasets, unless its files are found or may be downloaded)."""
     if not isinstance(name, str):
         raise ConfigError("dataset", f"must be a string, got {name!r}")
     if name.startswith("imagefolder:"):
         _folder_path(name, data_root)
         return
-    if name not in ("digits", "synthetic", "cifar10", "cifar100"):
+    if name not in _NAMED:
         raise ConfigError("dataset", f"unknown dataset {name!r}; known: {list(DATASET_NAMES)}")
+    if name in _IDX and not allow_download and find_idx_folder(name, data_root) is None:
+        raise ConfigError("dataset", idx_missing_message(name, data_root))
+
+
+def idx_locations(name: str, data_root: str | Path | None = None) -> list[Path]:
+    """Folders searched, in order, for an IDX dataset's four files (``.gz`` or not):
+    ``<root>/<name>/``, torchvision's ``<root>/<Name>/raw/``, then Debian's ``/usr/share/datasets/<name>/``."""
+    folder, tv, _ = _IDX[name]
+    root = Path(data_root or default_data_root())
+    return [root / folder, root / tv / "raw", system_datasets_dir() / folder]
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_idx_folder(name: str, data_root: str | Path | None = None) -> Path | None:
+    """The first of :func:`idx_locations` that holds all four files, or None."""
+    stems = [*_IDX_FILES[True], *_IDX_FILES[False]]
+    for folder in idx_locations(name, data_root):
+        if all(_idx_file(folder, s) is not None for s in stems):
+            return folder
+    return None
+
+
+def idx_missing_message(name: str, data_root: str | Path | None = None) -> str:
+    _, _, package = _IDX[name]
+    looked = ", ".join(str(p) for p in idx_locations(name, data_root))
+    files = ", ".join(f"{s}.gz" for s in (*_IDX_FILES[True], *_IDX_FILES[False]))
+    how = f"install them with `apt-get install {package}`, or " if package else ""
+    return (f"{name}: its IDX files were not found (looked in {looked}); {how}copy the four files ({files}) "
+            f"into the first folder, or allow downloads (torchvision's {_IDX[name][1]} downloader)")
 
 
 @dataclass
@@ -117,6 +169,43 @@ def _synthetic(train: bool, image_size: int, n: int = 512, classes: int = 10) ->
     return Split(TensorImages((x * 255).to(torch.uint8), y), classes, "synthetic")
 
 
+def _fit_size(x: Tensor, image_size: int) -> Tensor:
+    """uint8 [N, 1, 28, 28] to ``image_size``: zero-padded (centred) from 28 to 36 px, resized otherwise."""
+    h = x.shape[-1]
+    if h <= image_size <= h + 8:
+        lo = (image_size - h) // 2
+        return F.pad(x, (lo, image_size - h - lo, lo, image_size - h - lo))
+    y = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    return y.round().clamp(0, 255).to(torch.uint8)
+
+
+def _idx_dataset(name: str, train: bool, image_size: int, root: Path, allow_download: bool) -> Split:
+    from ssql_core.idx import IDXError, read_idx
+
+    folder = find_idx_folder(name, root)
+    if folder is None:
+        if not allow_download:
+            raise ConfigError("dataset", idx_missing_message(name, root))
+        from torchvision.datasets import MNIST, FashionMNIST
+
+        (FashionMNIST if name == "fashion_mnist" else MNIST)(str(root), train=train, download=True)
+        folder = root / _IDX[name][1] / "raw"
+    img_stem, lbl_stem = _IDX_FILES[train]
+    img_path, lbl_path = _idx_file(folder, img_stem), _idx_file(folder, lbl_stem)
+    assert img_path is not None and lbl_path is not None
+    try:
+        images, labels = read_idx(img_path, 3), read_idx(lbl_path, 1)
+    except IDXError as e:
+        raise ConfigError("dataset", f"{name}: {e}") from None
+    if len(images) != len(labels):
+        raise ConfigError("dataset", f"{name}: {img_path} has {len(images)} images but {lbl_path} has {len(labels)} labels")
+    if labels.size and int(labels.max()) > 9:
+        raise ConfigError("dataset", f"{name}: {lbl_path} has label {int(labels.max())}, expected 0..9")
+    x = _fit_size(torch.from_numpy(images.copy()).unsqueeze(1), image_size)
+    # grayscale replicated to 3 channels (a view), so backbones keep torchvision's 3-channel stem
+    return Split(TensorImages(x.expand(-1, 3, -1, -1), torch.from_numpy(labels.astype(np.int64))), 10, name)
+
+
 def _cifar(name: str, train: bool, root: Path, allow_download: bool) -> Split:
     from torchvision.datasets import CIFAR10, CIFAR100
 
@@ -168,12 +257,14 @@ def _pil_rgb(path: str) -> Any:
 def load_split(name: str, train: bool, image_size: int = 32, data_root: str | Path | None = None,
                allow_download: bool = False, max_samples: int | None = None, seed: int = 0) -> Split:
     """Load one split of a named dataset; ``max_samples`` keeps a seeded random subset."""
-    check_dataset_name(name, data_root)
+    check_dataset_name(name, data_root, allow_download)
     root = Path(data_root or default_data_root())
     if name == "digits":
         split = _digits(train, image_size)
     elif name == "synthetic":
         split = _synthetic(train, image_size)
+    elif name in _IDX:
+        split = _idx_dataset(name, train, image_size, root, allow_download)
     elif name in ("cifar10", "cifar100"):
         split = _cifar(name, train, root, allow_download)
     else:

@@ -10,7 +10,13 @@ seeded choice), features = the quantized last block output average-pooled in FP.
   un-augmented training images computed once per bit-width (fast, no augmentation);
 * ``protocol="knn"``: weighted kNN (k, T, cosine) on the same cached features.
 
-Each result row names bits, protocol, path, top1 (%), calibration images and epochs.
+Activation ranges come from ``calibration`` (:mod:`ssql_core.calibration`: minmax, the reference's
+one augmented batch, percentile, MSE), on the FP network or, with ``calib_weights="quantized"``,
+on the network with quantized weights. ``probe="bn"`` puts a parameter-free BatchNorm before the
+linear layer (as the SimSiam and MAE linear protocols do); it is folded into the saved layer.
+
+Each result row names bits, protocol, path, probe, calibration, top1 (%), calibration images,
+epochs and the probe's training loss (per-epoch means in ``loss_curve``).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from ssql_core.bits import parse_bits
+from ssql_core.calibration import calibrate_ranges
 from ssql_core.config import EvalConfig
 from ssql_core.data import (
     SeededViews,
@@ -52,6 +59,14 @@ def calibrate(backbone: nn.Module, ctx: QuantContext, images: DataLoader, device
             backbone(to_input(x, device, False))
             n += len(x)
     return n
+
+
+def reference_calibration_images(train: Any, image_size: int, stats_key: str, images: int, seed: int) -> DataLoader:
+    """The reference code's calibration: one batch of ``images`` training images drawn at random,
+    with the linear-training augmentation (RandomResizedCrop 0.8-1 + flip), seeded."""
+    aug = SeededViews(train, linear_train_transform(image_size, stats_key), seed, n_views=1, with_label=True)
+    idx = torch.randperm(len(aug), generator=torch.Generator().manual_seed(seed))[:images].tolist()
+    return DataLoader(Subset(aug, idx), batch_size=len(idx))
 
 
 def calibration_images(plain: Any, images: int, seed: int, batch_size: int = 256) -> DataLoader:
@@ -102,27 +117,54 @@ def _lr_at(cfg: EvalConfig, epoch: int) -> float:
     return cfg.lr * 0.1**drops
 
 
+def make_probe(feat_dim: int, num_classes: int, probe: str) -> nn.Module:
+    """The classifier being trained: a linear layer, after a parameter-free BatchNorm for ``"bn"``."""
+    linear = nn.Linear(feat_dim, num_classes)
+    return nn.Sequential(nn.BatchNorm1d(feat_dim, affine=False), linear) if probe == "bn" else linear
+
+
+@torch.no_grad()
+def fold_probe(probe: nn.Module) -> nn.Linear:
+    """One linear layer computing what the (eval-mode) probe computes: BN folded into it."""
+    if isinstance(probe, nn.Linear):
+        return probe
+    bn, linear = probe[0], probe[1]
+    inv = (bn.running_var + bn.eps).rsqrt()
+    out = nn.Linear(linear.in_features, linear.out_features).to(linear.weight.device)
+    out.weight.copy_(linear.weight * inv)
+    out.bias.copy_(linear.bias - (linear.weight * inv) @ bn.running_mean)
+    return out
+
+
 def train_linear_cached(train_f: Tensor, train_y: Tensor, num_classes: int, cfg: EvalConfig, on_epoch: Any) -> nn.Linear:
     g = torch.Generator().manual_seed(cfg.seed)
-    head = nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
+    torch.manual_seed(cfg.seed)
+    head = make_probe(train_f.shape[1], num_classes, cfg.probe).to(train_f.device)
+    head.train()
     opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     for epoch in range(cfg.epochs):
         for pg in opt.param_groups:
             pg["lr"] = _lr_at(cfg, epoch)
         perm = torch.randperm(len(train_f), generator=g).to(train_f.device)
+        total, batches = 0.0, 0
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
+            if len(idx) < 2 and cfg.probe == "bn":
+                continue
             loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        on_epoch(epoch, loss.item())
-    return head
+            total, batches = total + loss.item(), batches + 1
+        on_epoch(epoch, total / max(batches, 1))
+    return fold_probe(head.eval())
 
 
 def train_linear_augmented(backbone: nn.Module, data: SeededViews, num_classes: int, cfg: EvalConfig,
                            device: torch.device, on_epoch: Any) -> nn.Linear:
-    head = nn.Linear(backbone_feat_dim(backbone), num_classes).to(device)
+    torch.manual_seed(cfg.seed)
+    head = make_probe(backbone_feat_dim(backbone), num_classes, cfg.probe).to(device)
+    head.train()
     opt = torch.optim.SGD(head.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed)
     backbone.eval()
@@ -130,7 +172,9 @@ def train_linear_augmented(backbone: nn.Module, data: SeededViews, num_classes: 
         data.set_epoch(epoch)
         for pg in opt.param_groups:
             pg["lr"] = _lr_at(cfg, epoch)
-        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g, num_workers=cfg.num_workers)
+        loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=g, num_workers=cfg.num_workers,
+                            drop_last=cfg.probe == "bn" and len(data) > cfg.batch_size)
+        total, batches = 0.0, 0
         for x, y in loader:
             with torch.no_grad():
                 f = backbone(to_input(x, device, False)).float()
@@ -138,8 +182,9 @@ def train_linear_augmented(backbone: nn.Module, data: SeededViews, num_classes: 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        on_epoch(epoch, loss.item())
-    return head
+            total, batches = total + loss.item(), batches + 1
+        on_epoch(epoch, total / max(batches, 1))
+    return fold_probe(head.eval())
 
 
 def backbone_feat_dim(backbone: nn.Module) -> int:
@@ -161,7 +206,7 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
     backbone = method.backbone.to(device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
-    ctx = bind_context(backbone)
+    ctx = bind_context(backbone, QuantContext(rounding=pcfg.rounding))
     dataset = cfg.dataset or pcfg.dataset
     size = pcfg.image_size
     train = load_split(dataset, True, size, cfg.data_root, cfg.allow_download, cfg.max_samples, cfg.seed)
@@ -169,7 +214,10 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
     ttf = test_transform(size, train.stats_key)
     train_plain = materialize(Transformed(train.data, ttf))
     test_plain = materialize(Transformed(test.data, ttf))
-    calib_loader = calibration_images(train_plain, cfg.calib_images, cfg.seed, cfg.batch_size)
+    if cfg.calibration == "reference":
+        calib_loader = reference_calibration_images(train.data, size, train.stats_key, cfg.calib_images, cfg.seed)
+    else:
+        calib_loader = calibration_images(train_plain, cfg.calib_images, cfg.seed, cfg.batch_size)
 
     def loader(ds: Any) -> DataLoader:
         return DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
@@ -180,9 +228,13 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
     t0 = time.perf_counter()
     for bi, bits_str in enumerate(cfg.bits):
         bits = parse_bits(bits_str)
-        calib_n = 0 if bits.is_fp else calibrate(backbone, ctx, calib_loader, device)
+        calib_n = 0 if bits.is_fp else calibrate_ranges(
+            backbone, ctx, calib_loader, device, bits, cfg.calibration, cfg.calib_percentile,
+            quantized_weights=cfg.calib_weights == "quantized", seed=cfg.seed)
+        curve: list[float] = []
 
-        def on_epoch(epoch: int, loss: float, bi: int = bi, bits_str: str = bits_str) -> None:
+        def on_epoch(epoch: int, loss: float, bi: int = bi, bits_str: str = bits_str, curve: list[float] = curve) -> None:
+            curve.append(loss)
             done = bi + (epoch + 1) / cfg.epochs
             _report(hooks, cfg, "linear", done, n_bits, t0, loss, {"bits_index": bi})
             if hooks.should_stop():
@@ -212,7 +264,11 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
             "top1": round(top1, 3), "calib_images": calib_n,
             "epochs": 0 if cfg.protocol == "knn" else cfg.epochs,
             "dataset": dataset, "train_images": len(train.data), "test_images": len(test.data),
-            **({"knn_k": cfg.knn_k, "knn_t": cfg.knn_t} if cfg.protocol == "knn" else {"lr": cfg.lr}),
+            "calibration": cfg.calibration, "calib_weights": cfg.calib_weights,
+            **({"calib_percentile": cfg.calib_percentile} if cfg.calibration == "percentile" else {}),
+            **({"knn_k": cfg.knn_k, "knn_t": cfg.knn_t} if cfg.protocol == "knn" else
+               {"lr": cfg.lr, "probe": cfg.probe, "train_loss": round(curve[-1], 4) if curve else None,
+                "loss_curve": [round(v, 4) for v in curve]}),
         })
     if workdir is not None and heads:
         from ssql_core.checkpoint import save_atomic

@@ -179,13 +179,22 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_backbone(name: str, stem: str = "imagenet", width: float = 1.0) -> nn.Module:
+def build_backbone(name: str, stem: str = "imagenet", width: float = 1.0, init: str = "torchvision") -> nn.Module:
+    """A backbone by name. ``init="torchvision"``: torchvision's initialisation (kaiming-normal
+    fan_out convolutions); ``"pytorch"``: every layer's own ``reset_parameters`` (nn.Conv2d's
+    kaiming-uniform with a=sqrt(5)), as the reference implementation leaves its ResNets."""
+    if init not in ("torchvision", "pytorch"):
+        raise ValueError(f"init must be 'torchvision' or 'pytorch', got {init!r}")
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}")
     if stem not in ("cifar", "imagenet"):
         raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
     model = BACKBONES[name](stem=stem, width=width)
     model.arch = {"name": name, **model.arch}
+    if init == "pytorch":
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+                m.reset_parameters()
     return model
 
 

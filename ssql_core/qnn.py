@@ -40,8 +40,11 @@ STEP, FIXED8 = "step", "fixed8"
 class QuantContext:
     """The switch every quant point of one model reads (see module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rounding: str | None = "reciprocal", weight_scale_grad: str | None = "detached") -> None:
         self.mode = Mode.FP
+        #: the quantizer's behaviours (PretrainConfig fields of the same names; None = ours)
+        self.rounding = rounding or "reciprocal"
+        self.weight_scale_grad = weight_scale_grad or "detached"
         self.quant_w = True
         self.quant_a = True
         self.w_bits = torch.tensor(8.0)
@@ -135,12 +138,12 @@ def _cached_quant_weight(m: nn.Conv2d | nn.Linear, ctx: QuantContext) -> Tensor:
     """
     bits = ctx.weight_bits(m.role)  # type: ignore[attr-defined]
     if ctx.generation == 0 or torch.compiler.is_compiling():
-        return quantize_weight(m.weight, bits)
+        return quantize_weight(m.weight, bits, ctx.weight_scale_grad, ctx.rounding)
     key = (id(ctx), ctx.generation, id(m.weight), m.weight._version)
     cache = m.__dict__.get("_wq_cache")
     if cache is not None and cache[0] == key:
         return cache[1]
-    wq = quantize_weight(m.weight, bits)
+    wq = quantize_weight(m.weight, bits, ctx.weight_scale_grad, ctx.rounding)
     m.__dict__["_wq_cache"] = (key, wq)
     return wq
 
@@ -192,7 +195,7 @@ class ActQuant(nn.Module, _QuantPoint):
                 torch.maximum(self.hi, hi.float(), out=self.hi)
             return x
         if ctx.mode is Mode.QUANT and ctx.quant_a:
-            return quantize_activation(x, ctx.act_bits(self.role), self.lo, self.hi)
+            return quantize_activation(x, ctx.act_bits(self.role), self.lo, self.hi, ctx.rounding)
         return x
 
     def extra_repr(self) -> str:

@@ -26,11 +26,13 @@ class _RoundClampSTE(torch.autograd.Function):
     """``clamp(round(x / s) + z, qmin, qmax)`` dequantized, with the boundary-inclusive STE mask."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, zero: Tensor, qmin: Tensor | float, qmax: Tensor | float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, scale: Tensor, zero: Tensor, qmin: Tensor | float, qmax: Tensor | float,  # type: ignore[override]
+                divide: bool = False) -> Tensor:
         # x * (1/s), as torch.fake_quantize_* computes it: the extreme weight of each channel sits
-        # exactly on a .5 tie, so the two spellings of "x / s" can round it differently.
+        # exactly on a .5 tie, so the two spellings of "x / s" can round it differently
+        # (``divide=True`` is the reference implementation's x / s).
         # In-place after the first op: on CPU every fresh activation-sized buffer costs page faults.
-        q = x * (1.0 / scale)
+        q = x / scale if divide else x * (1.0 / scale)
         q.round_().add_(zero)
         inside = q >= qmin
         inside &= q <= qmax
@@ -42,12 +44,24 @@ class _RoundClampSTE(torch.autograd.Function):
         (inside,) = ctx.saved_tensors
         # bool -> float first: multiplying by a bool (or torch.where / masked_fill) takes a slow
         # path on channels_last tensors, about 7x slower on CPU
-        return grad * inside.to(grad.dtype), None, None, None, None
+        return grad * inside.to(grad.dtype), None, None, None, None, None
 
 
-def weight_scale(w: Tensor, bits: int | Tensor) -> Tensor:
-    """Per-output-channel symmetric scale, shaped to broadcast against ``w`` (detached)."""
-    w = w.detach().float()
+def _attached_scale_quant(x: Tensor, scale: Tensor, qmin: Tensor | float, qmax: Tensor | float, divide: bool) -> Tensor:
+    """The reference's weight quantizer: ``clamp(round_ste(x / s)) * s`` with ``s`` not detached,
+    so autograd also carries each channel's gradient through its scale to its largest weight
+    (d/ds = round(x/s) - x/s inside the range, the clamp bound outside). The straight-through mask
+    is boundary-inclusive, as ``torch.clamp`` with scalar bounds (the paper's) passes the gradient
+    at its bounds; tensor bounds would halve it there."""
+    v = x / scale if divide else x * (1.0 / scale)
+    r = torch.round(v).detach()
+    inside = ((r >= qmin) & (r <= qmax)).to(x.dtype)
+    return (torch.clamp(r, qmin, qmax) + inside * (v - v.detach())) * scale
+
+
+def weight_scale(w: Tensor, bits: int | Tensor, detach: bool = True) -> Tensor:
+    """Per-output-channel symmetric scale, shaped to broadcast against ``w`` (detached unless asked)."""
+    w = w.detach().float() if detach else w.float()
     dims = tuple(range(1, w.dim()))  # reducing in place: reshape would copy a channels_last weight
     maxabs = torch.maximum(torch.amin(w, dim=dims).abs(), torch.amax(w, dim=dims))
     b = _as_float(bits, w)
@@ -73,9 +87,20 @@ def _eager(bits: int | Tensor) -> bool:
     return isinstance(bits, int) and not torch.compiler.is_compiling()
 
 
-def quantize_weight(w: Tensor, bits: int | Tensor) -> Tensor:
-    """Fake-quantize ``w`` per output channel at ``bits`` (SPEC 2), straight-through gradient."""
+def quantize_weight(w: Tensor, bits: int | Tensor, scale_grad: str = "detached", rounding: str = "reciprocal") -> Tensor:
+    """Fake-quantize ``w`` per output channel at ``bits`` (SPEC 2), straight-through gradient.
+
+    ``scale_grad="attached"`` and ``rounding="divide"`` are the reference implementation's
+    behaviours (config fields ``weight_scale_grad`` and ``rounding``)."""
+    divide = rounding == "divide"
+    if scale_grad == "attached":
+        qmin, qmax = weight_int_range(bits, w)
+        return _attached_scale_quant(w.float(), weight_scale(w, bits, detach=False), qmin, qmax, divide).to(w.dtype)
     scale = weight_scale(w, bits)
+    if divide:
+        qmin, qmax = weight_int_range(bits, w)
+        zero = torch.zeros((), device=w.device, dtype=torch.float32)
+        return _RoundClampSTE.apply(w.float(), scale, zero, qmin, qmax, True).to(w.dtype)
     if _eager(bits):
         zeros = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
         out = torch.fake_quantize_per_channel_affine(w.float(), scale.reshape(-1), zeros, 0, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
@@ -86,11 +111,12 @@ def quantize_weight(w: Tensor, bits: int | Tensor) -> Tensor:
     return out.to(w.dtype)
 
 
-def weight_to_int(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def weight_to_int(w: Tensor, bits: int, rounding: str = "reciprocal") -> tuple[Tensor, Tensor]:
     """Integer weights and per-channel scales (flat, float32) such that ``w_hat = w_int * scale``."""
     scale = weight_scale(w, bits)
     qmin, qmax = weight_int_range(bits, w)
-    w_int = torch.clamp(torch.round(w.detach().float() * (1.0 / scale)), qmin, qmax)
+    v = w.detach().float() / scale if rounding == "divide" else w.detach().float() * (1.0 / scale)
+    w_int = torch.clamp(torch.round(v), qmin, qmax)
     return w_int.to(torch.int8), scale.reshape(-1)
 
 
@@ -105,13 +131,14 @@ def activation_qparams(bits: int | Tensor, lo: Tensor, hi: Tensor) -> tuple[Tens
     return scale, zero, qmax
 
 
-def quantize_activation(x: Tensor, bits: int | Tensor, lo: Tensor | float, hi: Tensor | float) -> Tensor:
+def quantize_activation(x: Tensor, bits: int | Tensor, lo: Tensor | float, hi: Tensor | float, rounding: str = "reciprocal") -> Tensor:
     """Fake-quantize ``x`` per tensor for the range ``[lo, hi]`` at ``bits`` (SPEC 2), STE."""
+    divide = rounding == "divide"
     lo_t = torch.as_tensor(lo, dtype=torch.float32, device=x.device)
     hi_t = torch.as_tensor(hi, dtype=torch.float32, device=x.device)
     scale, zero, qmax = activation_qparams(bits, lo_t, hi_t)
     if _eager(bits):  # Python bounds: clamp/compare with scalars are ~3x faster than with tensors
-        out = _RoundClampSTE.apply(x.float(), scale, zero, 0.0, float(2**bits - 1))
+        out = _RoundClampSTE.apply(x.float(), scale, zero, 0.0, float(2**bits - 1), divide)
     else:
-        out = _RoundClampSTE.apply(x.float(), scale, zero, torch.zeros_like(qmax), qmax)
+        out = _RoundClampSTE.apply(x.float(), scale, zero, torch.zeros_like(qmax), qmax, divide)
     return out.to(x.dtype)

@@ -68,7 +68,7 @@ class DistillConfig:
         if self.bn not in BN_MODES:
             raise ConfigError("bn", f"must be one of {list(BN_MODES)}, got {self.bn!r}")
         if self.dataset is not None:
-            check_dataset_name(self.dataset, self.data_root)
+            check_dataset_name(self.dataset, self.data_root, self.allow_download)
         _check_range("epochs", self.epochs, 1, MAX_EPOCHS)
         _check_range("batch_size", self.batch_size, 2, MAX_BATCH)
         _check_range("lr", self.lr, 1e-8, 10.0, float)

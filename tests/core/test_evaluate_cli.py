@@ -82,7 +82,7 @@ def test_cli_bad_input_says_how_to_fix(tmp_path, capsys):
     assert main(["eval", "--checkpoint", "x.pt", "--bits", "fp,9w4a"]) == 2
     err = capsys.readouterr().err
     assert "bits" in err and "accepted" in err
-    assert main(["pretrain", "--dataset", "mnist", "--out", str(tmp_path)]) == 2
+    assert main(["pretrain", "--dataset", "svhn", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "dataset" in err and "known" in err
     assert main(["pretrain", "--opt", "queue_size", "--out", str(tmp_path)]) == 2

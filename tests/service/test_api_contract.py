@@ -16,7 +16,7 @@ def _field(resp: httpx.Response) -> list:
 @pytest.mark.parametrize(
     ("patch", "loc", "words"),
     [
-        ({"dataset": "mnist"}, ["body", "dataset"], "unknown dataset"),
+        ({"dataset": "svhn"}, ["body", "dataset"], "unknown dataset"),
         ({"backbone": "vgg16"}, ["body", "backbone"], "unknown backbone"),
         ({"method": "dino"}, ["body", "method"], "unknown method"),
         ({"epochs": 0}, ["body", "epochs"], "between"),
