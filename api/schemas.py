@@ -32,7 +32,7 @@ class PretrainRequest(BaseModel):
     kind: Literal["pretrain"]
     method: str | None = None
     backbone: str | None = None
-    dataset: str | None = Field(None, description="digits, synthetic, cifar10, cifar100 or imagefolder:<name>")
+    dataset: str | None = Field(None, description="digits, synthetic, fashion_mnist, mnist, cifar10, cifar100 or imagefolder:<name>")
     epochs: Int | None = None
     batch_size: Int | None = None
     lr: Number | None = None
@@ -40,6 +40,12 @@ class PretrainRequest(BaseModel):
     momentum: Number | None = None
     seed: Int | None = None
     image_size: Int | None = None
+    preset: Literal["reference"] | None = Field(
+        None, description="'reference': the authors' code's quantizer behaviours (weight_scale_grad attached, "
+        "rounding divide, init pytorch); a field given explicitly wins")
+    weight_scale_grad: Literal["detached", "attached"] | None = Field(None, description="default detached")
+    rounding: Literal["reciprocal", "divide"] | None = Field(None, description="x * (1/s) (default) or x / s")
+    init: Literal["torchvision", "pytorch"] | None = Field(None, description="default torchvision (kaiming-normal)")
     width: Number | None = None
     max_samples: Int | None = None
     w_bits: list[Int] | None = None
@@ -81,6 +87,14 @@ class EvalRequest(BaseModel):
     momentum: Number | None = None
     lr_milestones: list[Number] | None = None
     calib_images: Int | None = None
+    calibration: Literal["minmax", "reference", "percentile", "mse"] | None = Field(
+        None, description="activation ranges: minmax (default, the paper), reference (one augmented training batch), "
+        "percentile (calib_percentile per point), mse (least quantization MSE per point)")
+    calib_percentile: Number | None = Field(None, description="percentile calibration's percentile, 50-100 (default 99.99)")
+    calib_weights: Literal["fp", "quantized"] | None = Field(
+        None, description="ranges recorded on the FP network (default) or with the weights already quantized")
+    probe: Literal["linear", "bn"] | None = Field(
+        None, description="linear (the paper) or bn: a parameter-free BatchNorm before the linear layer")
     knn_k: Int | None = None
     knn_t: Number | None = None
     seed: Int | None = None
@@ -125,6 +139,9 @@ class ExportRequest(BaseModel):
 
     bits: list[Any]
     formats: list[Any] | None = None
+    calibration: Literal["minmax", "reference", "percentile", "mse"] | None = Field(
+        None, description="activation range rule of the files (default: minmax, or the source evaluation's)")
+    calib_percentile: Number | None = None
 
 
 JobRequest = Annotated[PretrainRequest | EvalRequest | DistillRequest, Field(discriminator="kind")]

@@ -186,9 +186,17 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None) -> dict[
     """
     from ssql_core.export import FORMATS
 
-    unknown = sorted(set(body) - {"bits", "formats"})
+    from ssql_core.config import CALIBRATIONS
+
+    unknown = sorted(set(body) - {"bits", "formats", "calibration", "calib_percentile"})
     if unknown:
-        raise FieldError(("body", unknown[0]), "unknown field; accepted: ['bits', 'formats']")
+        raise FieldError(("body", unknown[0]), "unknown field; accepted: ['bits', 'formats', 'calibration', 'calib_percentile']")
+    calibration, percentile = body.get("calibration"), body.get("calib_percentile")
+    if calibration is not None and calibration not in CALIBRATIONS:
+        raise FieldError(("body", "calibration"), f"must be one of {list(CALIBRATIONS)}, got {calibration!r}")
+    if percentile is not None and (isinstance(percentile, bool) or not isinstance(percentile, (int, float))
+                                   or not 50.0 <= percentile <= 100.0):
+        raise FieldError(("body", "calib_percentile"), f"must be a number between 50 and 100, got {percentile!r}")
     bits = bits_list(("body", "bits"), body.get("bits"), allow_empty=False)
     formats = body.get("formats", ["safetensors"])
     if not isinstance(formats, list) or not formats or not all(isinstance(f, str) for f in formats):
@@ -212,8 +220,8 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None) -> dict[
             raise FieldError(("body", "bits"), f"the eval job trained heads at {config.get('bits')} only, not at {missing}; "
                              "export the backbone from its pretrain job instead")
     pretrain_job = source["id"] if source["kind"] == "pretrain" else source["source_job_id"]
-    return {"config": {"bits": bits, "formats": formats}, "source_job": source["id"], "source_kind": source["kind"],
-            "pretrain_job": pretrain_job}
+    return {"config": {"bits": bits, "formats": formats, "calibration": calibration, "calib_percentile": percentile},
+            "source_job": source["id"], "source_kind": source["kind"], "pretrain_job": pretrain_job}
 
 
 def distill_spec(body: dict[str, Any], settings: Settings, source: Any) -> dict[str, Any]:

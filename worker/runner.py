@@ -8,6 +8,7 @@ SIGTERM asks the run to stop at the next step (ssql_core raises ``Cancelled``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -44,6 +45,38 @@ class EventHooks(Hooks):
 
     def on_checkpoint(self, path: Path, epoch: int, step: int) -> None:
         self.emit("checkpoint", path=str(path), epoch=epoch, step=step)
+
+
+class CorruptArtifact(SSQLError):
+    """A server file this job reads does not match the sha256 registered when its job succeeded."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_inputs(job: dict[str, Any]) -> None:
+    """Check the source files (``checkpoint``: the pretrain's last.pt, ``heads``: the eval's
+    heads.pt) against the digests the API pinned in ``config.input_sha256`` (removed from the
+    config here, before the library sees it). A mismatch raises :class:`CorruptArtifact`."""
+    expected = job["config"].pop("input_sha256", None) or {}
+    paths = dict(job.get("paths") or {})
+    if job["kind"] == "eval":
+        paths["checkpoint"] = job["config"].get("checkpoint")
+    for name, digest in expected.items():
+        path = paths.get(name)
+        if not path:
+            continue
+        actual = _sha256(Path(path))
+        if actual != digest:
+            raise CorruptArtifact(
+                f"the {Path(path).name} of the source job has changed on disk since it was written "
+                f"(sha256 {actual}, registered {digest}); it is corrupt: run the job that wrote it again"
+            )
 
 
 class ExportFailed(SSQLError):
@@ -99,7 +132,8 @@ def _run_export(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
     for fmt in config["formats"]:
         with _exporting():
             written = export_checkpoints(paths["checkpoint"], config["bits"], workdir / "exports", fmt=fmt, heads=heads,
-                                         source_job=job.get("pretrain_job"), device=config.get("device", "cpu"))
+                                         source_job=job.get("pretrain_job"), device=config.get("device", "cpu"),
+                                         calibration=config.get("calibration"), calib_percentile=config.get("calib_percentile"))
         for p, b in zip(written, config["bits"], strict=True):
             outputs.append(_output(p, workdir, b, fmt, owner="source"))
             files.append({"bits": b, "format": fmt, "file": p.name})
@@ -131,6 +165,8 @@ def _run_distill(job: dict[str, Any], workdir: Path, hooks: EventHooks) -> dict[
 
 def _run(job: dict[str, Any], hooks: EventHooks) -> dict[str, Any]:
     kind, workdir, config = job["kind"], Path(job["workdir"]), job["config"]
+    if kind != "pretrain":
+        verify_inputs(job)
     if kind == "pretrain":
         from ssql_core.config import PretrainConfig
         from ssql_core.train import pretrain
@@ -257,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except ExportFailed as e:
         hooks.emit("error", code="export_error", message=str(e), retryable=False)
+        return EXIT_ERROR
+    except CorruptArtifact as e:
+        hooks.emit("error", code="corrupt_artifact", field="source_job", message=str(e), retryable=False)
         return EXIT_ERROR
     except SSQLError as e:
         hooks.emit("error", code="training_error", message=str(e), retryable=False)

@@ -65,11 +65,12 @@ def _head_for(state: dict[str, Any], path: str | Path, bits: str, feat_dim: int)
 
 def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path, fmt: str = "safetensors",
                        calib: Calibration = None, heads: str | Path | None = None, source_job: str | None = None,
-                       device: str = "cpu") -> list[Path]:
+                       device: str = "cpu", calibration: str | None = None, calib_percentile: float | None = None) -> list[Path]:
     """:func:`export_checkpoint` for several bit-widths, loading and calibrating once.
 
-    Activation ranges do not depend on the bit-width (they are recorded in FP), so one calibration
-    serves every file.
+    Min-max and percentile ranges recorded in FP do not depend on the bit-width, so one calibration
+    serves every file; ``mse`` or quantized-weight calibration runs once per file.
+    ``calibration`` / ``calib_percentile`` override the range rule of the (default) spec.
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
@@ -88,13 +89,23 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
             calib = CalibrationSpec.from_eval(ecfg)
         for b in parsed:  # refuse before any work
             _head_for(heads_state, heads, str(b), int(backbone.feat_dim))
-    if any(not b.is_fp for b in parsed):
-        info["calibration"] = run_calibration(backbone, bind_context(backbone), calib, pcfg, dev)
+    if calibration is not None:
+        if calib is None:
+            calib = CalibrationSpec()
+        if not isinstance(calib, CalibrationSpec):
+            raise ValueError("calibration= applies to a CalibrationSpec, not to caller-supplied batches")
+        calib = calib.with_method(calibration, calib_percentile)
+    per_bits = isinstance(calib, CalibrationSpec) and calib.per_bits
+    ctx = bind_context(backbone)
+    if any(not b.is_fp for b in parsed) and not per_bits:
+        info["calibration"] = run_calibration(backbone, ctx, calib, pcfg, dev)
     backbone = backbone.cpu()
     info["source"] = {"job": source_job, "checkpoint": Path(source).name, "method": pcfg.method, "dataset": pcfg.dataset,
                       "image_size": pcfg.image_size, "pretrain_config": pcfg.to_dict()}
     paths = []
     for b in parsed:
+        if per_bits and not b.is_fp:
+            info["calibration"] = run_calibration(backbone, ctx, calib, pcfg, torch.device("cpu"), str(b))
         head, extra = None, {}
         if heads_state is not None:
             head, hinfo = _head_for(heads_state, heads, str(b), int(backbone.feat_dim))  # type: ignore[arg-type]

@@ -1,7 +1,9 @@
 """Where an exported checkpoint's activation ranges come from, recorded in its manifest.
 
 Default: the evaluation protocol's calibration (SPEC 6.2): a seeded random subset of
-``images`` training images of the pretrain run's dataset, test transform, FP forwards in eval mode.
+``images`` training images of the pretrain run's dataset, test transform, FP forwards in eval mode,
+min-max ranges. ``method`` picks another range rule (:mod:`ssql_core.calibration`); ``mse`` and
+``weights="quantized"`` depend on the bit-width, so export then calibrates once per file.
 With an evaluation's ``heads.pt`` the defaults are that evaluation's settings, so the exported
 classifier reproduces the ranges its linear head was trained on.
 """
@@ -12,13 +14,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ssql_core.config import EvalConfig, PretrainConfig
+from ssql_core.calibration import calibrate_ranges
+from ssql_core.config import CALIBRATIONS, EvalConfig, PretrainConfig
 from ssql_core.data import Transformed, load_split, test_transform
-from ssql_core.evaluate import calibrate, calibration_images
+from ssql_core.evaluate import calibrate, calibration_images, reference_calibration_images
 from ssql_core.qnn import QuantContext
 
 
@@ -33,12 +38,35 @@ class CalibrationSpec:
     data_root: str | None = None
     allow_download: bool = False
     batch_size: int = 128
+    #: range rule: minmax (SPEC 6), reference, percentile, mse (EvalConfig.calibration)
+    method: str = "minmax"
+    percentile: float = 99.99
+    #: "fp" (the paper) or "quantized": ranges recorded with the weights quantized at the file's bits
+    weights: str = "fp"
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATIONS:
+            raise ValueError(f"calibration method must be one of {list(CALIBRATIONS)}, got {self.method!r}")
+        if self.weights not in ("fp", "quantized"):
+            raise ValueError(f"calibration weights must be 'fp' or 'quantized', got {self.weights!r}")
+
+    @property
+    def per_bits(self) -> bool:
+        """Whether the ranges depend on the bit-width (then each file is calibrated on its own)."""
+        return self.method == "mse" or self.weights == "quantized"
+
+    def with_method(self, method: str | None, percentile: float | None = None) -> CalibrationSpec:
+        if method is None:
+            return self
+        return dataclasses.replace(self, method=method, percentile=self.percentile if percentile is None else percentile)
 
     @classmethod
     def from_eval(cls, cfg: EvalConfig) -> CalibrationSpec:
         """The calibration :func:`ssql_core.evaluate.evaluate` ran with ``cfg``."""
         return cls(dataset=cfg.dataset, images=cfg.calib_images, seed=cfg.seed, max_samples=cfg.max_samples,
-                   data_root=cfg.data_root, allow_download=cfg.allow_download, batch_size=min(cfg.batch_size, 256))
+                   data_root=cfg.data_root, allow_download=cfg.allow_download, batch_size=min(cfg.batch_size, 256),
+                   method=getattr(cfg, "calibration", "minmax"), percentile=getattr(cfg, "calib_percentile", 99.99),
+                   weights=getattr(cfg, "calib_weights", "fp"))
 
 
 #: what ``export_checkpoint(calib=...)`` accepts: a spec, batches (``x`` or ``(x, y)``), or a
@@ -51,12 +79,18 @@ def calibration_loader(spec: CalibrationSpec, pcfg: PretrainConfig) -> tuple[Dat
     dataset = spec.dataset or pcfg.dataset
     split = load_split(dataset, True, pcfg.image_size, spec.data_root or pcfg.data_root, spec.allow_download,
                        spec.max_samples, spec.seed)
-    plain = Transformed(split.data, test_transform(pcfg.image_size, split.stats_key))
-    loader = calibration_images(plain, spec.images, spec.seed, spec.batch_size)
+    if spec.method == "reference":
+        loader = reference_calibration_images(split.data, pcfg.image_size, split.stats_key, spec.images, spec.seed)
+        transform = f"linear_train_transform({pcfg.image_size}, {split.stats_key!r}), seeded per (seed, 0, index)"
+    else:
+        plain = Transformed(split.data, test_transform(pcfg.image_size, split.stats_key))
+        loader = calibration_images(plain, spec.images, spec.seed, spec.batch_size)
+        transform = f"test_transform({pcfg.image_size}, {split.stats_key!r})"
     details = {"source": "dataset", "dataset": dataset, "split": "train", "images": len(loader.dataset), "seed": spec.seed,
-               "max_samples": spec.max_samples, "image_size": pcfg.image_size,
-               "transform": f"test_transform({pcfg.image_size}, {split.stats_key!r})",
-               "selection": "torch.randperm(len(split), Generator().manual_seed(seed))[:images]"}
+               "max_samples": spec.max_samples, "image_size": pcfg.image_size, "transform": transform,
+               "selection": "torch.randperm(len(split), Generator().manual_seed(seed))[:images]",
+               "method": spec.method, "weights": spec.weights,
+               **({"percentile": spec.percentile} if spec.method == "percentile" else {})}
     return loader, details
 
 
@@ -66,18 +100,22 @@ def _pairs(batches: Iterable[Any]) -> Iterable[tuple[Tensor, Any]]:
 
 
 def run_calibration(backbone: nn.Module, ctx: QuantContext, calib: Calibration, pcfg: PretrainConfig | None,
-                    device: torch.device) -> dict[str, Any]:
-    """Record ``backbone``'s activation ranges from ``calib``; returns the manifest's description."""
+                    device: torch.device, bits: str = "8w8a") -> dict[str, Any]:
+    """Record ``backbone``'s activation ranges from ``calib`` (for a file at ``bits`` when the spec's
+    ranges depend on it); returns the manifest's description."""
     if calib is None:
         calib = CalibrationSpec()
     if isinstance(calib, CalibrationSpec):
         if pcfg is None:
             raise ValueError("a CalibrationSpec needs the pretrain run's config (image size, dataset)")
         loader, details = calibration_loader(calib, pcfg)
-        details["images"] = calibrate(backbone, ctx, loader, device)
+        details["images"] = calibrate_ranges(backbone, ctx, loader, device, bits, calib.method, calib.percentile,
+                                             quantized_weights=calib.weights == "quantized", seed=calib.seed)
+        if calib.per_bits:
+            details["bits"] = bits
         return details
     batches = calib() if callable(calib) and not isinstance(calib, (DataLoader, list, tuple)) else calib
     n = calibrate(backbone, ctx, _pairs(batches), device)  # type: ignore[arg-type]
     if n == 0:
         raise ValueError("calibration produced no images")
-    return {"source": "caller-supplied batches", "images": n}
+    return {"source": "caller-supplied batches", "images": n, "method": "minmax", "weights": "fp"}

@@ -64,7 +64,7 @@ def test_backbone_export_defaults_and_calibration_choices(run: tuple[Path, list[
     batches = [torch.randn(4, 3, 16, 16) for _ in range(2)]
     own = export_checkpoint(work / "last.pt", "3w5a", tmp_path / "b", calib=lambda: iter(batches))
     cal = load_quantized(own).manifest["calibration"]
-    assert cal == {"source": "caller-supplied batches", "images": 8}
+    assert cal == {"source": "caller-supplied batches", "images": 8, "method": "minmax", "weights": "fp"}
 
 
 def test_bad_requests_refused(run: tuple[Path, list[dict]], tmp_path: Path) -> None:
@@ -121,3 +121,32 @@ def _sha(path: Path) -> str:
 
     with safe_open(str(path), "pt") as f:
         return f.metadata()["sha256"]
+
+
+@pytest.mark.parametrize("calibration", ["mse", "percentile", "reference"])
+def test_classifier_with_another_calibration_reproduces_its_evaluation(run: tuple[Path, list[dict]], tmp_path: Path,
+                                                                       calibration: str) -> None:
+    """An evaluation calibrated by MSE / percentile / the reference batch exports files with its
+    ranges: the classifier's accuracy is the evaluation's, and the manifest names the method."""
+    work, _ = run
+    ev = tmp_path / "ev"
+    rows = evaluate(EvalConfig(checkpoint=str(work / "last.pt"), bits=["4w4a", "2w8a"], epochs=3, max_samples=96, calib_images=40,
+                               seed=3, device="cpu", batch_size=64, calibration=calibration, calib_percentile=99.0), ev)
+    paths = [export_checkpoint(work / "last.pt", b, tmp_path, heads=ev / "heads.pt") for b in ("4w4a", "2w8a")]
+    for path, row in zip(paths, rows, strict=True):
+        model = load_quantized(path)
+        assert _top1(model) == pytest.approx(row["top1"], abs=1e-3)
+        assert model.manifest["calibration"]["method"] == calibration == row["calibration"]
+        if calibration == "mse":
+            assert model.manifest["calibration"]["bits"] == row["bits"]  # calibrated per file
+
+
+def test_export_calibration_override_and_bad_method(run: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    from ssql_core.export import export_checkpoints
+
+    work, _ = run
+    (p,) = export_checkpoints(work / "last.pt", ["4w4a"], tmp_path, calibration="percentile", calib_percentile=99.5)
+    cal = load_quantized(p).manifest["calibration"]
+    assert (cal["method"], cal["percentile"], cal["weights"]) == ("percentile", 99.5, "fp")
+    with pytest.raises(ValueError, match="calibration method"):
+        CalibrationSpec(method="kl")
