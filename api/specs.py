@@ -184,9 +184,8 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None) -> dict[
     evaluated with the linear protocol can be exported from it. ``width`` is the pretrain run's
     width multiplier (torchvision files need 1).
     """
-    from ssql_core.export import FORMATS
-
     from ssql_core.config import CALIBRATIONS
+    from ssql_core.export import FORMATS
 
     unknown = sorted(set(body) - {"bits", "formats", "calibration", "calib_percentile"})
     if unknown:

@@ -10,11 +10,10 @@ classifier reproduces the ranges its linear head was trained on.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
-
-import dataclasses
 
 import torch
 from torch import Tensor, nn
