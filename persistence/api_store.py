@@ -33,6 +33,11 @@ JOB_COLUMNS = (
 )
 
 
+#: ``artifacts.format`` of a file later jobs read (a pretrain's last.pt, an eval's heads.pt;
+#: ``bits`` holds the file name): registered with its sha256 so readers can verify it, but never
+#: listed nor served (docs/decisions/011)
+INPUT_FORMAT = "input"
+
 #: the longest job id (a uuid4 string; the column is String(36))
 MAX_JOB_ID_CHARS = 36
 
@@ -200,7 +205,14 @@ async def artifacts(conn: AsyncConnection, job_id: str) -> list[RowMapping]:
     stmt = select(
         Artifact.bits, Artifact.format, Artifact.path, Artifact.bytes, Artifact.sha256, Artifact.produced_by, Artifact.created_at
     )
-    return list((await conn.execute(stmt.where(Artifact.job_id == job_id).order_by(Artifact.id))).mappings().all())
+    stmt = stmt.where(Artifact.job_id == job_id, Artifact.format != INPUT_FORMAT)
+    return list((await conn.execute(stmt.order_by(Artifact.id))).mappings().all())
+
+
+async def input_digests(conn: AsyncConnection, job_id: str) -> dict[str, str]:
+    """file name -> sha256 of the registered input files (``last.pt``, ``heads.pt``) of a job."""
+    stmt = select(Artifact.bits, Artifact.sha256).where(Artifact.job_id == job_id, Artifact.format == INPUT_FORMAT)
+    return {r.bits: r.sha256 for r in (await conn.execute(stmt)).all()}
 
 
 async def source_job(conn: AsyncConnection, owner_id: int, job_id: str) -> RowMapping | None:

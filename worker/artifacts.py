@@ -10,6 +10,11 @@ Two sources, both hashed here so the API can serve the sha256 as ETag:
 
 Formats: ``torch`` (the FP backbone state dict), ``safetensors`` (packed, per bit-width),
 ``onnx`` (QDQ graph), ``torchvision`` (FP, torchvision names).
+
+Files later jobs read (a pretrain's ``last.pt``, an eval's ``heads.pt``) are registered too, with
+format ``input`` (:data:`persistence.api_store.INPUT_FORMAT`) and the file name as ``bits``: they
+are never listed nor served, but their sha256 is what an eval / export / distill job checks the
+file against before reading it (``corrupt_artifact``, docs/decisions/011).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from persistence.api_store import INPUT_FORMAT
 from persistence.job_store import ArtifactRecord
 from persistence.models import ARTIFACT_FORMATS
 
@@ -26,7 +32,8 @@ log = logging.getLogger("ssql.worker")
 
 #: kind -> outputs to register when present: (bits, format, file name in the workdir)
 OUTPUTS: dict[str, list[tuple[str, str, str]]] = {
-    "pretrain": [("fp", "torch", "backbone.pt")],
+    "pretrain": [("fp", "torch", "backbone.pt"), ("last.pt", INPUT_FORMAT, "last.pt")],
+    "eval": [("heads.pt", INPUT_FORMAT, "heads.pt")],
 }
 
 

@@ -1,10 +1,21 @@
-"""Checkpoint routes: list a job's files and download one (ETag = sha256, HTTP Range via FileResponse)."""
+"""Checkpoint routes: list a job's files and download one (ETag = sha256, HTTP Range via FileResponse).
+
+A file is served only after its bytes were checked against the sha256 registered when its job
+succeeded; a file that changed on disk is refused with 409 ``artifact_corrupt``. The check is
+cached per file by ``(inode, size, mtime_ns, ctime_ns)``: any write to the file changes ctime, so
+only the first download after a change hashes the file again (docs/decisions/011).
+"""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import logging
+import os
+from pathlib import Path
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
@@ -15,10 +26,41 @@ from api.views import checkpoint_view
 from persistence import api_store
 from persistence.models import ARTIFACT_FORMATS
 
+log = logging.getLogger("ssql.api")
 router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"])
 
+#: (path, inode, size, mtime_ns, ctime_ns) -> the sha256 the file had then (bounded; cleared when full)
+_VERIFIED: dict[tuple[str, int, int, int, int], str] = {}
+_VERIFIED_MAX = 10_000
+CORRUPT_CODE = "artifact_corrupt"
 
-@router.get("/{job_id}/checkpoints", response_model=list[CheckpointOut], responses={404: {"description": "job not found"}})
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+async def file_digest(path: Path) -> str:
+    """The file's sha256, hashed again only when its stat (inode, size, mtime, ctime) changed."""
+    st = os.stat(path)
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    digest = _VERIFIED.get(key)
+    if digest is None:
+        digest = await anyio.to_thread.run_sync(_sha256, path)
+        if len(_VERIFIED) >= _VERIFIED_MAX:
+            _VERIFIED.clear()
+        _VERIFIED[key] = digest
+    return digest
+
+
+@router.get(
+    "/{job_id}/checkpoints",
+    response_model=list[CheckpointOut],
+    responses={401: {"description": "missing or invalid API key"}, 404: {"description": "job not found"}},
+)
 async def list_checkpoints(job_id: str, owner: Owner, conn: Conn) -> JSONResponse:
     """Files the job produced: bit-width, format, size, sha256 and download URL."""
     if not await api_store.job_exists(conn, owner, job_id):
@@ -33,7 +75,14 @@ async def list_checkpoints(job_id: str, owner: Owner, conn: Conn) -> JSONRespons
         200: {"description": "The file; ETag is its sha256", "content": {"application/octet-stream": {}}},
         206: {"description": "Partial content (Range request)"},
         304: {"description": "If-None-Match matched the sha256"},
+        401: {"description": "missing or invalid API key"},
         404: {"description": "job or checkpoint not found"},
+        409: {
+            "description": "The file on the server no longer matches its registered sha256 (corrupted or changed "
+            "on disk): it is not served. Body: `{\"detail\": ..., \"code\": \"artifact_corrupt\", \"sha256\": ...}`",
+            "content": {"application/json": {"example": {"detail": "...", "code": CORRUPT_CODE, "sha256": "..."}}},
+        },
+        422: {"description": "Invalid `format`: `detail[].loc` names it"},
     },
 )
 async def download_checkpoint(
@@ -60,6 +109,17 @@ async def download_checkpoint(
     path = (root / art["path"]).resolve()
     if root not in path.parents or not path.is_file():
         raise HTTPException(404, "checkpoint file is missing on the server")
+    if await file_digest(path) != art["sha256"]:
+        log.error("job %s: %s (%s/%s) does not match its sha256 %s; refused", job_id, path, bits, art["format"], art["sha256"])
+        return JSONResponse(
+            {
+                "detail": f"the {art['bits']}/{art['format']} file of this job changed on the server since it was "
+                "written (its sha256 no longer matches): it is corrupt and is not served; run the job again",
+                "code": CORRUPT_CODE,
+                "sha256": art["sha256"],
+            },
+            status_code=409,
+        )
     etag = f'"{art["sha256"]}"'
     digest = base64.b64encode(bytes.fromhex(art["sha256"])).decode()
     headers = {"ETag": etag, "Repr-Digest": f"sha-256=:{digest}:", "X-Checksum-Sha256": art["sha256"]}

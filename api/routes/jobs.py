@@ -72,10 +72,12 @@ async def submit_job(
         source_job_id = raw["source_job"]
         source = await _succeeded_source(conn, owner, source_job_id, "pretrain")
         spec = eval_spec(raw, settings, source["spec"]["config"]["dataset"])
+        await _pin_inputs(conn, spec, source_job_id, None)
     else:
         source_job_id = raw["source_job"]
         source = await _succeeded_source(conn, owner, source_job_id, "eval")
         spec = distill_spec(raw, settings, source)
+        await _pin_inputs(conn, spec, spec["pretrain_job"], source_job_id)
     return await _create_and_publish(conn, state, owner, raw["kind"], spec, source_job_id, idempotency_key, request_hash)
 
 
@@ -87,6 +89,20 @@ async def _succeeded_source(conn: Any, owner: int, job_id: str, kind: str) -> An
     if source["status"] != "succeeded":
         raise FieldError(("body", "source_job"), f"the {kind} job has not succeeded (status: {source['status']})")
     return source
+
+
+async def _pin_inputs(conn: Any, spec: dict[str, Any], pretrain_job: str | None, eval_job: str | None) -> None:
+    """Put the registered sha256 of the server files the job will read (the pretrain's ``last.pt``,
+    the eval's ``heads.pt``) into its config as ``input_sha256``: the runner verifies each file
+    against it before reading it and fails the job with ``corrupt_artifact`` on a mismatch
+    (docs/decisions/011). Sources that finished before files were registered have none: unchecked."""
+    pinned: dict[str, str] = {}
+    if pretrain_job is not None and (digest := (await api_store.input_digests(conn, pretrain_job)).get("last.pt")):
+        pinned["checkpoint"] = digest
+    if eval_job is not None and (digest := (await api_store.input_digests(conn, eval_job)).get("heads.pt")):
+        pinned["heads"] = digest
+    if pinned:
+        spec["config"]["input_sha256"] = pinned
 
 
 async def _create_and_publish(
@@ -170,6 +186,7 @@ async def export_job(
         pretrain = await api_store.source_job(conn, owner, source["source_job_id"])
         width = None if pretrain is None else pretrain["spec"]["config"].get("width")
     spec = export_spec({k: v for k, v in raw.items() if k not in ("kind", "source_job")}, source, width)
+    await _pin_inputs(conn, spec, spec["pretrain_job"], job_id if source["kind"] == "eval" else None)
     return await _create_and_publish(conn, state, owner, "export", spec, job_id, idempotency_key, request_hash, 202)
 
 
