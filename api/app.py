@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 
 from api.errors import FieldError, field_error_handler, request_validation_handler
 from api.limits import BodySizeLimit
-from api.routes import catalog, checkpoints, health, jobs
+from api.routes import catalog, checkpoints, health, jobs, keys
 from api.state import AppState, KeyCache
 from persistence.db import make_async_engine
 from persistence.fast_reads import make_hot_reads
@@ -48,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             keys=KeyCache(settings.auth_cache_seconds),
             reads=reads,
         )
+        keys = app.state.ssql.keys
+        reads.watch_revocations(keys.forget, keys.set_listening)
         yield
         await reads.close()
         await engine.dispose()
@@ -61,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(FieldError, field_error_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for module in (health, catalog, jobs, checkpoints):
+    for module in (health, catalog, jobs, checkpoints, keys):
         app.include_router(module.router)
     return app
 

@@ -37,8 +37,9 @@ async def authenticate(state: AppState, key: str | None) -> int:
     key_hash = hashlib.sha256(key.encode()).hexdigest()
     hit, owner = state.keys.get(key_hash)
     if not hit:
+        generation = state.keys.generation
         owner = await state.reads.owner_for_key(key_hash)
-        state.keys.put(key_hash, owner)
+        state.keys.put(key_hash, owner, generation)
     if owner is None:
         raise HTTPException(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
     return owner
@@ -59,6 +60,9 @@ async def current_owner(
     """Dependency form of :func:`authenticate` (documents the Bearer scheme in OpenAPI)."""
     return await authenticate(state, creds.credentials if creds and creds.scheme.lower() == "bearer" else None)
 
+
+#: the OpenAPI description of the 401 answer (every route that needs a key)
+UNAUTHORIZED_RESPONSE = {401: {"description": "missing, invalid or revoked API key (`WWW-Authenticate: Bearer`)"}}
 
 #: for routes that authenticate inline (hot paths): how OpenAPI learns they need the key
 BEARER_SECURITY = {"security": [{"HTTPBearer": []}]}

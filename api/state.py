@@ -11,13 +11,28 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from persistence.fast_reads import HotReads
 from persistence.settings import Settings
 
+#: the longest a cached key lives while revocations are not pushed to this process (SQLite, or
+#: the Postgres LISTEN connection down): a revoked key is refused within this many seconds
+UNPUSHED_TTL_S = 5.0
+#: unknown keys are remembered briefly so a bad client cannot hammer the database
+NEGATIVE_TTL_S = 5.0
+
 
 @dataclass
 class KeyCache:
-    """key hash -> owner id, for ``ttl`` seconds: auth costs a dict lookup, not a query."""
+    """key hash -> owner id: auth costs a dict lookup, not a query.
+
+    Revocation (docs/decisions/011): :meth:`forget` drops a key at once (the revoking API
+    process calls it, and every process calls it when Postgres notifies a revocation). Positive
+    entries live ``ttl`` seconds while revocations are pushed (``listening``), else at most
+    :data:`UNPUSHED_TTL_S`. ``generation`` changes on every forget: a lookup that started before a
+    revocation does not cache its (stale) answer.
+    """
 
     ttl: float
     entries: dict[str, tuple[int | None, float]] = field(default_factory=dict)
+    listening: bool = False
+    generation: int = 0
 
     def get(self, key_hash: str) -> tuple[bool, int | None]:
         hit = self.entries.get(key_hash)
@@ -25,12 +40,26 @@ class KeyCache:
             return False, None
         return True, hit[0]
 
-    def put(self, key_hash: str, owner_id: int | None) -> None:
+    def put(self, key_hash: str, owner_id: int | None, generation: int | None = None) -> None:
+        if generation is not None and generation != self.generation:
+            return  # a revocation arrived while this answer was read: it may be stale
         if len(self.entries) > 100_000:
             self.entries.clear()
-        # unknown keys are remembered briefly so a bad client cannot hammer the database
-        ttl = self.ttl if owner_id is not None else min(self.ttl, 5.0)
+        ttl = self.ttl if self.listening else min(self.ttl, UNPUSHED_TTL_S)
+        if owner_id is None:
+            ttl = min(ttl, NEGATIVE_TTL_S)
         self.entries[key_hash] = (owner_id, time.monotonic() + ttl)
+
+    def forget(self, key_hash: str) -> None:
+        """A key was revoked: refuse it from the next request on."""
+        self.generation += 1
+        self.entries.pop(key_hash, None)
+
+    def set_listening(self, listening: bool) -> None:
+        """Revocations start or stop being pushed: forget everything (some may have been missed)."""
+        self.generation += 1
+        self.listening = listening
+        self.entries.clear()
 
 
 @dataclass

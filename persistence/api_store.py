@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import RowMapping, func, insert, select, update
+from sqlalchemy import RowMapping, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -60,6 +60,24 @@ async def owner_for_key(conn: AsyncConnection, key_hash: str) -> int | None:
         await conn.execute(select(ApiKey.user_id).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None)))
     ).first()
     return None if row is None else int(row[0])
+
+
+async def revoke_key(conn: AsyncConnection, owner_id: int, key_hash: str) -> bool:
+    """Revoke one of the owner's keys and commit; on Postgres the API processes are notified in
+    the same transaction (``persistence.keys.REVOKED_CHANNEL``) and forget it at once."""
+    from persistence.keys import REVOKED_CHANNEL
+
+    stmt = (
+        update(ApiKey)
+        .where(ApiKey.key_hash == key_hash, ApiKey.user_id == owner_id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+        .returning(ApiKey.id)
+    )
+    revoked = (await conn.execute(stmt)).first() is not None
+    if revoked and conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": REVOKED_CHANNEL, "payload": key_hash})
+    await conn.commit()
+    return revoked
 
 
 async def get_job(conn: AsyncConnection, owner_id: int, job_id: str) -> RowMapping | None:

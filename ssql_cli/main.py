@@ -88,6 +88,48 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    """Revoke a key (by its first characters, the whole key, or all of a user's): refused by every
+    API process within milliseconds on Postgres, within 5 seconds otherwise (docs/decisions/011)."""
+    from persistence.db import make_engine, make_sessionmaker
+    from persistence.keys import revoke_keys
+
+    settings = Settings()
+    engine = make_engine(settings)
+    target = args.key_or_prefix
+    try:
+        with make_sessionmaker(engine)() as s:
+            if args.user:
+                revoked = revoke_keys(s, user_name=target)
+            elif len(target) > 16:
+                revoked = revoke_keys(s, key=target)
+            else:
+                revoked = revoke_keys(s, prefix=target)
+    except ValueError as e:
+        print(f"ssql keys revoke: {e}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    if not revoked:
+        print("no such active key", file=sys.stderr)
+        return 1
+    print(f"revoked {len(revoked)} key(s)")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from persistence.db import make_engine, make_sessionmaker
+    from persistence.keys import list_keys
+
+    engine = make_engine(Settings())
+    with make_sessionmaker(engine)() as s:
+        rows = list_keys(s, args.name)
+    engine.dispose()
+    for r in rows:
+        print(f"{r['name']}\t{r['prefix']}\tcreated {r['created_at']}\t" + (f"revoked {r['revoked_at']}" if r["revoked_at"] else "active"))
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     body: dict[str, Any] = json.loads(Path(args.json).read_text()) if args.json else {}
     body["kind"] = args.kind
@@ -226,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     kc = keys.add_parser("create", help="create an API key for NAME and print it (shown once)")
     kc.add_argument("name")
     kc.set_defaults(func=cmd_keys_create)
+    kr = keys.add_parser("revoke", help="revoke a key given by its first characters (as `ssql keys list` shows) or in full")
+    kr.add_argument("key_or_prefix", help="the key, or its prefix (at least 9 characters), or with --user a user name")
+    kr.add_argument("--user", action="store_true", help="revoke every key of the user named KEY_OR_PREFIX")
+    kr.set_defaults(func=cmd_keys_revoke)
+    kl = keys.add_parser("list", help="list keys (prefix, user, created, revoked); never the secrets")
+    kl.add_argument("name", nargs="?", help="only this user's keys")
+    kl.set_defaults(func=cmd_keys_list)
 
     sb = sub.add_parser("submit", help="submit a job; prints its id")
     sb.add_argument("kind", choices=["pretrain", "eval", "distill"])
