@@ -2,28 +2,133 @@
 
 * reaper: a running job whose lease expired (worker killed, host lost) is requeued while it has
   attempts left, else failed with an explanation;
-* reconciler: a queued job never published (publish failed after the commit) or published long
-  ago (broker lost the message) is published again. Duplicates are harmless: the claim drops them.
+* reconciler: a queued job never published (publish failed after the commit, or requeued by the
+  reaper: ``published_at`` is null) is published; one published longer than
+  ``SSQL_STALE_QUEUED_SECONDS`` ago is published again only when its message is not waiting in
+  the broker queue (really lost), so a job that merely waits behind others gets no duplicates.
+  When the broker's queue cannot be inspected (another transport), the old rule applies: a
+  duplicate is harmless, the claim drops it (docs/decisions/011).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from persistence import job_store
+from persistence.models import Job
 from persistence.settings import Settings
 
 log = logging.getLogger("ssql.reconciler")
 
+#: kombu's Redis transport: one list per priority step, named queue + sep + step (step 0: the name)
+_REDIS_SEP, _REDIS_PRIORITY_STEPS = "\x06\x16", (0, 3, 6, 9)
+#: messages read per LRANGE call
+_SCAN_CHUNK = 1000
 
-def reconcile_once(settings: Settings, Sessions: sessionmaker[Session], publish: Callable[[str], None]) -> dict[str, list[str]]:
+
+def _message_id(raw: bytes | str) -> str | None:
+    """The task id (= job id) of a kombu message as stored by the broker."""
+    try:
+        msg = json.loads(raw)
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(msg, dict):
+        return None
+    headers, props = msg.get("headers") or {}, msg.get("properties") or {}
+    task_id = headers.get("id") or props.get("correlation_id")
+    return task_id if isinstance(task_id, str) else None
+
+
+class BrokerQueue:
+    """What waits in the broker queue of ``settings.queue``: the job ids of its ready messages.
+
+    Redis (kombu lists, every priority step) and kombu's filesystem transport (embedded mode)
+    are read; for any other transport :meth:`job_ids` returns None (unknown). Messages a worker
+    has already received (kombu's ``unacked`` hash) do not count: a worker that died holding one
+    would otherwise strand its job until the visibility timeout (7 days)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url = settings.resolved_broker_url()
+        self._redis: Any = None
+
+    def job_ids(self) -> set[str] | None:
+        try:
+            if self.url.startswith(("redis://", "rediss://")):
+                return self._redis_ids()
+            if self.url.startswith("filesystem://"):
+                return self._filesystem_ids()
+        except Exception:  # noqa: BLE001 - broker unreadable: behave as if nothing is known
+            log.warning("could not inspect the broker queue %r", self.settings.queue, exc_info=True)
+            self._redis = None
+        return None
+
+    def _redis_ids(self) -> set[str]:
+        import redis
+
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.url, socket_timeout=10, socket_connect_timeout=5)
+        ids: set[str] = set()
+        for step in _REDIS_PRIORITY_STEPS:
+            name = self.settings.queue if step == 0 else f"{self.settings.queue}{_REDIS_SEP}{step}"
+            start = 0
+            while True:
+                chunk = self._redis.lrange(name, start, start + _SCAN_CHUNK - 1)
+                ids.update(i for i in map(_message_id, chunk) if i)
+                if len(chunk) < _SCAN_CHUNK:
+                    break
+                start += _SCAN_CHUNK
+        return ids
+
+    def _filesystem_ids(self) -> set[str]:
+        folder = self.settings.broker_dir() / "queue"
+        suffix = f".{self.settings.queue}.msg"
+        ids: set[str] = set()
+        for path in folder.iterdir():
+            if path.name.endswith(suffix):
+                try:
+                    job_id = _message_id(path.read_bytes())
+                except OSError:  # consumed meanwhile
+                    continue
+                if job_id:
+                    ids.add(job_id)
+        return ids
+
+
+def _to_publish(session: Session, candidates: list[str], broker: BrokerQueue | None) -> list[str]:
+    """Of the stale queued jobs, those to publish: never published (``published_at`` null), and
+    the ones published long ago whose message is not in the broker queue."""
+    if not candidates or broker is None:
+        return candidates
+    never = set(session.scalars(select(Job.id).where(Job.id.in_(candidates), Job.published_at.is_(None))))
+    if len(never) == len(candidates):
+        return candidates
+    waiting = broker.job_ids()
+    if waiting is None:
+        return candidates
+    return [j for j in candidates if j in never or j not in waiting]
+
+
+def reconcile_once(
+    settings: Settings,
+    Sessions: sessionmaker[Session],
+    publish: Callable[[str], None],
+    broker: BrokerQueue | None = None,
+) -> dict[str, list[str]]:
+    """One round of reaping and republishing; ``broker`` (default: a view of ``settings``' broker)
+    tells which messages are still waiting."""
+    broker = broker if broker is not None else BrokerQueue(settings)
     with Sessions() as s:
         requeued, failed = job_store.reap_expired(s)
         stale = job_store.stale_queued(s, settings.stale_queued_seconds)
+        stale = _to_publish(s, [j for j in stale if j not in set(requeued)], broker)
     published = []
     for job_id in dict.fromkeys(requeued + stale):
         try:
@@ -44,11 +149,12 @@ def start_reconciler_thread(
 ) -> threading.Event:
     """Run :func:`reconcile_once` every ``reconcile_seconds`` in a daemon thread; set the event to stop."""
     stop = threading.Event()
+    broker = BrokerQueue(settings)
 
     def loop() -> None:
         while not stop.is_set():
             try:
-                reconcile_once(settings, Sessions, publish)
+                reconcile_once(settings, Sessions, publish, broker)
             except Exception:  # noqa: BLE001 - database briefly unreachable: keep the thread alive
                 log.exception("reconciler round failed")
             stop.wait(settings.reconcile_seconds)
