@@ -293,7 +293,9 @@ def _report(hooks: Hooks, cfg: EvalConfig, phase: str, done: float, total: int, 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of result rows, one line per bit-width."""
-    lines = [f"{'bits':>6}  {'protocol':>8}  {'path':>9}  {'top1 %':>7}  {'calib':>6}  {'epochs':>6}"]
+    lines = [f"{'bits':>6}  {'protocol':>8}  {'path':>9}  {'probe':>6}  {'calibration':>11}  {'top1 %':>7}  {'calib':>6}  {'epochs':>6}  {'loss':>8}"]
     for r in rows:
-        lines.append(f"{r['bits']:>6}  {r['protocol']:>8}  {r['path']:>9}  {r['top1']:7.2f}  {r['calib_images']:6d}  {r['epochs']:6d}")
+        loss = r.get("train_loss")
+        lines.append(f"{r['bits']:>6}  {r['protocol']:>8}  {r['path']:>9}  {r.get('probe', '-'):>6}  {r.get('calibration', 'minmax'):>11}  "
+                     f"{r['top1']:7.2f}  {r['calib_images']:6d}  {r['epochs']:6d}  {'-' if loss is None else f'{loss:8.3f}':>8}")
     return "\n".join(lines)
