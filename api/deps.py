@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -67,6 +67,12 @@ UNAUTHORIZED_RESPONSE = {401: {"description": "missing, invalid or revoked API k
 #: for routes that authenticate inline (hot paths): how OpenAPI learns they need the key
 BEARER_SECURITY = {"security": [{"HTTPBearer": []}]}
 
+
+#: a job id path parameter as the schema states it (a uuid as returned at submission; printable
+#: ASCII of at most 36 characters). Not enforced by validation: any other string answers 404 like
+#: an unknown id (docs/decisions/008), so the schema only documents it.
+JobId = Annotated[str, Path(description="a job id (as returned by POST /v1/jobs); any other string is 404",
+                            json_schema_extra={"maxLength": 36, "pattern": "^[ -~]{1,36}$"})]
 
 Owner = Annotated[int, Depends(current_owner)]
 Conn = Annotated[AsyncConnection, Depends(get_conn)]

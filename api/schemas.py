@@ -18,6 +18,23 @@ Int = Annotated[int, Field(strict=True)]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Bool = Annotated[bool, Field(strict=True)]
 
+#: bit-width strings as the schema states them: "fp" or "{w}w{a}a" with w, a in 2..8 (the server
+#: also takes a few spellings more, e.g. "4W4A", "4w4f"; the schema names the canonical ones)
+BITS_PATTERN = "^(fp|[2-8]w[2-8]a)$"
+QUANT_BITS_PATTERN = "^[2-8]w[2-8]a$"
+BitsStr = Annotated[str, Field(json_schema_extra={"pattern": BITS_PATTERN})]
+
+
+def _range(lo: float, hi: float, **kw: Any) -> Any:
+    """An optional field's documented range (the library checks it, 422 naming the field: the
+    schema only states it). Server limits below the library's are filled in per server by
+    :func:`api.app.openapi_with_limits` (``SSQL_MAX_EPOCHS`` etc.)."""
+    extra = {"minimum": lo, "maximum": hi, **kw.pop("json_schema_extra", {})}
+    return Field(None, json_schema_extra=extra, **kw)
+
+
+_PAIR = {"minItems": 2, "maxItems": 2, "items": {"type": "integer", "minimum": 2, "maximum": 8}}
+
 
 class PretrainRequest(BaseModel):
     """Self-supervised pretraining (SSQL or a baseline)."""
@@ -33,31 +50,32 @@ class PretrainRequest(BaseModel):
     method: str | None = None
     backbone: str | None = None
     dataset: str | None = Field(None, description="digits, synthetic, fashion_mnist, mnist, cifar10, cifar100 or imagefolder:<name>")
-    epochs: Int | None = None
-    batch_size: Int | None = None
-    lr: Number | None = None
-    weight_decay: Number | None = None
-    momentum: Number | None = None
-    seed: Int | None = None
-    image_size: Int | None = None
+    epochs: Int | None = _range(1, 10_000)
+    batch_size: Int | None = _range(2, 65_536)
+    lr: Number | None = _range(1e-8, 100.0)
+    weight_decay: Number | None = _range(0.0, 1.0)
+    momentum: Number | None = _range(0.0, 0.9999)
+    seed: Int | None = _range(0, 2**31 - 1)
+    image_size: Int | None = _range(8, 1024)
     preset: Literal["reference"] | None = Field(
         None, description="'reference': the authors' code's quantizer behaviours (weight_scale_grad attached, "
         "rounding divide, init pytorch); a field given explicitly wins")
     weight_scale_grad: Literal["detached", "attached"] | None = Field(None, description="default detached")
     rounding: Literal["reciprocal", "divide"] | None = Field(None, description="x * (1/s) (default) or x / s")
     init: Literal["torchvision", "pytorch"] | None = Field(None, description="default torchvision (kaiming-normal)")
-    width: Number | None = None
-    max_samples: Int | None = None
-    w_bits: list[Int] | None = None
-    a_bits: list[Int] | None = None
-    bits: str | None = Field(None, description="fixed bit-width of fixed-bit QAT baselines, e.g. 4w4a")
+    width: Number | None = _range(0.03125, 4.0)
+    max_samples: Int | None = _range(2, 10**9)
+    w_bits: list[Int] | None = Field(None, description="[low, high], 2 <= low <= high <= 8", json_schema_extra=_PAIR)
+    a_bits: list[Int] | None = Field(None, description="[low, high], 2 <= low <= high <= 8", json_schema_extra=_PAIR)
+    bits: str | None = Field(None, description="fixed bit-width of fixed-bit QAT baselines, e.g. 4w4a",
+                              json_schema_extra={"pattern": QUANT_BITS_PATTERN})
     stem: str | None = None
     amp: Bool | None = None
     channels_last: Bool | None = None
     compile: Bool | None = None
-    checkpoint_every_steps: Int | None = None
+    checkpoint_every_steps: Int | None = Field(None, json_schema_extra={"minimum": 1})
     method_options: dict[str, Any] | None = None
-    export_bits: list[str] | None = Field(
+    export_bits: list[BitsStr] | None = Field(
         None,
         description="packed safetensors checkpoints written after training; default the paper's set "
         "fp, 8w8a, 6w6a, 5w5a, 4w4a, 3w3a, 2w8a, 2w4a; [] for none",
@@ -76,29 +94,30 @@ class EvalRequest(BaseModel):
 
     kind: Literal["eval"]
     source_job: str
-    bits: list[str] | None = None
+    bits: list[BitsStr] | None = Field(None, json_schema_extra={"minItems": 1, "uniqueItems": True})
     protocol: Literal["linear", "knn"] | None = None
     path: str | None = None
     dataset: str | None = None
-    epochs: Int | None = None
-    batch_size: Int | None = None
-    lr: Number | None = None
-    weight_decay: Number | None = None
-    momentum: Number | None = None
-    lr_milestones: list[Number] | None = None
-    calib_images: Int | None = None
+    epochs: Int | None = _range(1, 10_000)
+    batch_size: Int | None = _range(1, 65_536)
+    lr: Number | None = _range(1e-8, 1000.0)
+    weight_decay: Number | None = _range(0.0, 1.0)
+    momentum: Number | None = _range(0.0, 0.9999)
+    lr_milestones: list[Number] | None = Field(None, json_schema_extra={
+        "minItems": 2, "maxItems": 2, "items": {"type": "number", "minimum": 0.0, "maximum": 1.0}})
+    calib_images: Int | None = _range(1, 10**7)
     calibration: Literal["minmax", "reference", "percentile", "mse"] | None = Field(
         None, description="activation ranges: minmax (default, the paper), reference (one augmented training batch), "
         "percentile (calib_percentile per point), mse (least quantization MSE per point)")
-    calib_percentile: Number | None = Field(None, description="percentile calibration's percentile, 50-100 (default 99.99)")
+    calib_percentile: Number | None = _range(50.0, 100.0, description="percentile calibration's percentile, 50-100 (default 99.99)")
     calib_weights: Literal["fp", "quantized"] | None = Field(
         None, description="ranges recorded on the FP network (default) or with the weights already quantized")
     probe: Literal["linear", "bn"] | None = Field(
         None, description="linear (the paper) or bn: a parameter-free BatchNorm before the linear layer")
-    knn_k: Int | None = None
-    knn_t: Number | None = None
-    seed: Int | None = None
-    max_samples: Int | None = None
+    knn_k: Int | None = _range(1, 10**5)
+    knn_t: Number | None = _range(1e-4, 10.0)
+    seed: Int | None = _range(0, 2**31 - 1)
+    max_samples: Int | None = _range(2, 10**9)
 
 
 class DistillRequest(BaseModel):
@@ -113,20 +132,22 @@ class DistillRequest(BaseModel):
 
     kind: Literal["distill"]
     source_job: str = Field(description="a succeeded eval job (linear protocol) whose bits include 'fp'")
-    bits: str | None = Field(None, description="the student's bit-width, e.g. 4w4a")
-    quantizer: str | None = Field(None, description="psq, pact, lsq, dorefa or ewgs")
+    bits: str | None = Field(None, description="the student's bit-width, e.g. 4w4a",
+                              json_schema_extra={"pattern": QUANT_BITS_PATTERN})
+    quantizer: str | None = Field(None, description="psq, pact, lsq, dorefa or ewgs",
+                                   json_schema_extra={"enum": ["psq", "pact", "lsq", "dorefa", "ewgs", None]})
     dataset: str | None = None
-    epochs: Int | None = None
-    batch_size: Int | None = None
-    lr: Number | None = None
-    quantizer_lr: Number | None = None
-    weight_decay: Number | None = None
-    temperature: Number | None = None
-    ce_weight: Number | None = None
+    epochs: Int | None = _range(1, 10_000)
+    batch_size: Int | None = _range(2, 65_536)
+    lr: Number | None = _range(1e-8, 10.0)
+    quantizer_lr: Number | None = _range(0.0, 10.0)
+    weight_decay: Number | None = _range(0.0, 1.0)
+    temperature: Number | None = _range(0.05, 100.0)
+    ce_weight: Number | None = _range(0.0, 100.0)
     bn: str | None = None
-    calib_images: Int | None = None
-    max_samples: Int | None = None
-    seed: Int | None = None
+    calib_images: Int | None = _range(1, 10**7)
+    max_samples: Int | None = _range(2, 10**9)
+    seed: Int | None = _range(0, 2**31 - 1)
 
 
 class ExportRequest(BaseModel):
@@ -137,11 +158,12 @@ class ExportRequest(BaseModel):
         json_schema_extra={"example": {"bits": ["4w4a", "2w4a"], "formats": ["safetensors", "onnx"]}},
     )
 
-    bits: list[Any]
+    bits: list[Any] = Field(json_schema_extra={"minItems": 1, "maxItems": 50, "uniqueItems": True,
+                                                     "items": {"type": "string", "pattern": BITS_PATTERN}})
     formats: list[Any] | None = None
     calibration: Literal["minmax", "reference", "percentile", "mse"] | None = Field(
         None, description="activation range rule of the files (default: minmax, or the source evaluation's)")
-    calib_percentile: Number | None = None
+    calib_percentile: Number | None = _range(50.0, 100.0)
 
 
 JobRequest = Annotated[PretrainRequest | EvalRequest | DistillRequest, Field(discriminator="kind")]

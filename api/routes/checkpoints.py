@@ -19,15 +19,16 @@ import anyio
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
-from api.deps import Conn, Owner, SettingsDep
+from api.deps import UNAUTHORIZED_RESPONSE, Conn, JobId, Owner, SettingsDep
 from api.errors import FieldError
 from api.schemas import CheckpointOut
 from api.views import checkpoint_view
 from persistence import api_store
 from persistence.models import ARTIFACT_FORMATS
+from ssql_core.bits import parse_bits
 
 log = logging.getLogger("ssql.api")
-router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"])
+router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"], responses=UNAUTHORIZED_RESPONSE)
 
 #: (path, inode, size, mtime_ns, ctime_ns) -> the sha256 the file had then (bounded; cleared when full)
 _VERIFIED: dict[tuple[str, int, int, int, int], str] = {}
@@ -61,7 +62,7 @@ async def file_digest(path: Path) -> str:
     response_model=list[CheckpointOut],
     responses={401: {"description": "missing or invalid API key"}, 404: {"description": "job not found"}},
 )
-async def list_checkpoints(job_id: str, owner: Owner, conn: Conn) -> JSONResponse:
+async def list_checkpoints(job_id: JobId, owner: Owner, conn: Conn) -> JSONResponse:
     """Files the job produced: bit-width, format, size, sha256 and download URL."""
     if not await api_store.job_exists(conn, owner, job_id):
         raise HTTPException(404, "job not found")
@@ -82,11 +83,11 @@ async def list_checkpoints(job_id: str, owner: Owner, conn: Conn) -> JSONRespons
             "on disk): it is not served. Body: `{\"detail\": ..., \"code\": \"artifact_corrupt\", \"sha256\": ...}`",
             "content": {"application/json": {"example": {"detail": "...", "code": CORRUPT_CODE, "sha256": "..."}}},
         },
-        422: {"description": "Invalid `format`: `detail[].loc` names it"},
+        422: {"description": "Invalid `format` or `bits` (`4w4f` is taken as `4w4a`): `detail[].loc` names it"},
     },
 )
 async def download_checkpoint(
-    job_id: str,
+    job_id: JobId,
     bits: str,
     owner: Owner,
     conn: Conn,
@@ -101,6 +102,10 @@ async def download_checkpoint(
         raise FieldError(("query", "format"), f"must be one of {list(ARTIFACT_FORMATS)}, got {format!r}")
     if not await api_store.job_exists(conn, owner, job_id):
         raise HTTPException(404, "job not found")
+    try:  # every spelling the submit routes take: "4w4f" is 4w4a, "4W4A" too
+        bits = str(parse_bits(bits))
+    except ValueError as e:
+        raise FieldError(("path", "bits"), str(e)) from None
     rows = [r for r in await api_store.artifacts(conn, job_id) if r["bits"] == bits and format in (None, r["format"])]
     if not rows:
         raise HTTPException(404, f"no checkpoint at bits={bits!r}" + (f" in format {format!r}" if format else ""))

@@ -13,7 +13,17 @@ import anyio
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from api.deps import BEARER_SECURITY, Conn, Owner, SettingsDep, StateDep, authenticate, bearer_key
+from api.deps import (
+    BEARER_SECURITY,
+    UNAUTHORIZED_RESPONSE,
+    Conn,
+    JobId,
+    Owner,
+    SettingsDep,
+    StateDep,
+    authenticate,
+    bearer_key,
+)
 from api.errors import FieldError
 from api.limits import TOO_LARGE_RESPONSE
 from api.schemas import ExportRequest, JobOut, JobPage, JobRequest, MetricPage, ResultsOut
@@ -25,7 +35,7 @@ from persistence.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES
 from persistence.queue import publish_job
 
 log = logging.getLogger("ssql.api")
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=UNAUTHORIZED_RESPONSE)
 
 NOT_FOUND = "job not found"
 _KINDS = JOB_KINDS
@@ -155,7 +165,7 @@ async def _create_and_publish(
     },
 )
 async def export_job(
-    job_id: str,
+    job_id: JobId,
     body: ExportRequest,
     owner: Owner,
     conn: Conn,
@@ -202,7 +212,7 @@ def _replay_or_conflict(existing: Any, request_hash: str) -> JSONResponse:
     responses={401: {"description": "missing or invalid API key"}, 404: {"description": NOT_FOUND}},
     openapi_extra=BEARER_SECURITY,
 )
-async def get_job(job_id: str, request: Request) -> JSONResponse:
+async def get_job(job_id: JobId, request: Request) -> JSONResponse:
     """Status, progress (fraction, epoch, step, images/s, ETA), attempts and error of a job.
 
     The most frequent request: it authenticates inline and reads through prepared statements,
@@ -222,7 +232,7 @@ async def get_job(job_id: str, request: Request) -> JSONResponse:
     responses={200: {"description": "Server-Sent Events: one `status` event per change", "content": {"text/event-stream": {}}},
                404: {"description": NOT_FOUND}},
 )  # fmt: skip
-async def job_events(job_id: str, owner: Owner, state: StateDep, request: Request) -> StreamingResponse:
+async def job_events(job_id: JobId, owner: Owner, state: StateDep, request: Request) -> StreamingResponse:
     """Live status and progress as Server-Sent Events; the stream ends when the job does."""
     if await state.reads.get_job(owner, job_id) is None:
         raise HTTPException(404, NOT_FOUND)
@@ -272,7 +282,7 @@ async def list_jobs(
     response_model=JobOut,
     responses={404: {"description": NOT_FOUND}, 409: {"description": "The job already finished"}},
 )
-async def cancel_job(job_id: str, owner: Owner, conn: Conn) -> JSONResponse:
+async def cancel_job(job_id: JobId, owner: Owner, conn: Conn) -> JSONResponse:
     """Queued: cancelled now. Running: the worker stops the training process within seconds."""
     row = await api_store.get_job(conn, owner, job_id)
     if row is None:
@@ -286,7 +296,7 @@ async def cancel_job(job_id: str, owner: Owner, conn: Conn) -> JSONResponse:
 
 @router.get("/{job_id}/metrics", response_model=MetricPage, responses={404: {"description": NOT_FOUND}})
 async def job_metrics(
-    job_id: str,
+    job_id: JobId,
     owner: Owner,
     conn: Conn,
     after: Annotated[int, Query(ge=0, le=MAX_BIGINT, description="return samples with id above this")] = 0,
@@ -301,7 +311,7 @@ async def job_metrics(
 
 
 @router.get("/{job_id}/results", response_model=ResultsOut, responses={404: {"description": NOT_FOUND}})
-async def job_results(job_id: str, owner: Owner, conn: Conn) -> JSONResponse:
+async def job_results(job_id: JobId, owner: Owner, conn: Conn) -> JSONResponse:
     """An eval job's rows, one per bit-width (bits, protocol, top1 and the run's details), or a
     distill job's row (protocol ``sqakd``: top1, ptq_top1, teacher_top1, quantizer, KL, ...)."""
     row = await api_store.get_job(conn, owner, job_id)
