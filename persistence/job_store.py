@@ -1,7 +1,9 @@
 """Job state transitions used by the worker and the reconciler (synchronous sessions).
 
-Every transition of a running job is fenced on ``(id, attempts, status='running')``: a worker
-whose lease was taken over can no longer write, so a job never has two live runs that both count.
+Every transition of a running job is fenced on ``(id, claims, status='running')``: ``claims`` is
+the lease token, incremented by every claim, so a worker whose lease was taken over can no longer
+write, and a job never has two live runs that both count. ``attempts`` counts the attempts spent
+(capped by ``max_attempts``); an attempt handed back at a graceful worker stop gives it back.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ from persistence.models import Artifact, Job, JobAttempt, JobMetric, JobResult
 
 @dataclass(frozen=True)
 class ClaimedJob:
-    """What a worker needs to run one attempt of a job it now owns."""
+    """What a worker needs to run one attempt of a job it now owns.
+
+    ``attempt`` is the lease token (``jobs.claims`` after the claim): unique per job, it numbers
+    the attempt rows, metric samples and per-attempt work folders; ``spent`` is ``jobs.attempts``.
+    """
 
     id: str
     kind: str
     spec: dict[str, Any]
     attempt: int
     source_job_id: str | None
+    spent: int = 0
 
 
 def claim(session: Session, job_id: str, worker: str, lease_seconds: float) -> ClaimedJob | None:
@@ -44,19 +51,34 @@ def claim(session: Session, job_id: str, worker: str, lease_seconds: float) -> C
         .values(
             status="running",
             attempts=Job.attempts + 1,
+            claims=Job.claims + 1,
             lease_until=now + timedelta(seconds=lease_seconds),
             heartbeat_at=now,
             worker=worker,
             started_at=now,
             updated_at=now,
         )
-        .returning(Job.id, Job.kind, Job.spec, Job.attempts, Job.source_job_id)
+        .returning(Job.id, Job.kind, Job.spec, Job.claims, Job.attempts, Job.source_job_id)
     )
     row = session.execute(stmt).first()
-    session.commit()
     if row is None:
+        session.commit()
         return None
-    return ClaimedJob(id=row.id, kind=row.kind, spec=row.spec, attempt=row.attempts, source_job_id=row.source_job_id)
+    # the attempts this claim supersedes (a worker that stopped heartbeating) are over
+    _close_open_attempts(session, [row.id], now, below=row.claims)
+    session.commit()
+    return ClaimedJob(id=row.id, kind=row.kind, spec=row.spec, attempt=row.claims, source_job_id=row.source_job_id,
+                      spent=row.attempts)  # fmt: skip
+
+
+def _close_open_attempts(session: Session, job_ids: list[str], now: datetime, below: int | None = None) -> None:
+    """Attempt rows still open of jobs whose lease was taken from them: ``outcome='lost'``."""
+    if not job_ids:
+        return
+    where = [JobAttempt.job_id.in_(job_ids), JobAttempt.ended_at.is_(None)]
+    if below is not None:
+        where.append(JobAttempt.attempt < below)
+    session.execute(update(JobAttempt).where(*where).values(ended_at=now, outcome="lost"))
 
 
 def start_attempt(session: Session, job: ClaimedJob, worker: str, pid: int | None, resumed_from: str | None) -> None:
@@ -78,7 +100,38 @@ def end_attempt(session: Session, job_id: str, attempt: int, outcome: str) -> No
 
 
 def _fence(job_id: str, attempt: int):  # type: ignore[no-untyped-def]
-    return and_(Job.id == job_id, Job.attempts == attempt, Job.status == "running")
+    return and_(Job.id == job_id, Job.claims == attempt, Job.status == "running")
+
+
+def lock_fenced(session: Session, job_id: str, attempt: int) -> bool:
+    """Take the job row's write lock if this attempt still holds the lease, and keep it (no
+    commit): until the caller commits or rolls back, no claim can take the job over. Used to
+    publish files only while the lease is ours."""
+    now = utcnow()
+    row = session.execute(
+        update(Job).where(_fence(job_id, attempt)).values(heartbeat_at=now).returning(Job.id)
+    ).first()
+    if row is None:
+        session.rollback()
+    return row is not None
+
+
+def hand_back(session: Session, job_id: str, attempt: int, progress: dict[str, Any] | None = None) -> bool:
+    """A graceful worker stop: the job goes back to the queue and the attempt is not spent."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "status": "queued",
+        "attempts": Job.attempts - 1,
+        "lease_until": None,
+        "worker": None,
+        "published_at": None,
+        "updated_at": now,
+    }
+    if progress is not None:
+        values["progress"] = finite_json(progress)
+    row = session.execute(update(Job).where(_fence(job_id, attempt)).values(**values).returning(Job.id)).first()
+    session.commit()
+    return row is not None
 
 
 def heartbeat(
@@ -268,6 +321,7 @@ def reap_expired(session: Session, now: datetime | None = None) -> tuple[list[st
         )
         .returning(Job.id)
     ).scalars().all()
+    _close_open_attempts(session, [*failed, *requeued], now)
     # Cancelled while nobody runs it: finish the cancellation here.
     session.execute(
         update(Job)

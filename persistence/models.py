@@ -59,6 +59,11 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None]
 
 
+def _claims_default(context: Any) -> int:
+    """A row inserted with attempts already made has had as many claims (its lease token)."""
+    return int(context.get_current_parameters().get("attempts") or 0)
+
+
 class Job(Base):
     """One unit of work; the row, not the broker, decides who runs it (lease + attempt)."""
 
@@ -72,7 +77,12 @@ class Job(Base):
     source_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: attempts spent (capped by ``max_attempts``); an attempt handed back at a graceful worker stop
+    #: gives its attempt back
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: claims so far: the lease token. Every claim increments it; every write of a running
+    #: attempt (heartbeat, checkpoint publish, outcome) is fenced on it (see job_store._fence)
+    claims: Mapped[int] = mapped_column(Integer, default=_claims_default, server_default="0")
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     lease_until: Mapped[datetime | None]

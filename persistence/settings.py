@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 5.0
     cancel_grace_seconds: float = 10.0
+    #: a graceful worker stop: how long the runner may train on to reach a checkpoint before it
+    #: stops anyway (then SIGKILL after ``cancel_grace_seconds`` more). Keep the container's stop
+    #: grace period above the sum (docker-compose.yml: stop_grace_period)
+    handback_seconds: float = 60.0
     reconcile_seconds: float = 30.0
     stale_queued_seconds: float = 300.0
     #: above the longest job: Redis re-delivers an un-acked message after this many seconds
