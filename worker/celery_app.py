@@ -2,20 +2,34 @@
 
 One task, ``ssql.run_job(job_id)``: claim the job row (lease), supervise the training
 subprocess, record the outcome. The worker's main process also runs the reaper/reconciler.
+
+A claimed job does not depend on the broker connection (the database lease decides who runs it,
+a redelivered message is dropped by the claim): a Redis restart must not cancel the running task,
+and the worker retries the broker for ever instead of exiting. A graceful stop (SIGTERM: warm
+shutdown) hands the running job back to the queue at a checkpoint (docs/decisions/010).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 
-from celery.signals import worker_process_init, worker_ready
+from billiard.process import active_children
+from celery.signals import (
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_ready,
+    worker_shutting_down,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from persistence import job_store
 from persistence.db import make_engine, make_sessionmaker
 from persistence.queue import RUN_JOB_TASK, make_celery, publish_job
 from persistence.settings import get_settings
+from worker import supervisor
 from worker.reconciler import start_reconciler_thread
 from worker.supervisor import supervise, worker_name
 
@@ -23,6 +37,15 @@ log = logging.getLogger("ssql.worker")
 
 settings = get_settings()
 app = make_celery(settings)
+app.conf.update(
+    # With late acks Celery would terminate a running task when the broker connection drops (its
+    # message can no longer be acked on the new connection and will be redelivered). Our claim
+    # makes a redelivery harmless, so the training keeps running through a broker blip.
+    worker_cancel_long_running_tasks_on_connection_loss=False,
+    # never give up on the broker (default: 100 retries, then the worker exits, killing the job)
+    broker_connection_max_retries=None,
+    broker_connection_retry=True,
+)
 _sessions: tuple[int, sessionmaker[Session]] | None = None
 
 
@@ -42,6 +65,43 @@ def publish(job_id: str) -> None:
 def _reset_after_fork(**_kwargs: object) -> None:
     global _sessions
     _sessions = None
+
+
+_default_sigterm: list[object] = []
+
+
+def _on_sigterm(_sig: int, _frame: object) -> None:
+    supervisor.handback_requested.set()
+
+
+@task_prerun.connect
+def _hand_back_on_sigterm(**_kwargs: object) -> None:
+    """While a task runs, SIGTERM to its pool process (from the main process at a warm shutdown,
+    or to the worker's whole process group) hands the job back instead of killing the process.
+    Installed per task: billiard resets the pool process's signals after ``worker_process_init``."""
+    supervisor.handback_requested.clear()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    if previous is not _on_sigterm:
+        _default_sigterm[:] = [previous]
+
+
+@task_postrun.connect
+def _restore_sigterm(**_kwargs: object) -> None:
+    if _default_sigterm:
+        signal.signal(signal.SIGTERM, _default_sigterm[0])  # type: ignore[arg-type]
+
+
+@worker_shutting_down.connect
+def _hand_back_running_jobs(how: str = "", **_kwargs: object) -> None:
+    """Warm shutdown (SIGTERM to the main process, e.g. ``docker compose stop``): Celery waits for
+    the running task; tell its pool process to stop the runner at a checkpoint and hand back."""
+    if how != "Warm":
+        return
+    for child in active_children():
+        try:
+            os.kill(child.pid, signal.SIGTERM)
+        except (ProcessLookupError, TypeError):
+            pass
 
 
 @worker_ready.connect

@@ -3,7 +3,12 @@
 It runs one ssql_core call (pretrain, evaluate, export or distill) and reports to its supervisor through JSON
 lines on the file descriptor named by ``SSQL_EVENT_FD``; it never touches the database. CUDA is
 initialised only here, in a freshly exec'd interpreter, never in a forked Celery process.
-SIGTERM asks the run to stop at the next step (ssql_core raises ``Cancelled``).
+SIGTERM asks the run to stop at the next step (ssql_core raises ``Cancelled``). SIGUSR1 asks it
+to stop at its next checkpoint (a graceful worker stop hands the job back: ``handed_back``).
+It writes only into its own attempt folder; the supervisor publishes checkpoints as the job's
+while it holds the lease. A lease watchdog kills the runner (its whole process group) when the
+supervisor stops renewing its lease (supervisor stalled, e.g. SIGSTOP), before another attempt
+can be given the job (docs/decisions/010).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,28 +30,95 @@ from typing import Any, TextIO
 from ssql_core.errors import Cancelled, ConfigError, NonFiniteLoss, SSQLError
 from ssql_core.hooks import Hooks, Progress
 
-EXIT_OK, EXIT_ERROR, EXIT_CANCELLED = 0, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_CANCELLED, EXIT_HANDED_BACK = 0, 2, 3, 4
 
 
 class EventHooks(Hooks):
     """Forwards progress and checkpoints to the supervisor; stops when SIGTERM arrived."""
 
-    def __init__(self, events: TextIO) -> None:
+    def __init__(self, events: TextIO, handback_seconds: float = 60.0) -> None:
         self.events = events
         self.stop_requested = False
+        #: monotonic time of a hand-back request (graceful worker stop), and how long to wait
+        #: for a checkpoint that coincides with a stop check before stopping anyway
+        self.handback_at: float | None = None
+        self.handback_seconds = handback_seconds
+        self._progress_step: int | None = None
+        self._checkpoint_step: int | None = None
 
     def emit(self, event: str, **data: Any) -> None:
         self.events.write(json.dumps({"event": event, **data}, default=str) + "\n")
         self.events.flush()
+        log_event(event, data)
 
     def on_progress(self, progress: Progress) -> None:
+        self._progress_step = progress.step
         self.emit("progress", **asdict(progress))
 
     def should_stop(self) -> bool:
-        return self.stop_requested
+        if self.stop_requested:
+            return True
+        if self.handback_at is None:
+            return False
+        # hand back at a checkpoint (nothing to redo) when a stop check falls on one, else once
+        # the hand-back time is up (the next attempt redoes the steps since the last checkpoint)
+        at_checkpoint = self._checkpoint_step is not None and self._checkpoint_step == self._progress_step
+        return at_checkpoint or time.monotonic() - self.handback_at >= self.handback_seconds
 
     def on_checkpoint(self, path: Path, epoch: int, step: int) -> None:
+        self._checkpoint_step = step
         self.emit("checkpoint", path=str(path), epoch=epoch, step=step)
+
+
+#: the job log (stderr, kept by the supervisor per attempt; GET /v1/jobs/{id}/logs): one
+#: readable line per event, progress at most every LOG_PROGRESS_S seconds or at a new epoch/phase
+LOG_PROGRESS_S = 2.0
+_last_logged: dict[str, Any] = {"t": 0.0, "key": None}
+
+
+def log_event(event: str, data: dict[str, Any]) -> None:
+    now = time.monotonic()
+    if event == "progress":
+        key = (data.get("phase"), data.get("epoch"))
+        if key == _last_logged["key"] and now - _last_logged["t"] < LOG_PROGRESS_S and data.get("fraction") != 1.0:
+            return
+        _last_logged.update(t=now, key=key)
+        names = ("phase", "epoch", "epochs", "step", "total_steps", "loss", "lr", "images_per_s", "fraction")
+        fields = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k in names if (v := data.get(k)) is not None)
+        line = f"progress {fields}"
+    elif event == "result":
+        line = f"result: {', '.join(sorted(data))}"
+    else:
+        line = f"{event}: " + " ".join(f"{k}={v}" for k, v in data.items() if v is not None)
+    sys.stderr.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+    sys.stderr.flush()
+
+
+def _lease_watchdog(fd: int) -> None:
+    """Kill this process group once the lease the supervisor last reported has run out.
+
+    The supervisor writes a ``time.monotonic()`` deadline (one line) after every lease renewal; a
+    supervisor that stalls (SIGSTOP, swapped out) or dies stops writing, and this runner must not
+    go on training (and writing) past the moment another attempt may be given the job."""
+    deadline: list[float] = [time.monotonic() + 3600.0]
+    eof = threading.Event()
+
+    def read() -> None:
+        with os.fdopen(fd, "r") as f:
+            for line in f:
+                try:
+                    deadline[0] = float(line)
+                except ValueError:
+                    pass
+        eof.set()
+
+    threading.Thread(target=read, name="ssql-lease-reader", daemon=True).start()
+    while True:
+        if eof.wait(0.1) or time.monotonic() > deadline[0]:
+            why = "its supervisor is gone" if eof.is_set() else "its lease was not renewed in time"
+            sys.stderr.write(f"runner: stopping, {why}\n")
+            sys.stderr.flush()
+            os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 class CorruptArtifact(SSQLError):
@@ -272,17 +346,28 @@ def main(argv: list[str] | None = None) -> int:
     if expected_parent and os.getppid() != expected_parent:
         return EXIT_ERROR  # the supervisor died before we could arm the parent-death signal
     events = os.fdopen(int(os.environ["SSQL_EVENT_FD"]), "w", buffering=1)
-    hooks = EventHooks(events)
+    hooks = EventHooks(events, float(os.environ.get("SSQL_HANDBACK_SECONDS", "60")))
+    if os.environ.get("SSQL_LEASE_FD"):
+        threading.Thread(target=_lease_watchdog, args=(int(os.environ["SSQL_LEASE_FD"]),), name="ssql-lease",
+                         daemon=True).start()  # fmt: skip
 
     def _on_term(_signum: int, _frame: Any) -> None:
         hooks.stop_requested = True
 
+    def _on_handback(_signum: int, _frame: Any) -> None:
+        if hooks.handback_at is None:
+            hooks.handback_at = time.monotonic()
+
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGINT, _on_term)
+    signal.signal(signal.SIGUSR1, _on_handback)
     job = json.loads(Path(argv[0]).read_text())
     try:
         out = _run(job, hooks)
     except Cancelled as e:
+        if hooks.handback_at is not None and not hooks.stop_requested:
+            hooks.emit("handed_back", message=str(e), step=hooks._checkpoint_step)
+            return EXIT_HANDED_BACK
         hooks.emit("cancelled", message=str(e))
         return EXIT_CANCELLED
     except ConfigError as e:

@@ -3,6 +3,14 @@
 The supervising process holds the lease. The training subprocess runs in its own process group
 (cancel = SIGTERM to the group, SIGKILL after a grace period) and gets SIGKILL from the kernel
 when its supervisor dies (``PR_SET_PDEATHSIG``), so a killed worker leaves no orphan training.
+
+Each attempt works in its own folder, ``jobs/<id>/attempts/<token>``, seeded from the job's
+published checkpoints; only the lease holder publishes into ``jobs/<id>`` (a hard link / atomic
+rename made while the job row is locked by a fenced UPDATE), so a superseded attempt can never
+clobber the files of the attempt that owns the job. The runner is told its lease deadline after
+every renewal and kills itself when it passes (a stalled supervisor). A graceful worker stop
+(SIGTERM) hands the job back: the runner stops at a checkpoint, the job is queued again without
+spending an attempt, and another worker resumes it (docs/decisions/010).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +45,12 @@ log = logging.getLogger("ssql.worker")
 
 PR_SET_PDEATHSIG = 1
 LOG_TAIL_BYTES = 4000
+#: the runner stops itself this far into its lease when no renewal reached it (the supervisor
+#: gives up at 0.8 of it when the database is away; the reaper only after all of it)
+RUNNER_LEASE_FRACTION = 0.9
+
+#: set in a pool process when its worker is asked to stop gracefully (SIGTERM): hand the job back
+handback_requested = threading.Event()
 
 
 def worker_name() -> str:
@@ -43,7 +58,68 @@ def worker_name() -> str:
 
 
 def job_workdir(settings: Settings, job_id: str) -> Path:
+    """The job's published files (what later jobs and downloads read)."""
     return settings.resolved_artifacts_dir() / "jobs" / job_id
+
+
+def attempt_workdir(settings: Settings, job_id: str, attempt: int) -> Path:
+    """Where one attempt's runner writes; nobody else writes there."""
+    return job_workdir(settings, job_id) / "attempts" / str(attempt)
+
+
+def _snapshot(src: Path, dst: Path) -> None:
+    """Make ``dst`` the file ``src`` is now, atomically: a hard link (the runner replaces its files,
+    it never rewrites one in place) or, where links are not possible, a copy; then a rename."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.publish")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _seed(job_dir: Path, attempt_dir: Path) -> str | None:
+    """Start an attempt from the job's published checkpoints (the plain files at the top of the
+    job folder, other than attempt logs); returns the published ``last.pt`` it resumes from."""
+    attempt_dir.mkdir(parents=True, exist_ok=True)
+    resumed = None
+    for f in sorted(job_dir.iterdir()):
+        if f.is_file() and not f.name.startswith(("attempt-", ".")):
+            _snapshot(f, attempt_dir / f.name)
+            if f.name == "last.pt":
+                resumed = str(f)
+    return resumed
+
+
+def _publishable(attempt_dir: Path, job_dir: Path, path: str | None) -> tuple[Path, Path] | None:
+    """``(source, destination)`` of a checkpoint the runner reported, if it lies in its folder."""
+    if not path:
+        return None
+    src = Path(path).resolve()
+    root = attempt_dir.resolve()
+    if root not in src.parents or not src.is_file():
+        return None
+    return src, job_dir / src.relative_to(root)
+
+
+def publish_files(Sessions: sessionmaker[Session], job: ClaimedJob, files: list[tuple[Path, Path]]) -> bool:
+    """Publish files as the job's, only while this attempt holds the lease (fenced row lock held
+    during the renames, so no claim can take the job over in between). False: not ours any more."""
+    with Sessions() as s:
+        if not job_store.lock_fenced(s, job.id, job.attempt):
+            return False
+        for src, dst in files:
+            if src.is_file():
+                _snapshot(src, dst)
+        s.commit()
+    return True
+
+
+def _tree(attempt_dir: Path, job_dir: Path) -> list[tuple[Path, Path]]:
+    return [(f, job_dir / f.relative_to(attempt_dir)) for f in sorted(attempt_dir.rglob("*"))
+            if f.is_file() and not f.name.startswith(".")]  # fmt: skip
 
 
 def _arm_parent_death_signal() -> None:
@@ -129,6 +205,9 @@ class AttemptState:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] | None = None
     last_checkpoint: str | None = None
+    #: a checkpoint reported and not yet published as the job's
+    checkpoint_pending: bool = False
+    handback_sent: bool = False
 
 
 def _is_outage(exc: SQLAlchemyError) -> bool:
@@ -163,9 +242,12 @@ def supervise(
     publish: Callable[[str], None],
 ) -> str:
     """Run one attempt to its end; returns the outcome recorded for the attempt."""
-    workdir = job_workdir(settings, job.id)
-    workdir.mkdir(parents=True, exist_ok=True)
-    resumed_from = str(workdir / "last.pt") if (workdir / "last.pt").exists() else None
+    job_dir = job_workdir(settings, job.id)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    workdir = attempt_workdir(settings, job.id, job.attempt)
+    if workdir.exists():  # left by a worker that died while preparing this very token: start clean
+        shutil.rmtree(workdir, ignore_errors=True)
+    resumed_from = _seed(job_dir, workdir)
     config = run_config(settings, job)
     paths = input_paths(settings, job)
     problem = _preflight(job, config, paths)
@@ -174,8 +256,9 @@ def supervise(
             job_store.start_attempt(s, job, worker_name(), None, None)
             job_store.finish(s, job.id, job.attempt, "failed", error=problem)
             job_store.end_attempt(s, job.id, job.attempt, "failed")
+        shutil.rmtree(workdir, ignore_errors=True)
         return "failed"
-    job_file = workdir / f"attempt-{job.attempt}.json"
+    job_file = job_dir / f"attempt-{job.attempt}.json"
     job_file.write_text(
         json.dumps(
             {
@@ -190,10 +273,13 @@ def supervise(
             }
         )
     )
-    log_path = workdir / f"attempt-{job.attempt}.log"
+    log_path = job_dir / f"attempt-{job.attempt}.log"
 
     read_fd, write_fd = os.pipe()
-    env = dict(os.environ, SSQL_EVENT_FD=str(write_fd), SSQL_SUPERVISOR_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
+    lease_r, lease_w = os.pipe()
+    os.set_blocking(lease_w, False)
+    env = dict(os.environ, SSQL_EVENT_FD=str(write_fd), SSQL_LEASE_FD=str(lease_r), SSQL_SUPERVISOR_PID=str(os.getpid()),
+               SSQL_HANDBACK_SECONDS=str(settings.handback_seconds), PYTHONUNBUFFERED="1")  # fmt: skip
     if settings.torch_threads > 0:
         threads = str(settings.torch_threads)
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads)
@@ -203,12 +289,13 @@ def supervise(
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            pass_fds=(write_fd,),
+            pass_fds=(write_fd, lease_r),
             start_new_session=True,
             preexec_fn=_arm_parent_death_signal,
             env=env,
         )
     os.close(write_fd)
+    os.close(lease_r)
     events: queue.Queue = queue.Queue()
     threading.Thread(target=_read_events, args=(read_fd, events), daemon=True).start()
     state = AttemptState()
@@ -216,23 +303,54 @@ def supervise(
         with Sessions() as s:
             job_store.start_attempt(s, job, worker_name(), proc.pid, resumed_from)
         log.info("job %s attempt %d: runner pid %d%s", job.id, job.attempt, proc.pid, " (resuming)" if resumed_from else "")
-        outcome = _watch(settings, Sessions, job, proc, events, state)
+        outcome = _watch(settings, Sessions, job, proc, events, state, lease_w, workdir, job_dir)
     finally:
         if proc.poll() is None:  # the supervisor itself failed: never leave the runner unsupervised
             _kill_group(proc, signal.SIGKILL)
             proc.wait()
+        os.close(lease_w)
+    if outcome != "lease_lost" and state.checkpoint_pending:
+        # the last checkpoint of a run that stops here (crashed, cancelled, handed back): the
+        # next attempt resumes from it; a run that succeeded publishes everything below
+        final_kind = (state.final or {}).get("event")
+        if final_kind != "result" and not _publish_checkpoint(Sessions, job, state, workdir, job_dir):
+            outcome = "lease_lost"
     if outcome == "lease_lost":
         with Sessions() as s:
             job_store.end_attempt(s, job.id, job.attempt, outcome)
+        shutil.rmtree(workdir, ignore_errors=True)
         return outcome
     try:
-        outcome = _record_outcome(settings, Sessions, job, proc.returncode, state, workdir, log_path, publish)
+        outcome = _record_outcome(settings, Sessions, job, proc.returncode, state, workdir, job_dir, log_path, publish)
     except Exception as e:  # noqa: BLE001 - never leave the job 'running' for the reaper to call it worker_lost
         log.exception("job %s attempt %d: recording the outcome failed", job.id, job.attempt)
         outcome = _record_failure(Sessions, job, proc.returncode, state, log_path, e)
     with Sessions() as s:
         job_store.end_attempt(s, job.id, job.attempt, outcome)
+    shutil.rmtree(workdir, ignore_errors=True)
     return outcome
+
+
+def _publish_checkpoint(
+    Sessions: sessionmaker[Session], job: ClaimedJob, state: AttemptState, workdir: Path, job_dir: Path
+) -> bool:
+    """Publish the runner's latest checkpoint as the job's; False when the lease is not ours."""
+    pair = _publishable(workdir, job_dir, state.last_checkpoint)
+    state.checkpoint_pending = False
+    if pair is None:
+        return True
+    if publish_files(Sessions, job, [pair]):
+        return True
+    log.warning("job %s attempt %d: lease lost, checkpoint not published", job.id, job.attempt)
+    return False
+
+
+def _tell_lease(fd: int, deadline: float) -> None:
+    """Tell the runner until when (``time.monotonic``) its lease holds; never block on it."""
+    try:
+        os.write(fd, f"{deadline:.3f}\n".encode())
+    except (BlockingIOError, BrokenPipeError, OSError):
+        pass
 
 
 def _watch(
@@ -242,10 +360,14 @@ def _watch(
     proc: subprocess.Popen,
     events: queue.Queue,
     state: AttemptState,
+    lease_fd: int,
+    workdir: Path,
+    job_dir: Path,
 ) -> str:
     """Pump events and heartbeats until the runner exits; returns "exited" or "lease_lost"."""
     progress_every = min(1.0, settings.heartbeat_seconds)
-    last_beat = last_flush = last_renewed = time.monotonic()
+    last_flush = last_renewed = time.monotonic()
+    last_beat = last_renewed - settings.heartbeat_seconds  # renew at once: the runner learns its deadline
     kill_at: float | None = None
     exited_at: float | None = None
     reader_done = False
@@ -263,6 +385,7 @@ def _watch(
                 state.metrics.append(ev)
             elif ev["event"] == "checkpoint":
                 state.last_checkpoint = ev.get("path")
+                state.checkpoint_pending = True
             else:
                 state.final = ev
             try:
@@ -270,6 +393,15 @@ def _watch(
             except queue.Empty:
                 ev = False
         now = time.monotonic()
+        if handback_requested.is_set() and not state.handback_sent and proc.poll() is None:
+            log.info("job %s attempt %d: worker stopping, asking the runner to stop at a checkpoint", job.id, job.attempt)
+            state.handback_sent = True
+            try:
+                os.kill(proc.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+            deadline = now + settings.handback_seconds + settings.cancel_grace_seconds
+            kill_at = deadline if kill_at is None else min(kill_at, deadline)
         due_beat = now - last_beat >= settings.heartbeat_seconds
         due_flush = state.progress_dirty and now - last_flush >= progress_every
         if due_beat or due_flush:
@@ -304,6 +436,15 @@ def _watch(
                     # which the reaper may hand the job to another worker
                     cancel = None
             last_beat = last_flush = now
+            if cancel is not None and last_renewed == now:
+                _tell_lease(lease_fd, now + settings.lease_seconds * RUNNER_LEASE_FRACTION)
+                if state.checkpoint_pending:
+                    try:
+                        if not _publish_checkpoint(Sessions, job, state, workdir, job_dir):
+                            cancel = None
+                    except SQLAlchemyError:  # published with the next heartbeat
+                        log.exception("job %s: publishing the checkpoint failed", job.id)
+                        state.checkpoint_pending = True
             if cancel is None:
                 log.warning("job %s attempt %d: lease lost, killing runner", job.id, job.attempt)
                 _kill_group(proc, signal.SIGKILL)
@@ -336,6 +477,7 @@ def _record_outcome(
     rc: int,
     state: AttemptState,
     workdir: Path,
+    job_dir: Path,
     log_path: Path,
     publish: Callable[[str], None],
 ) -> str:
@@ -343,8 +485,15 @@ def _record_outcome(
     kind = final.get("event")
     with Sessions() as s:
         if kind == "result" and rc == 0:
+            # publish the attempt's files as the job's and record the outcome in one transaction,
+            # holding the job row's lock: only the lease holder's files become the job's
+            if not job_store.lock_fenced(s, job.id, job.attempt):
+                log.warning("job %s attempt %d: finished after losing its lease; outputs dropped", job.id, job.attempt)
+                return "lease_lost"
+            for src, dst in _tree(workdir, job_dir):
+                _snapshot(src, dst)
             progress = dict(state.progress or {}, fraction=1.0, eta_s=0.0)
-            job_store.finish(
+            done = job_store.finish(
                 s,
                 job.id,
                 job.attempt,
@@ -352,31 +501,48 @@ def _record_outcome(
                 summary=final.get("summary"),
                 results=final.get("results"),
                 artifacts=collect_artifacts(
-                    job.kind, workdir, settings.resolved_artifacts_dir(), final.get("outputs"), job.source_job_id
+                    job.kind, job_dir, settings.resolved_artifacts_dir(), final.get("outputs"), job.source_job_id
                 ),
                 progress=progress,
             )
-            return "succeeded"
+            return "succeeded" if done else "lease_lost"
         cancel_requested, max_attempts = job_store.job_flags(s, job.id)
-        if kind == "cancelled" or (rc < 0 and cancel_requested):
+        if kind == "cancelled" or (rc < 0 and cancel_requested and not state.handback_sent):
             job_store.finish(s, job.id, job.attempt, "cancelled", error=None, progress=state.progress)
             return "cancelled"
         if kind == "error" and not final.get("retryable", False):
             error = {k: final[k] for k in ("code", "message", "field") if k in final}
             job_store.finish(s, job.id, job.attempt, "failed", error=error, progress=state.progress)
             return "failed"
+        if state.handback_sent:
+            # the worker is stopping (not the job's fault): back to the queue, attempt not spent;
+            # its last checkpoint is published, another worker resumes from it
+            if job_store.hand_back(s, job.id, job.attempt, progress=state.progress):
+                _publish_or_leave(Sessions, job, publish)
+                return "handed_back"
+            return "lease_lost"
         detail = final.get("message") or _log_tail(log_path)
         message = f"training process {_describe_exit(rc)}" + (f": {detail}" if detail else "")
-        error = {"code": "crashed", "message": message, "attempt": job.attempt}
-        if job.attempt < max_attempts:
+        error = {"code": "crashed", "message": message, "attempt": job.spent}
+        if job.spent < max_attempts:
             if job_store.requeue(s, job.id, job.attempt, error):
-                publish(job.id)
-                with Sessions() as s2:
-                    job_store.mark_published(s2, [job.id])
+                _publish_or_leave(Sessions, job, publish)
             return "requeued"
-        error["message"] += f" (gave up after {job.attempt} attempts)"
+        error["message"] += f" (gave up after {job.spent} attempts)"
         job_store.finish(s, job.id, job.attempt, "failed", error=error, progress=state.progress)
         return "failed"
+
+
+def _publish_or_leave(Sessions: sessionmaker[Session], job: ClaimedJob, publish: Callable[[str], None]) -> None:
+    """Send the job's message again; if the broker is away the row stays queued and unpublished,
+    and a reconciler publishes it."""
+    try:
+        publish(job.id)
+    except Exception:  # noqa: BLE001 - the reconciler's job then
+        log.exception("job %s: could not publish it again; the reconciler will", job.id)
+        return
+    with Sessions() as s:
+        job_store.mark_published(s, [job.id])
 
 
 def _record_failure(
