@@ -11,9 +11,9 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 
+from api import web
 from api.errors import FieldError, field_error_handler, request_validation_handler
 from api.limits import BodySizeLimit
-from api import web
 from api.routes import catalog, checkpoints, health, jobs, keys, logs
 from api.state import AppState, KeyCache
 from persistence.db import make_async_engine
@@ -100,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Quantization-friendly self-supervised pretraining and evaluation at many bit-widths, as jobs.",
         lifespan=lifespan,
         docs_url=None,  # api.web serves /docs from the package's own Swagger UI files (no CDN)
+        redoc_url=None,  # ReDoc would load from a CDN
     )
     app.add_exception_handler(FieldError, field_error_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
