@@ -16,6 +16,9 @@ from ssql_core.errors import ConfigError
 #: Hard limits the library enforces on its own; the service may impose tighter ones.
 MAX_EPOCHS = 10_000
 MAX_BATCH = 65_536
+MAX_DEVICES = 64
+#: where a pretraining run makes its augmented views (PretrainConfig.input_pipeline)
+INPUT_PIPELINES = ("auto", "device", "loader")
 
 
 def _check_range(name: str, value: Any, lo: float, hi: float, kind: type = int) -> None:
@@ -91,6 +94,15 @@ class PretrainConfig:
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     channels_last: bool = True  # on CUDA only; ignored on the CPU (runtime.use_channels_last)
     compile: bool = False
+    #: where the two views are made (docs/decisions/012): "device" on the training device, batched,
+    #: from uint8 images held there (in-memory datasets only); "loader" per image in DataLoader
+    #: workers; "auto": "device" for an in-memory dataset on CUDA, "loader" otherwise
+    input_pipeline: str = "auto"
+    #: processes (one per GPU; CPU processes with gloo where there is no GPU) of one run, under
+    #: DistributedDataParallel; each gets batch_size / devices images of every global batch
+    devices: int = 1
+    #: SyncBatchNorm across the devices (CUDA only)
+    sync_bn: bool = False
     #: write a resumable checkpoint every this many steps (and always at an epoch end)
     checkpoint_every_steps: int = 200
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +142,14 @@ class PretrainConfig:
         if self.stem not in ("auto", "cifar", "imagenet"):
             raise ConfigError("stem", f"must be 'auto', 'cifar' or 'imagenet', got {self.stem!r}")
         _check_range("num_workers", self.num_workers, 0, 64)
+        if self.input_pipeline not in INPUT_PIPELINES:
+            raise ConfigError("input_pipeline", f"must be one of {list(INPUT_PIPELINES)}, got {self.input_pipeline!r}")
+        _check_range("devices", self.devices, 1, MAX_DEVICES)
+        if self.batch_size % self.devices:
+            raise ConfigError("devices", f"batch_size {self.batch_size} must be a multiple of devices ({self.devices}): "
+                              "each device takes an equal share of every batch")
+        if not isinstance(self.sync_bn, bool):
+            raise ConfigError("sync_bn", f"must be true or false, got {self.sync_bn!r}")
         _check_range("checkpoint_every_steps", self.checkpoint_every_steps, 1, 10**9)
         if not isinstance(self.method_options, dict):
             raise ConfigError("method_options", "must be an object of option name -> value")

@@ -322,10 +322,13 @@ class SeededViews(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int) -> Any:
+    def __getitem__(self, i: int | tuple[int, int]) -> Any:
+        """Image ``i``'s views in the current epoch; ``(epoch, i)``: in that epoch (a sampler that
+        spans epochs, so one DataLoader's workers serve the whole run)."""
+        epoch, i = i if isinstance(i, tuple) else (self.epoch, i)
         img, label = self.base[i]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+            torch.manual_seed(sample_seed(self.seed, epoch, i))
             views = tuple(self.transform(img) for _ in range(self.n_views))
         return (*views, label) if self.with_label else views
 

@@ -137,7 +137,7 @@ def _cached_quant_weight(m: nn.Conv2d | nn.Linear, ctx: QuantContext) -> Tensor:
     passes' gradients through the one quantize node.
     """
     bits = ctx.weight_bits(m.role)  # type: ignore[attr-defined]
-    if ctx.generation == 0 or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or ctx.generation == 0:  # compiled: no guard on the generation
         return quantize_weight(m.weight, bits, ctx.weight_scale_grad, ctx.rounding)
     key = (id(ctx), ctx.generation, id(m.weight), m.weight._version)
     cache = m.__dict__.get("_wq_cache")

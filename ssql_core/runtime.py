@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import random
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,3 +45,13 @@ def use_channels_last(device: torch.device, requested: bool) -> bool:
 def to_input(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def compile_modules(model: nn.Module, **options: Any) -> nn.Module:
+    """``torch.compile`` each top-level submodule of a method in place (backbone, heads, target
+    encoders): ``state_dict`` keeps its names, the step's Python (bit draw, mode switches) stays
+    eager, and a quantized pass reads its bit-widths from 0-dim tensors, so one graph per quant
+    mode (FP, record, quantized) serves every bit pair (ssql_core.qnn)."""
+    for child in model.children():
+        child.compile(**options)
+    return model
