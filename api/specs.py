@@ -149,7 +149,7 @@ DISTILL_SERVER_FIELDS = (*SERVER_FIELDS, "checkpoint", "heads")
 
 
 def bits_list(loc: tuple[str, ...], value: Any, allow_empty: bool) -> list[str]:
-    """Canonical bit-widths (``"4w4f"`` -> ``"fp"``) of a JSON list; 422 naming ``loc`` otherwise."""
+    """Canonical bit-widths (``"4w4f"`` -> ``"4w4a"``) of a JSON list; 422 naming ``loc`` otherwise."""
     if not isinstance(value, list) or not all(isinstance(b, str) for b in value):
         raise FieldError(loc, f"must be a list of bit-widths such as ['fp', '4w4a'], got {value!r}")
     if not value and not allow_empty:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from persistence.settings import Settings
-from ssql_cli.client import ApiError, Client
 from ssql_cli.render import LiveProgress, progress_line, table
+from ssql_client import ApiError, Client, ServerUnreachable
 
 #: default file name endings of ``ssql download`` per format
 SUFFIXES = {"safetensors": ".safetensors", "onnx": ".onnx", "torchvision": ".torchvision.safetensors", "torch": ".pt"}
@@ -37,13 +37,23 @@ def _client(args: argparse.Namespace) -> Client:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from persistence.migrate import upgrade_head
-    from ssql_cli.stack import Stack
+    from ssql_cli.stack import PortInUse, Stack, check_port_free
 
+    try:  # before anything starts: a second `ssql up` on a busy port must not start a worker
+        check_port_free(args.host, args.port)
+    except PortInUse as e:
+        print(f"ssql up: {e}", file=sys.stderr)
+        return 1
     settings = Settings()
     env = dict(os.environ, SSQL_HOME=str(settings.resolved_home()))
     upgrade_head(settings)
     stack = Stack(env, args.port, host=args.host)
-    stack.start(timeout=120)
+    try:
+        stack.start(timeout=120)
+    except (PortInUse, RuntimeError, TimeoutError) as e:
+        stack.stop()
+        print(f"ssql up: {e}", file=sys.stderr)
+        return 1
     print(f"ssql service on {stack.url} (docs: {stack.url}/docs); home {settings.resolved_home()}; Ctrl-C stops it")
     stop = {"flag": False}
 
@@ -150,13 +160,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _print_and_wait(client: Client, job: dict[str, Any], wait: bool) -> int:
-    print(job["id"])
+    print(job["id"], flush=True)
     if wait:
-        job = client.wait(job["id"], LiveProgress(sys.stderr))
-        if job.get("error"):
-            print(f"error: {job['error'].get('message')}", file=sys.stderr)
-        return 0 if job["status"] == "succeeded" else 1
+        return _wait(client, job["id"], sys.stderr)
     return 0
+
+
+def _wait(client: Client, job_id: str, out: Any) -> int:
+    """Live progress until the job ends (a lost connection is retried, and said so); the
+    error, if any, on stderr; exit status 0 only when the job succeeded."""
+    progress = LiveProgress(out)
+    job = client.wait(job_id, progress, on_retry=progress.retrying)
+    if job.get("error"):
+        print(f"error: {job['error'].get('message')}", file=sys.stderr)
+    return 0 if job["status"] == "succeeded" else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -179,14 +196,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     client = _client(args)
     if not args.watch:
         job = client.job(args.job_id)
-        print(json.dumps(job, indent=2) if args.json else progress_line(job))
+        if args.json:  # only the JSON on stdout (the error is in it)
+            print(json.dumps(job, indent=2))
+            return 0
+        print(progress_line(job))
         if job.get("error"):
             print(f"error: {job['error'].get('message')}")
         return 0
-    job = client.wait(args.job_id, LiveProgress())
-    if job.get("error"):
-        print(f"error: {job['error'].get('message')}")
-    return 0 if job["status"] == "succeeded" else 1
+    return _wait(client, args.job_id, sys.stdout)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -223,11 +240,42 @@ def print_results(rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    res = _client(args).results(args.job_id)
+    client = _client(args)
+    answers = {job_id: client.results(job_id) for job_id in args.job_ids}
+    if args.plot:
+        from ssql_client.plot import plot_top1
+
+        jobs = {_label(client, job_id): res["rows"] for job_id, res in answers.items()}
+        plot_top1(jobs, args.plot)
+        print(f"wrote {args.plot} ({len(jobs)} job(s))", file=sys.stderr)
     if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        print_results(res["rows"])
+        print(json.dumps(answers[args.job_ids[0]] if len(args.job_ids) == 1 else list(answers.values()), indent=2))
+    elif not args.plot or len(args.job_ids) == 1:
+        for i, (job_id, res) in enumerate(answers.items()):
+            if len(answers) > 1:
+                print(("\n" if i else "") + f"{job_id}:")
+            print_results(res["rows"])
+    return 0
+
+
+def _label(client: Client, job_id: str) -> str:
+    """A plot legend's name of an eval job: its pretraining method and the job id's start."""
+    try:
+        job = client.job(job_id)
+        source = job.get("source_job") or (job.get("spec") or {}).get("source_job")
+        method = (client.job(source).get("spec") or {}).get("config", {}).get("method") if source else None
+    except ApiError:
+        method = None
+    return f"{method} ({job_id[:8]})" if method else job_id[:8]
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if not args.follow:
+        sys.stdout.write(client.logs(args.job_id, args.tail))
+        return 0
+    for line in client.follow_logs(args.job_id, args.tail):
+        print(line, flush=True)
     return 0
 
 
@@ -306,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     cc.set_defaults(func=cmd_cancel)
 
     rs = sub.add_parser("results", help="an eval job's table (top-1 per bit-width) or a distill job's row")
-    rs.add_argument("job_id")
+    rs.add_argument("job_ids", nargs="+", metavar="JOB", help="one or more eval (or distill) jobs")
     rs.add_argument("--json", action="store_true")
+    rs.add_argument("--plot", metavar="FILE.png", help="write top-1 vs bit-width (one line per job, FP dashed) to this file")
     rs.set_defaults(func=cmd_results)
 
     ex = sub.add_parser("export", help="queue an export job: a finished job's checkpoint at more bit-widths/formats")
@@ -317,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--idempotency-key")
     ex.add_argument("--wait", action="store_true", help="show progress until the export job ends")
     ex.set_defaults(func=cmd_export)
+
+    lg = sub.add_parser("logs", help="a job's log (every attempt's stdout/stderr, labelled)")
+    lg.add_argument("job_id")
+    lg.add_argument("--tail", "-n", type=int, help="only the last N lines")
+    lg.add_argument("--follow", "-f", action="store_true", help="print new lines as they come, until the job ends")
+    lg.set_defaults(func=cmd_logs)
 
     ck = sub.add_parser("checkpoints", help="a job's downloadable files: bits, format, size, sha256")
     ck.add_argument("job_id")
@@ -336,9 +391,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except ServerUnreachable as e:  # one line naming the address, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except ApiError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `ssql list | head`: the reader left; say nothing, as `cat` would
+        _silence_stdout()
+        return 141
+    except KeyboardInterrupt:
+        return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

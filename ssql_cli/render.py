@@ -54,6 +54,15 @@ class LiveProgress:
         self.out.flush()
 
 
+    def retrying(self, error: Exception, tries: int) -> None:
+        """The connection was lost while waiting: say so (on its own line) and keep waiting."""
+        if self.tty and self.last:
+            self.out.write("\n")
+        self.out.write(f"{error} - retrying ({tries})\n")
+        self.out.flush()
+        self.last = ""
+
+
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):

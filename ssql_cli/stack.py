@@ -17,6 +17,24 @@ from pathlib import Path
 import httpx
 
 
+class PortInUse(RuntimeError):
+    """Something (often another ``ssql up``) already listens on the address."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise :class:`PortInUse` if ``host:port`` cannot be bound (as uvicorn would bind it)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise PortInUse(f"port {port} on {host} is already in use ({e.strerror}); is another `ssql up` "
+                            "running? stop it or choose another port with --port") from None  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,6 +80,9 @@ class Stack:
         return self.worker
 
     def start(self, timeout: float = 60.0) -> Stack:
+        """Start the API, wait until it answers, then start the worker. Raises :class:`PortInUse`
+        when the port is taken (before starting anything), RuntimeError when the API exits."""
+        check_port_free(self.host, self.port)
         self.api = self._spawn(api_command(self.host, self.port), "api")
         self.start_worker()
         self.wait_ready(timeout)
@@ -76,6 +97,10 @@ class Stack:
             try:
                 r = httpx.get(f"{self.url}/readyz", timeout=5)
                 if r.status_code == 200:
+                    time.sleep(0.2)  # a readiness answer from another process on the port would
+                    if self.api is not None and self.api.poll() is not None:  # come with ours exiting
+                        raise RuntimeError(f"the API process exited with code {self.api.returncode} "
+                                           f"(is port {self.port} taken by another server?)")  # fmt: skip
                     return
                 last = r.text
             except httpx.HTTPError as e:
