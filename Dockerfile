@@ -8,6 +8,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     SSQL_HOME=/data/ssql
 
+# the API's image needs no CUDA: build it with --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_URL=""
+
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY ssql_core ssql_core
@@ -16,7 +19,9 @@ COPY migrations migrations
 COPY api api
 COPY worker worker
 COPY ssql_cli ssql_cli
-RUN pip install . \
+COPY ssql_client ssql_client
+RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install torch torchvision --index-url "$TORCH_INDEX_URL"; fi \
+ && pip install . \
  && useradd --create-home --uid 1000 ssql \
  && mkdir -p /data/ssql /data/datasets \
  && chown -R ssql /data

@@ -255,3 +255,14 @@ def test_plot_order_and_points(tmp_path: Path) -> None:
     dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
     assert [len(ln.get_xdata()) for ln in solid] == [2, 2] and len(dashed) == 2
     assert list(solid[1].get_xdata()) == [0, 1]  # simsiam: 8w8a at x=0, 4w4a at x=1
+
+
+def test_readme_says_what_the_code_does() -> None:
+    from ssql_core.bits import parse_bits
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert str(parse_bits("4w4f")) == "4w4a"
+    assert 'alias `"4w4f"`' not in readme and "4w4f" in readme and "4-bit weights and 4-bit activations" in readme
+    running = readme[readme.index("### Running it"):readme.index("### Python client")]
+    assert "source .venv/bin/activate" in running and "SSQL_TORCH_THREADS=1" in running
+    assert "max_samples=512" in running and "docker-compose.gpus.yml" in running and "SSQL_DATASETS_DIR" in running
