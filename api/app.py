@@ -37,7 +37,8 @@ def _preload_and_freeze() -> None:
 
 #: request model -> field -> the setting that caps it on this server (on top of the library's range)
 _SERVER_MAXIMA = {
-    "PretrainRequest": {"epochs": "max_epochs", "batch_size": "max_batch_size", "image_size": "max_image_size"},
+    "PretrainRequest": {"epochs": "max_epochs", "batch_size": "max_batch_size", "image_size": "max_image_size",
+                        "devices": "max_devices"},
     "EvalRequest": {"epochs": "max_eval_epochs", "batch_size": "max_batch_size"},
     "DistillRequest": {"epochs": "max_epochs", "batch_size": "max_batch_size"},
 }

@@ -73,6 +73,13 @@ class PretrainRequest(BaseModel):
     amp: Bool | None = None
     channels_last: Bool | None = None
     compile: Bool | None = None
+    input_pipeline: Literal["auto", "device", "loader"] | None = Field(
+        None, description="where the augmented views are made: device (batched, on the GPU; in-memory datasets), "
+        "loader (per image, DataLoader workers); auto (default): device on CUDA for in-memory datasets")
+    devices: Int | None = Field(None, description="GPUs of this job (one process each, DistributedDataParallel; "
+                                "gloo CPU processes on a worker without GPUs); batch_size is the global batch, "
+                                "a multiple of devices; at most the server's max_devices", json_schema_extra={"minimum": 1})
+    sync_bn: Bool | None = Field(None, description="SyncBatchNorm across the devices (CUDA only)")
     checkpoint_every_steps: Int | None = Field(None, json_schema_extra={"minimum": 1})
     method_options: dict[str, Any] | None = None
     export_bits: list[BitsStr] | None = Field(

@@ -114,6 +114,7 @@ def pretrain_spec(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
     _limit(("body", "epochs"), cfg.epochs, settings.max_epochs)
     _limit(("body", "batch_size"), cfg.batch_size, settings.max_batch_size)
     _limit(("body", "image_size"), cfg.image_size, settings.max_image_size)
+    _limit(("body", "devices"), cfg.devices, settings.max_devices)
     config = cfg.to_dict()
     for name in SERVER_FIELDS:
         config.pop(name, None)

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     max_batch_size: int = 4096
     max_image_size: int = 512
     max_bits_per_eval: int = 16
+    #: the most devices (GPUs, or gloo CPU processes on a worker without one) one pretrain job may ask for
+    max_devices: int = 8
     allow_download: bool = False
     device: str = "auto"
     num_workers: int = 0

@@ -29,6 +29,7 @@ async def get_catalog(settings: SettingsDep) -> dict[str, Any]:
         max_batch_size=settings.max_batch_size,
         max_image_size=settings.max_image_size,
         max_bits_per_eval=settings.max_bits_per_eval,
+        max_devices=settings.max_devices,
         max_attempts=settings.max_attempts,
         allow_download=settings.allow_download,
     )

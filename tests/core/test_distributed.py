@@ -124,3 +124,16 @@ def test_devices_validation_and_outcomes():
         _outcome({0: ("config", "dataset", "no such"), 1: ("config", "dataset", "no such")}, 2)
     with pytest.raises(RankFailed, match="rank 1 was killed by signal 9"):
         _outcome({0: ("error", "gloo: connection closed"), 1: ("died", -9)}, 2)
+
+
+def test_the_server_limits_devices(tmp_path):
+    from api.errors import FieldError
+    from api.specs import pretrain_spec
+    from persistence.settings import Settings
+
+    settings = Settings(home=tmp_path, max_devices=4)
+    spec = pretrain_spec({"kind": "pretrain", "dataset": "synthetic", "devices": 4, "batch_size": 64, "sync_bn": True}, settings)
+    assert spec["config"]["devices"] == 4 and spec["config"]["sync_bn"] is True
+    with pytest.raises(FieldError) as e:  # a 422 naming the field
+        pretrain_spec({"kind": "pretrain", "dataset": "synthetic", "devices": 8, "batch_size": 64}, settings)
+    assert e.value.loc == ("body", "devices") and "at most 4" in e.value.reason
