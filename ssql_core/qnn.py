@@ -65,6 +65,11 @@ class QuantContext:
         self.w_bits.fill_(self.w_int)
         self.a_bits.fill_(self.a_int)
 
+    def to(self, device: torch.device | str) -> QuantContext:
+        """Keep the bit-width tensors on ``device`` (a compiled CUDA graph then reads them there)."""
+        self.w_bits, self.a_bits = self.w_bits.to(device), self.a_bits.to(device)
+        return self
+
     def weight_bits(self, role: str) -> int | torch.Tensor:
         if role == FIXED8:
             return 8

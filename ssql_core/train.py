@@ -140,6 +140,7 @@ class _Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.compile:
+            self.model.qctx.to(self.device)
             compile_modules(self.model)
         self.step_module = _StepModule(self.model)
         self.step_fn: nn.Module = self.step_module

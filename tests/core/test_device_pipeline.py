@@ -215,3 +215,12 @@ def test_compiled_modules_do_not_recompile_per_bit_pair():
             out = model.training_step(x1, x2, step)
             out.loss.backward()
             assert out.metrics["w_bits"] == model.sampler.sample(step).w
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_gpu_benchmark_refuses_without_cuda():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "bench/gpu_throughput.py"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "CUDA is not available" in proc.stderr
