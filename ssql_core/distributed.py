@@ -203,7 +203,13 @@ def launch(cfg: PretrainConfig, workdir: Path, hooks: Hooks) -> dict[str, Any]:
             p.join(timeout=30)
         for c in conns:
             c.close()
-    return _outcome(results, world)
+    try:
+        return _outcome(results, world)
+    except RankFailed:
+        # a cancel (SIGTERM to the whole group) that reached a rank before it ignored SIGTERM
+        if hooks.should_stop():
+            raise Cancelled("cancelled while the ranks were starting or stopping") from None
+        raise
 
 
 def _outcome(results: dict[int, tuple[Any, ...]], world: int) -> dict[str, Any]:
