@@ -1,0 +1,514 @@
+/* The SSQL dashboard: plain JavaScript, no build step; charts by uPlot (vendored).
+ *
+ * The API key lives in sessionStorage and goes out only as the Authorization header of fetch()
+ * calls: live updates read the SSE stream through fetch (EventSource cannot send a header) and
+ * downloads are fetched as blobs (a plain link cannot either). It never appears in a URL. */
+"use strict";
+
+const KEY = "ssql.apiKey";
+const PAPER_BITS = ["fp", "8w8a", "6w6a", "5w5a", "4w4a", "3w3a", "2w8a", "2w4a"];
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563", "#db2777"];
+const main = document.getElementById("main");
+let view = { abort: new AbortController(), timers: [] };
+let cache = { catalog: null, openapi: null };
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const d = body && body.detail;
+    super(Array.isArray(d) ? d.map((x) => `${(x.loc || []).slice(1).join(".") || "body"}: ${x.msg}`).join("; ") : String(d ?? status));
+    this.status = status; this.body = body;
+  }
+}
+
+// -- helpers ---------------------------------------------------------------------------------------
+const $ = (sel, root = document) => root.querySelector(sel);
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k === "class") el.className = v;
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "dataset") Object.assign(el.dataset, v);
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) if (c !== null && c !== undefined && c !== false) el.append(c instanceof Node ? c : String(c));
+  return el;
+}
+const fmtNum = (v, d = 2) => (v === null || v === undefined ? "" : Number(v).toFixed(d));
+function fmtDuration(s) {
+  if (s === null || s === undefined || !isFinite(s)) return "--:--";
+  s = Math.max(0, Math.round(s));
+  const hh = Math.floor(s / 3600), mm = Math.floor((s % 3600) / 60), ss = s % 60;
+  return (hh ? hh + ":" + String(mm).padStart(2, "0") : String(mm).padStart(2, "0")) + ":" + String(ss).padStart(2, "0");
+}
+const fmtTime = (t) => (t ? new Date(t).toLocaleString() : "");
+function fmtBytes(n) { const u = ["B", "KiB", "MiB", "GiB"]; let i = 0; while (n >= 1024 && i < 3) { n /= 1024; i++; } return `${n.toFixed(i ? 1 : 0)} ${u[i]}`; }
+function toast(text) { const t = h("div", { class: "toast" }, text); document.body.append(t); setTimeout(() => t.remove(), 3500); }
+function later(fn, ms) { const id = setInterval(fn, ms); view.timers.push(id); return id; }
+function parseHash() {
+  const raw = location.hash.replace(/^#\/?/, "") || "jobs";
+  const [path, query] = raw.split("?");
+  return { parts: path.split("/"), params: new URLSearchParams(query || "") };
+}
+function go(hash) { location.hash = hash; }
+
+// -- the API ---------------------------------------------------------------------------------------
+const apiKey = () => sessionStorage.getItem(KEY);
+async function api(path, opts = {}) {
+  const headers = Object.assign({}, opts.headers || {});
+  if (apiKey()) headers["Authorization"] = "Bearer " + apiKey();
+  const init = { method: opts.method || "GET", headers, signal: opts.signal || view.abort.signal };
+  if (opts.json !== undefined) { headers["Content-Type"] = "application/json"; init.body = JSON.stringify(opts.json); }
+  const r = await fetch(path, init);
+  if (r.status === 401) { signOut("The server refused this key (401): sign in again."); throw new ApiError(401, { detail: "unauthorized" }); }
+  if (!r.ok) { let body; try { body = await r.json(); } catch { body = { detail: r.statusText }; } throw new ApiError(r.status, body); }
+  return r;
+}
+const getJSON = async (path, opts) => (await api(path, opts)).json();
+
+/** Server-Sent Events through fetch (the key goes in the header): calls onEvent(data) per event. */
+async function streamSSE(path, onEvent, signal) {
+  const r = await api(path, { signal, headers: { Accept: "text/event-stream" } });
+  const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += value;
+    let i;
+    while ((i = buf.indexOf("\n\n")) >= 0) {
+      const block = buf.slice(0, i); buf = buf.slice(i + 2);
+      const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+      if (data) onEvent(JSON.parse(data));
+    }
+  }
+}
+function watchJob(id, onJob) {
+  streamSSE(`/v1/jobs/${encodeURIComponent(id)}/events`, onJob, view.abort.signal).catch((e) => {
+    if (e.name !== "AbortError" && !(e instanceof ApiError && e.status === 401)) console.warn("events", id, e);
+  });
+}
+async function catalog() { return (cache.catalog ||= await getJSON("/v1/catalog")); }
+async function openapi() { return (cache.openapi ||= await (await fetch("/openapi.json")).json()); }
+
+// -- sign in ---------------------------------------------------------------------------------------
+function signOut(message) {
+  sessionStorage.removeItem(KEY);
+  view.abort.abort();
+  renderSignIn(message);
+}
+function renderSignIn(message) {
+  $("#nav").hidden = true;
+  main.replaceChildren($("#signin-tpl").content.cloneNode(true));
+  if (message) $("#signin-error").textContent = message;
+  $("#signin-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const key = $("#api-key").value.trim();
+    const r = await fetch("/v1/jobs?limit=1", { headers: { Authorization: "Bearer " + key } });
+    if (r.status === 401) { $("#signin-error").textContent = "This key is not valid (or was revoked)."; return; }
+    sessionStorage.setItem(KEY, key);
+    route();
+  });
+}
+
+// -- progress --------------------------------------------------------------------------------------
+function progressCell(job) {
+  const p = job.progress || {};
+  const frac = job.status === "succeeded" ? 1 : Number(p.fraction || 0);
+  const pct = Math.round(frac * 1000) / 10;
+  const bits = [`${pct.toFixed(pct % 1 ? 1 : 0)}%`];
+  if (job.status === "running") bits.push("ETA " + fmtDuration(p.eta_s));
+  return h("div", { class: "progress" + (frac >= 1 ? " done" : ""), dataset: { fraction: String(frac), jobId: job.id } },
+    h("div", { class: "bar", role: "progressbar", "aria-valuenow": pct, "aria-valuemin": 0, "aria-valuemax": 100 },
+      h("div", { style: `width:${pct}%` })),
+    h("span", { class: "pct" }, bits.join(" · ")));
+}
+const statusCell = (job) => h("span", { class: "status " + job.status }, job.status + (job.cancel_requested && job.status === "running" ? " (stopping)" : ""));
+function duration(job) {
+  if (!job.started_at) return "";
+  const end = job.finished_at ? new Date(job.finished_at) : new Date();
+  return fmtDuration((end - new Date(job.started_at)) / 1000);
+}
+const cfg = (job) => (job.spec && job.spec.config) || {};
+
+// -- jobs list -------------------------------------------------------------------------------------
+async function renderJobs(params) {
+  const status = params.get("status") || "", kind = params.get("kind") || "";
+  const statusSel = h("select", { id: "filter-status", onchange: (e) => go(`#/jobs?status=${e.target.value}&kind=${kind}`) },
+    h("option", { value: "" }, "any status"), ...["queued", "running", "succeeded", "failed", "cancelled"].map((s) => h("option", { value: s, selected: s === status }, s)));
+  const cat = await catalog();
+  const kindSel = h("select", { id: "filter-kind", onchange: (e) => go(`#/jobs?status=${status}&kind=${e.target.value}`) },
+    h("option", { value: "" }, "any kind"), ...cat.job_kinds.map((k) => h("option", { value: k, selected: k === kind }, k)));
+  const tbody = h("tbody", { id: "jobs-body" });
+  main.replaceChildren(
+    h("h1", {}, "Jobs"),
+    h("div", { class: "filters" }, statusSel, kindSel, h("a", { class: "button", href: "#/submit?kind=pretrain" }, "New pretrain job")),
+    h("table", { id: "jobs-table" }, h("thead", {}, h("tr", {}, ...["id", "kind", "method", "backbone", "dataset", "status", "progress", "created", "duration"].map((c) => h("th", {}, c)))), tbody),
+    h("p", { id: "jobs-empty", class: "muted", hidden: true }, "No jobs yet."));
+  const watched = new Set();
+  const rowOf = (job) => {
+    const c = cfg(job);
+    return h("tr", { dataset: { jobId: job.id } },
+      h("td", {}, h("a", { class: "mono", href: `#/job/${job.id}` }, job.id.slice(0, 8))),
+      h("td", {}, job.kind), h("td", {}, c.method || ""), h("td", {}, c.backbone || ""), h("td", {}, c.dataset || ""),
+      h("td", { class: "st" }, statusCell(job)), h("td", { class: "pg" }, progressCell(job)),
+      h("td", {}, fmtTime(job.created_at)), h("td", { class: "du" }, duration(job)));
+  };
+  const update = (job) => {
+    const tr = tbody.querySelector(`tr[data-job-id="${job.id}"]`);
+    if (!tr) return;
+    const full = Object.assign(JSON.parse(tr.dataset.job || "{}"), job);
+    tr.dataset.job = JSON.stringify(full);
+    tr.querySelector(".st").replaceChildren(statusCell(full));
+    tr.querySelector(".pg").replaceChildren(progressCell(full));
+  };
+  const load = async () => {
+    const q = new URLSearchParams({ limit: "100" });
+    if (status) q.set("status", status);
+    if (kind) q.set("kind", kind);
+    const page = await getJSON("/v1/jobs?" + q);
+    tbody.replaceChildren(...page.items.map((j) => { const tr = rowOf(j); tr.dataset.job = JSON.stringify(j); return tr; }));
+    $("#jobs-empty").hidden = page.items.length > 0;
+    for (const j of page.items) {
+      if (!TERMINAL.includes(j.status) && !watched.has(j.id)) { watched.add(j.id); watchJob(j.id, update); }
+    }
+  };
+  await load();
+  later(() => load().catch(() => {}), 10000); // new jobs; the live rows update through their streams
+}
+
+// -- one job ---------------------------------------------------------------------------------------
+async function renderJob(id) {
+  const job = await getJSON(`/v1/jobs/${encodeURIComponent(id)}`);
+  const head = h("div", { id: "job-head" });
+  const drawHead = (j) => {
+    head.replaceChildren(
+      h("dl", { class: "kv" },
+        h("dt", {}, "status"), h("dd", {}, statusCell(j)),
+        h("dt", {}, "progress"), h("dd", {}, progressCell(j)),
+        h("dt", {}, "attempts"), h("dd", {}, `${j.attempts} of ${j.max_attempts ?? "?"}`),
+        h("dt", {}, "created"), h("dd", {}, fmtTime(j.created_at)),
+        h("dt", {}, "duration"), h("dd", {}, duration(j)),
+        j.source_job ? [h("dt", {}, "source job"), h("dd", {}, h("a", { href: `#/job/${j.source_job}`, class: "mono" }, j.source_job))] : null),
+      j.error ? h("div", { class: "errorbox", id: "job-error" }, h("b", {}, j.error.code), j.error.field ? ` (field ${j.error.field})` : "", ": ", j.error.message) : null);
+  };
+  drawHead(job);
+  const c = cfg(job);
+  const actions = h("div", { class: "actions" });
+  const cancel = h("button", { class: "danger", id: "cancel", disabled: TERMINAL.includes(job.status), onclick: async () => {
+    try { drawHead(await getJSON(`/v1/jobs/${id}/cancel`, { method: "POST" })); toast("cancel requested"); } catch (e) { toast(e.message); }
+  } }, "Cancel");
+  actions.append(cancel);
+  if (job.kind === "pretrain") actions.append(h("a", { class: "button secondary", href: `#/submit?kind=eval&source_job=${id}` }, "Evaluate…"));
+  if (job.kind === "eval") actions.append(h("a", { class: "button secondary", href: `#/submit?kind=distill&source_job=${id}` }, "Distill…"),
+    h("a", { class: "button secondary", href: `#/compare?jobs=${id}` }, "Compare…"));
+  if (job.kind === "pretrain" || job.kind === "eval") actions.append(h("a", { class: "button secondary", href: `#/submit?kind=export&source_job=${id}` }, "Export…"));
+
+  const charts = h("div", { class: "grid", id: "charts" });
+  const logs = h("pre", { id: "log" }, "");
+  const extra = h("div", { id: "job-extra" });
+  main.replaceChildren(
+    h("h1", {}, `${job.kind} `, h("span", { class: "mono" }, id), c.method ? h("span", { class: "muted" }, ` · ${c.method} · ${c.backbone || ""} · ${c.dataset || ""}`) : null),
+    h("div", { class: "card" }, head, actions),
+    h("h2", {}, "Training curves"), charts,
+    extra,
+    h("h2", {}, "Log (last 200 lines)"), logs,
+    h("details", {}, h("summary", {}, "Spec"), h("pre", { class: "spec", id: "spec" }, JSON.stringify(job.spec, null, 2))));
+
+  const series = { x: [], loss: [], lr: [], images_per_s: [], z_std: [] };
+  let after = 0;
+  const plots = {};
+  const drawCharts = () => {
+    for (const name of ["loss", "lr", "images_per_s", "z_std"]) {
+      const ys = series[name];
+      if (!plots[name]) {
+        const box = h("div", { class: "chart", id: `chart-${name}` });
+        charts.append(box);
+        plots[name] = { box, plot: null };
+      }
+      const p = plots[name];
+      const has = ys.some((v) => v !== null && v !== undefined);
+      p.box.dataset.points = String(ys.filter((v) => v !== null && v !== undefined).length);
+      if (!has) { p.box.replaceChildren(h("div", { class: "empty" }, `${name}: no samples yet`)); p.plot = null; continue; }
+      const data = [series.x.slice(), ys.slice()];
+      if (!p.plot) {
+        p.box.replaceChildren();
+        p.plot = new uPlot({ title: name, width: 400, height: 220, scales: { x: { time: false } },
+          series: [{ label: "sample" }, { label: name, stroke: COLORS[0], width: 1.5, spanGaps: true }],
+          axes: [{ label: "step" }, {}] }, data, p.box);
+      } else p.plot.setData(data);
+    }
+  };
+  const loadMetrics = async () => {
+    for (;;) {
+      const page = await getJSON(`/v1/jobs/${id}/metrics?after=${after}`);
+      for (const m of page.items) {
+        series.x.push(series.x.length); series.loss.push(m.loss); series.lr.push(m.lr);
+        series.images_per_s.push(m.images_per_s); series.z_std.push(m.metrics ? m.metrics.z_std ?? null : null);
+        after = m.id;
+      }
+      if (!page.next_after || !page.items.length) break;
+    }
+    drawCharts();
+  };
+  const loadLog = async () => { const t = await (await api(`/v1/jobs/${id}/logs?tail=200`)).text(); logs.textContent = t || "(no output yet)"; logs.scrollTop = logs.scrollHeight; };
+  const loadExtra = async (j) => {
+    const parts = [];
+    if (j.status === "succeeded" && (j.kind === "eval" || j.kind === "distill")) parts.push(await resultsSection([j.id]));
+    parts.push(await checkpointsSection(j.id));
+    extra.replaceChildren(...parts);
+  };
+  await Promise.all([loadMetrics(), loadLog(), loadExtra(job)]);
+  if (!TERMINAL.includes(job.status)) {
+    let ended = false;
+    watchJob(id, async (j) => {
+      const full = Object.assign(job, j);
+      drawHead(full);
+      if (TERMINAL.includes(j.status) && !ended) {
+        ended = true; cancel.disabled = true;
+        await Promise.all([loadMetrics(), loadLog(), loadExtra(full)]).catch(() => {});
+      }
+    });
+    later(() => { if (!ended) { loadMetrics().catch(() => {}); loadLog().catch(() => {}); } }, 2000);
+  }
+}
+
+// -- checkpoints -----------------------------------------------------------------------------------
+async function sha256Hex(buf) {
+  const d = await crypto.subtle.digest("SHA-256", buf);
+  return Array.from(new Uint8Array(d)).map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+async function download(jobId, ck, button) {
+  button.disabled = true; button.textContent = "downloading…";
+  try {
+    const r = await api(`/v1/jobs/${jobId}/checkpoints/${ck.bits}?format=${ck.format}`);
+    const blob = await r.blob();
+    const got = await sha256Hex(await blob.arrayBuffer());
+    if (got !== ck.sha256) throw new Error(`sha256 mismatch: got ${got}, expected ${ck.sha256}`);
+    const name = (r.headers.get("content-disposition") || "").match(/filename="?([^";]+)"?/)?.[1] || `${jobId}-${ck.bits}-${ck.format}`;
+    const url = URL.createObjectURL(blob);
+    const a = h("a", { href: url, download: name }); document.body.append(a); a.click(); a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+    button.textContent = "sha256 verified ✓";
+  } catch (e) { button.textContent = "failed"; toast(e.message); }
+  finally { setTimeout(() => { button.disabled = false; button.textContent = "download"; }, 4000); }
+}
+async function checkpointsSection(jobId) {
+  const rows = await getJSON(`/v1/jobs/${jobId}/checkpoints`);
+  if (!rows.length) return h("div", {});
+  const fp32 = rows.find((r) => r.bits === "fp" && r.format === "torch") || rows.find((r) => r.bits === "fp");
+  return h("div", {}, h("h2", {}, "Checkpoints"),
+    h("table", { id: "checkpoints" }, h("thead", {}, h("tr", {}, ...["bits", "format", "size", "vs FP32", "sha256", "produced by", ""].map((c) => h("th", {}, c)))),
+      h("tbody", {}, ...rows.map((ck) => {
+        const btn = h("button", { class: "secondary dl", dataset: { bits: ck.bits, format: ck.format, sha256: ck.sha256 } }, "download");
+        btn.addEventListener("click", () => download(jobId, ck, btn));
+        return h("tr", {}, h("td", {}, ck.bits), h("td", {}, ck.format), h("td", { class: "num" }, fmtBytes(ck.bytes)),
+          h("td", { class: "num" }, fp32 ? `${((100 * ck.bytes) / fp32.bytes).toFixed(1)}%` : ""),
+          h("td", { class: "mono", title: ck.sha256 }, ck.sha256.slice(0, 16) + "…"),
+          h("td", { class: "mono" }, ck.produced_by ? ck.produced_by.slice(0, 8) : ""), h("td", {}, btn));
+      }))));
+}
+
+// -- results: top-1 vs bit-width -------------------------------------------------------------------
+function orderBits(all) {
+  const uniq = [...new Set(all)];
+  const key = (b) => { const i = PAPER_BITS.indexOf(b); if (i >= 0) return [0, i, 0]; const m = /^(\d)w(\d)a$/.exec(b); return m ? [1, -m[1], -m[2]] : [2, 0, 0]; };
+  return uniq.sort((a, b) => { const ka = key(a), kb = key(b); return ka[0] - kb[0] || ka[1] - kb[1] || ka[2] - kb[2]; });
+}
+async function jobLabel(job) {
+  let method = null;
+  if (job.source_job) { try { method = cfg(await getJSON(`/v1/jobs/${job.source_job}`)).method; } catch { /* not shown */ } }
+  return `${method || job.kind} (${job.id.slice(0, 8)})`;
+}
+/** The chart (one line per job over the quantized bit-widths, each job's FP as a dashed line) and the table. */
+async function resultsSection(jobIds) {
+  const jobs = await Promise.all(jobIds.map(async (id) => {
+    const [job, res] = await Promise.all([getJSON(`/v1/jobs/${id}`), getJSON(`/v1/jobs/${id}/results`)]);
+    return { job, rows: res.rows, label: await jobLabel(job) };
+  }));
+  const allBits = orderBits(jobs.flatMap((j) => j.rows.map((r) => r.bits)));
+  const xs = allBits.filter((b) => b !== "fp");
+  const box = h("div", { class: "chart", id: "results-chart" });
+  const table = h("table", { id: "results-table" },
+    h("thead", {}, h("tr", {}, h("th", {}, "bits"), ...jobs.map((j) => h("th", {}, j.label)))),
+    h("tbody", {}, ...allBits.map((b) => h("tr", {}, h("td", {}, b), ...jobs.map((j) => {
+      const r = j.rows.find((x) => x.bits === b);
+      return h("td", { class: "num" }, r && r.top1 !== null ? fmtNum(r.top1) : "");
+    })))));
+  const section = h("div", {}, h("h2", {}, "Results: top-1 vs bit-width"), box, table);
+  const data = [xs.map((_, i) => i)];
+  const ser = [{ label: "bits" }];
+  let points = 0;
+  jobs.forEach((j, k) => {
+    const color = COLORS[k % COLORS.length];
+    const at = Object.fromEntries(j.rows.filter((r) => r.top1 !== null).map((r) => [r.bits, r.top1]));
+    const ys = xs.map((b) => (b in at ? at[b] : null));
+    points += ys.filter((v) => v !== null).length;
+    data.push(ys); ser.push({ label: j.label, stroke: color, width: 2, points: { show: true, size: 7 } });
+    if ("fp" in at) { data.push(xs.map(() => at.fp)); ser.push({ label: `${j.label} fp`, stroke: color, width: 1, dash: [6, 4], points: { show: false } }); }
+  });
+  box.dataset.points = String(points);
+  box.dataset.series = String(jobs.length);
+  box.dataset.bits = xs.join(",");
+  if (!xs.length) { box.append(h("div", { class: "empty" }, "no quantized bit-widths in these results")); return section; }
+  requestAnimationFrame(() => {
+    new uPlot({ width: Math.min(900, main.clientWidth - 40), height: 320, scales: { x: { time: false, range: [-0.3, xs.length - 0.7] } },
+      series: ser, axes: [{ label: "bit-width", splits: () => xs.map((_, i) => i), values: (_u, splits) => splits.map((i) => xs[i] ?? "") },
+        { label: "top-1 (%)" }] }, data, box);
+  });
+  return section;
+}
+async function renderCompare(params) {
+  const chosen = (params.get("jobs") || "").split(",").filter(Boolean);
+  const page = await getJSON("/v1/jobs?kind=eval&status=succeeded&limit=100");
+  const boxes = page.items.map((j) => h("label", {}, h("input", { type: "checkbox", value: j.id, checked: chosen.includes(j.id) }), " ",
+    h("span", { class: "mono" }, j.id.slice(0, 8)), ` ${(j.spec.config.bits || []).join(",")} `, h("span", { class: "muted" }, fmtTime(j.created_at))));
+  const form = h("form", { id: "compare-form", onsubmit: (e) => { e.preventDefault(); go("#/compare?jobs=" + [...form.querySelectorAll("input:checked")].map((i) => i.value).join(",")); } },
+    h("div", { class: "checks" }, ...boxes.map((b) => h("div", {}, b))), h("button", { type: "submit" }, "Compare"));
+  main.replaceChildren(h("h1", {}, "Compare eval jobs"), h("div", { class: "card" }, page.items.length ? form : h("p", { class: "muted" }, "No succeeded eval jobs yet.")));
+  if (chosen.length) main.append(await resultsSection(chosen));
+}
+
+// -- submit form, generated from /v1/catalog and the request schemas -------------------------------
+const MODEL = { pretrain: "PretrainRequest", eval: "EvalRequest", distill: "DistillRequest", export: "ExportRequest" };
+//: shown first (the rest under "more options"); every field comes from the schema and the catalog
+const FIRST = ["source_job", "method", "backbone", "dataset", "bits", "quantizer", "formats", "epochs", "batch_size", "width", "image_size", "max_samples", "lr", "export_bits"];
+function choicesFor(name, kind, cat, prop) {
+  if (name === "method") return Object.keys(cat.methods);
+  if (name === "backbone") return cat.backbones;
+  if (name === "dataset") return cat.datasets.filter((d) => !d.includes("<"));
+  if (name === "quantizer") return cat.quantizers;
+  if (name === "protocol") return cat.eval_protocols;
+  if (name === "path") return cat.eval_paths;
+  if (name === "probe") return cat.eval_probes;
+  if (name === "calibration") return cat.calibrations;
+  if (name === "calib_weights") return cat.calib_weights;
+  if (name === "preset") return Object.keys(cat.presets);
+  if (cat.quantizer_behaviours[name]) return cat.quantizer_behaviours[name];
+  if (name === "bits") return kind === "distill" ? cat.bits.paper_set.filter((b) => b !== "fp") : cat.bits.paper_set;
+  const e = prop.enum || (prop.anyOf || []).flatMap((x) => x.enum || []);
+  return e.length ? e.filter((v) => v !== null) : null;
+}
+function propType(prop) {
+  if (prop.type) return prop.type;
+  const t = (prop.anyOf || []).map((x) => x.type).filter((x) => x && x !== "null");
+  return t[0] || "string";
+}
+function fieldRow(name, input, help) {
+  return h("div", { class: "field", dataset: { field: name } }, h("label", { for: `f-${name}` }, name), input,
+    h("div", {}, h("div", { class: "field-error", id: `err-${name}` }), help ? h("div", { class: "muted" }, help) : null));
+}
+function inputFor(name, kind, prop, cat, preset) {
+  const type = propType(prop);
+  const multi = (name === "bits" && (kind === "eval" || kind === "export")) || name === "export_bits" || name === "formats";
+  if (multi) {
+    const opts = name === "formats" ? cat.export_formats : cat.bits.paper_set;
+    const def = preset !== undefined ? preset : name === "export_bits" ? cat.default_export_bits : name === "formats" ? ["safetensors"] : ["fp", "8w8a", "4w4a", "2w4a"];
+    return h("div", { class: "checks", id: `f-${name}`, dataset: { kind: "multi" } }, ...opts.map((b) => h("label", {}, h("input", { type: "checkbox", name, value: b, checked: def.includes(b) }), " ", b)));
+  }
+  const choices = choicesFor(name, kind, cat, prop);
+  if (choices) return h("select", { id: `f-${name}`, name }, h("option", { value: "" }, "(default)"), ...choices.map((c) => h("option", { value: c, selected: preset === c }, c)));
+  if (type === "boolean") return h("select", { id: `f-${name}`, name, dataset: { type } }, h("option", { value: "" }, "(default)"), h("option", { value: "true" }, "true"), h("option", { value: "false" }, "false"));
+  const attrs = { id: `f-${name}`, name, dataset: { type }, value: preset ?? "" };
+  if (type === "integer" || type === "number") Object.assign(attrs, { type: "number", step: type === "integer" ? "1" : "any", min: prop.minimum, max: prop.maximum });
+  else if (type === "array") attrs.placeholder = "comma-separated";
+  return h("input", attrs);
+}
+function readForm(form) {
+  const body = {};
+  for (const el of form.querySelectorAll("[data-kind=multi]")) body[el.id.slice(2)] = [...el.querySelectorAll("input:checked")].map((i) => i.value);
+  for (const el of form.querySelectorAll("input[name]:not([type=checkbox]), select[name]")) {
+    const v = el.value.trim();
+    if (v === "") continue;
+    const t = el.dataset.type;
+    if (t === "integer" || t === "number") body[el.name] = Number(v);
+    else if (t === "boolean") body[el.name] = v === "true";
+    else if (t === "array") body[el.name] = v.split(",").map((x) => x.trim()).filter(Boolean).map((x) => (/^-?\d+(\.\d+)?$/.test(x) ? Number(x) : x));
+    else body[el.name] = v;
+  }
+  return body;
+}
+function showErrors(form, err) {
+  const general = $("#form-error", form);
+  const detail = err.body && err.body.detail;
+  if (!Array.isArray(detail)) { general.textContent = err.message; return; }
+  const unplaced = [];
+  for (const d of detail) {
+    const loc = d.loc || [];
+    const name = loc[0] === "body" ? loc[1] : loc[loc.length - 1];
+    const row = form.querySelector(`.field[data-field="${name}"]`);
+    if (row) { row.classList.add("invalid"); $(".field-error", row).textContent = d.msg; row.closest("details")?.setAttribute("open", ""); }
+    else unplaced.push(`${loc.slice(1).join(".") || "body"}: ${d.msg}`);
+  }
+  general.textContent = unplaced.join("; ");
+}
+async function renderSubmit(params) {
+  const kind = params.get("kind") || "pretrain";
+  const source = params.get("source_job") || "";
+  const [cat, doc] = await Promise.all([catalog(), openapi()]);
+  const props = { ...((doc.components.schemas[MODEL[kind]] || {}).properties || {}) };
+  delete props.kind; delete props.method_options;
+  const names = Object.keys(props).sort((a, b) => (FIRST.includes(a) ? FIRST.indexOf(a) : 99) - (FIRST.includes(b) ? FIRST.indexOf(b) : 99));
+  const first = [], more = [];
+  if (kind === "export") first.push(fieldRow("source_job", h("input", { id: "f-source_job", name: "source_job", value: source, "data-type": "string" })));
+  for (const name of names) {
+    const preset = name === "source_job" ? source : undefined;
+    const row = fieldRow(name, inputFor(name, kind, props[name], cat, preset), props[name].description);
+    (FIRST.includes(name) ? first : more).push(row);
+  }
+  const options = h("div", { id: "method-options" });
+  const form = h("form", { class: "jobform card", id: "submit-form", novalidate: true },
+    h("div", { class: "kinds actions" }, ...["pretrain", "eval", "distill", "export"].map((k) => h("a", { class: "button" + (k === kind ? "" : " secondary"), href: `#/submit?kind=${k}${source && k !== "pretrain" ? "&source_job=" + source : ""}` }, k))),
+    ...first, options, more.length ? h("details", {}, h("summary", {}, "more options"), ...more) : null,
+    h("p", { class: "error", id: "form-error", role: "alert" }),
+    h("button", { type: "submit", id: "submit" }, `Submit ${kind} job`));
+  const method = $("#f-method", form);
+  const drawOptions = () => {
+    const m = method && method.value ? cat.methods[method.value] : null;
+    options.replaceChildren(...(m ? Object.entries(m.options).map(([name, def]) =>
+      fieldRow(name, h("input", { id: `f-${name}`, name, placeholder: def === null ? "(default)" : String(def), "data-type": typeof def === "number" ? (Number.isInteger(def) ? "integer" : "number") : typeof def === "boolean" ? "boolean" : "number" }), `${method.value} option`)) : []));
+  };
+  if (method) method.addEventListener("change", drawOptions);
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    form.querySelectorAll(".field.invalid").forEach((r) => r.classList.remove("invalid"));
+    form.querySelectorAll(".field-error").forEach((r) => (r.textContent = ""));
+    $("#form-error", form).textContent = "";
+    const body = readForm(form);
+    const btn = $("#submit", form); btn.disabled = true;
+    try {
+      let job;
+      const idem = { "Idempotency-Key": crypto.randomUUID ? crypto.randomUUID() : String(Math.random()) };
+      if (kind === "export") {
+        const src = body.source_job; delete body.source_job;
+        job = await getJSON(`/v1/jobs/${encodeURIComponent(src || "")}/exports`, { method: "POST", json: body, headers: idem });
+      } else job = await getJSON("/v1/jobs", { method: "POST", json: { kind, ...body }, headers: idem });
+      go(`#/job/${job.id}`);
+    } catch (err) { if (!(err instanceof ApiError) || err.status !== 401) showErrors(form, err); }
+    finally { btn.disabled = false; }
+  });
+  main.replaceChildren(h("h1", {}, `Submit a ${kind} job`), form);
+}
+
+// -- router ----------------------------------------------------------------------------------------
+async function route() {
+  view.abort.abort();
+  view.timers.forEach(clearInterval);
+  view = { abort: new AbortController(), timers: [] };
+  if (!apiKey()) { renderSignIn(); return; }
+  $("#nav").hidden = false;
+  const { parts, params } = parseHash();
+  try {
+    if (parts[0] === "job" && parts[1]) await renderJob(parts[1]);
+    else if (parts[0] === "submit") await renderSubmit(params);
+    else if (parts[0] === "compare") await renderCompare(params);
+    else await renderJobs(params);
+  } catch (e) {
+    if (e.name === "AbortError" || (e instanceof ApiError && e.status === 401)) return;
+    main.replaceChildren(h("div", { class: "errorbox" }, e.message));
+  }
+}
+$("#signout").addEventListener("click", () => signOut());
+window.addEventListener("hashchange", route);
+route();
