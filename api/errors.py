@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 #: discriminator tags FastAPI inserts into ``loc`` for the job-kind union; users never typed them
-_UNION_TAGS = {"pretrain", "eval", "distill"}
+_UNION_TAGS = {"pretrain", "eval", "distill", "finetune"}
 
 
 class FieldError(Exception):

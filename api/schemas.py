@@ -173,7 +173,40 @@ class ExportRequest(BaseModel):
     calib_percentile: Number | None = _range(50.0, 100.0)
 
 
-JobRequest = Annotated[PretrainRequest | EvalRequest | DistillRequest, Field(discriminator="kind")]
+class FinetuneRequest(BaseModel):
+    """Supervised quantization-aware fine-tuning of a finished pretrain job at one bit-width."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "example": {"kind": "finetune", "source_job": "<pretrain job id>", "bits": "4w4a", "quantizer": "psq", "epochs": 20}
+        },
+    )
+
+    kind: Literal["finetune"]
+    source_job: str = Field(description="a succeeded pretrain job")
+    dataset: str | None = Field(None, description="default: the pretrain job's; another dataset is a transfer (its classes set the head)")
+    bits: str | None = Field(None, description="the bit-width trained and deployed, e.g. 4w4a; fp allowed (default 4w4a)")
+    quantizer: Literal["psq", "pact", "lsq", "dorefa", "ewgs"] | None = None
+    act_ranges: Literal["frozen", "update"] | None = Field(
+        None, description="frozen (default): activation ranges fixed after calibration (SPEC 6); update: trained / running")
+    epochs: Int | None = None
+    batch_size: Int | None = None
+    lr: Number | None = None
+    head_lr: Number | None = None
+    quantizer_lr: Number | None = None
+    weight_decay: Number | None = None
+    momentum: Number | None = None
+    lr_milestones: list[Number] | None = None
+    crop_scale: list[Number] | None = None
+    calib_images: Int | None = None
+    baseline_epochs: Int | None = None
+    max_samples: Int | None = None
+    seed: Int | None = None
+    checkpoint_every_steps: Int | None = None
+
+
+JobRequest = Annotated[PretrainRequest | EvalRequest | DistillRequest | FinetuneRequest, Field(discriminator="kind")]
 
 
 class ProgressOut(BaseModel):

@@ -212,6 +212,13 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None) -> dict[
             raise FieldError(("body", "formats"), "the torchvision format holds FP weights only: ask for bits ['fp'] alone")
         if width is not None and float(width) != 1.0:
             raise FieldError(("body", "formats"), f"torchvision models have no width multiplier; this run has width {width}")
+    if source["kind"] == "finetune":
+        if bits != [config["bits"]]:
+            raise FieldError(("body", "bits"), f"the finetune job trained a classifier at {config['bits']} only: ask for bits ['{config['bits']}']")
+        if not set(formats) <= {"safetensors", "onnx"}:
+            raise FieldError(("body", "formats"), "a fine-tuned classifier exports as safetensors or onnx")
+        if calibration is not None or percentile is not None:
+            raise FieldError(("body", "calibration"), "a fine-tuned classifier keeps the activation ranges it was trained with")
     if source["kind"] == "eval":
         if config.get("protocol", "linear") != "linear":
             raise FieldError(("body", "bits"), "a kNN evaluation trained no linear heads: export from its pretrain job instead")
@@ -222,6 +229,28 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None) -> dict[
     pretrain_job = source["id"] if source["kind"] == "pretrain" else source["source_job_id"]
     return {"config": {"bits": bits, "formats": formats, "calibration": calibration, "calib_percentile": percentile},
             "source_job": source["id"], "source_kind": source["kind"], "pretrain_job": pretrain_job}
+
+
+FINETUNE_SERVER_FIELDS = (*SERVER_FIELDS, "checkpoint")
+
+
+def finetune_spec(body: dict[str, Any], settings: Settings, source_dataset: str) -> dict[str, Any]:
+    """Validated finetune spec ``{"config": {...}, "source_job": pretrain id}``; ``dataset``
+    defaults to the pretrain run's (another one is a transfer: its classes set the head)."""
+    from ssql_core.finetune import FinetuneConfig
+
+    data = {k: v for k, v in body.items() if k not in ("kind", "source_job")}
+    _reject_server_fields(data, FINETUNE_SERVER_FIELDS)
+    cfg = _validated(FinetuneConfig, data, settings, checkpoint="-")
+    cfg.bits = str(parse_bits(cfg.bits))
+    _limit(("body", "epochs"), cfg.epochs, settings.max_epochs)
+    _limit(("body", "batch_size"), cfg.batch_size, settings.max_batch_size)
+    if cfg.dataset is None:
+        cfg.dataset = source_dataset
+    config = cfg.to_dict()
+    for name in FINETUNE_SERVER_FIELDS:
+        config.pop(name, None)
+    return {"config": config, "source_job": body["source_job"]}
 
 
 def distill_spec(body: dict[str, Any], settings: Settings, source: Any) -> dict[str, Any]:

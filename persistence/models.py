@@ -27,7 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
-JOB_KINDS = ("pretrain", "eval", "distill", "export")
+JOB_KINDS = ("pretrain", "eval", "distill", "export", "finetune")
 #: torch: FP backbone state dict; safetensors: packed per bit-width; onnx: QDQ graph; torchvision: FP
 ARTIFACT_FORMATS = ("torch", "safetensors", "onnx", "torchvision")
 

@@ -149,7 +149,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.source_job:
         body["source_job"] = args.source_job
     if args.bits:
-        body["bits"] = args.bits if args.kind == "distill" else args.bits.split(",")
+        body["bits"] = args.bits if args.kind in ("distill", "finetune") else args.bits.split(",")
     if args.quantizer:
         body["quantizer"] = args.quantizer
     if args.export_bits is not None:
@@ -235,6 +235,9 @@ def print_results(rows: list[dict[str, Any]]) -> None:
     shown = [{**r, "top1": r.get("top1")} for r in rows]
     if any(r.get("protocol") == "sqakd" for r in rows):  # a distill job's row
         print(table(shown, ["bits", "protocol", "quantizer", "top1", "ptq_top1", "teacher_top1", "gain_over_ptq", "epochs"]))
+        return
+    if any(r.get("protocol") == "finetune" for r in rows):  # a finetune job's row
+        print(table(shown, ["bits", "protocol", "quantizer", "dataset", "top1", "ptq_linear_top1", "gain_over_ptq_linear", "epochs"]))
         return
     print(table(shown, ["bits", "protocol", "top1", "calib_images", "epochs", "dataset"]))
 
@@ -325,12 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     kl.set_defaults(func=cmd_keys_list)
 
     sb = sub.add_parser("submit", help="submit a job; prints its id")
-    sb.add_argument("kind", choices=["pretrain", "eval", "distill"])
+    sb.add_argument("kind", choices=["pretrain", "eval", "distill", "finetune"])
     sb.add_argument("--set", action="append", metavar="FIELD=VALUE", help="a spec field (JSON value), repeatable")
     sb.add_argument("--json", help="file with the job body")
-    sb.add_argument("--source-job", help="eval: the pretrain job to evaluate; distill: the eval job (with an fp head)")
-    sb.add_argument("--bits", help="eval: comma-separated bit-widths, e.g. fp,8w8a,4w4a,2w4a; distill: one, e.g. 4w4a")
-    sb.add_argument("--quantizer", help="distill: psq, pact, lsq, dorefa or ewgs")
+    sb.add_argument("--source-job", help="eval / finetune: the pretrain job; distill: the eval job (with an fp head)")
+    sb.add_argument("--bits", help="eval: comma-separated bit-widths, e.g. fp,8w8a,4w4a,2w4a; distill / finetune: one, e.g. 4w4a")
+    sb.add_argument("--quantizer", help="distill / finetune: psq, pact, lsq, dorefa or ewgs")
     sb.add_argument("--export-bits", help="pretrain: packed checkpoints to write (default the paper's set; '' for none)")
     sb.add_argument("--idempotency-key")
     sb.add_argument("--wait", action="store_true", help="show live progress until the job ends")

@@ -7,6 +7,7 @@ from typing import Any
 from ssql_core.bits import ACCEPTED_FORMS, MAX_BITS, MIN_BITS, PAPER_BITS
 from ssql_core.config import CALIBRATIONS, MAX_BATCH, MAX_EPOCHS, PRESETS, PROBES, QUANT_BEHAVIOURS
 from ssql_core.data import DATASET_NAMES
+from ssql_core.finetune import ACT_RANGES, FinetuneConfig
 from ssql_core.methods import METHODS
 from ssql_core.models import BACKBONES
 
@@ -24,5 +25,7 @@ def catalog() -> dict[str, Any]:
         "calib_weights": ["fp", "quantized"],
         "quantizer_behaviours": {k: list(v) for k, v in QUANT_BEHAVIOURS.items()},
         "presets": {k: v for k, v in PRESETS.items() if k},
+        "finetune": {"act_ranges": list(ACT_RANGES), "defaults": {k: v for k, v in FinetuneConfig().to_dict().items()
+                                                                   if k not in ("checkpoint", "data_root", "allow_download", "device", "num_workers")}},
         "limits": {"max_epochs": MAX_EPOCHS, "max_batch_size": MAX_BATCH},
     }

@@ -34,6 +34,7 @@ log = logging.getLogger("ssql.worker")
 OUTPUTS: dict[str, list[tuple[str, str, str]]] = {
     "pretrain": [("fp", "torch", "backbone.pt"), ("last.pt", INPUT_FORMAT, "last.pt")],
     "eval": [("heads.pt", INPUT_FORMAT, "heads.pt")],
+    "finetune": [("finetuned.pt", INPUT_FORMAT, "finetuned.pt")],
 }
 
 

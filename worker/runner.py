@@ -139,7 +139,7 @@ def verify_inputs(job: dict[str, Any]) -> None:
     config here, before the library sees it). A mismatch raises :class:`CorruptArtifact`."""
     expected = job["config"].pop("input_sha256", None) or {}
     paths = dict(job.get("paths") or {})
-    if job["kind"] == "eval":
+    if job["kind"] in ("eval", "finetune"):
         paths["checkpoint"] = job["config"].get("checkpoint")
     for name, digest in expected.items():
         path = paths.get(name)
@@ -203,6 +203,16 @@ def _run_export(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
     config, paths = job["config"], job["paths"]
     heads = paths.get("heads")
     outputs, files = [], []
+    if job.get("source_kind") == "finetune":  # the fine-tuned classifier at its own bits
+        from ssql_core.finetune import export_finetuned
+
+        (b,) = config["bits"]
+        for fmt in config["formats"]:
+            with _exporting():
+                p = export_finetuned(paths["checkpoint"], workdir / "exports" / f"classifier-{b}{'.onnx' if fmt == 'onnx' else '.safetensors'}", fmt)
+            outputs.append(_output(p, workdir, b, fmt, owner="source"))
+            files.append({"bits": b, "format": fmt, "file": p.name})
+        return {"summary": {"source_job": job.get("source_job"), "files": files}, "outputs": outputs}
     for fmt in config["formats"]:
         with _exporting():
             written = export_checkpoints(paths["checkpoint"], config["bits"], workdir / "exports", fmt=fmt, heads=heads,
@@ -235,6 +245,26 @@ def _run_distill(job: dict[str, Any], workdir: Path, hooks: EventHooks) -> dict[
         summary["packed_checkpoint"] = packed.name
         outputs.append(_output(packed, workdir, str(result["bits"]), "safetensors"))
     return {"summary": summary, "results": [row], "outputs": outputs}
+
+
+def _run_finetune(job: dict[str, Any], workdir: Path, hooks: EventHooks) -> dict[str, Any]:
+    """Supervised fine-tuning at one bit-width: one result row (protocol "finetune") with its
+    per-epoch curve; the classifier packed at its bits (psq/lsq, or FP weights at ``fp``)."""
+    from ssql_core.finetune import FINETUNED, FinetuneConfig, export_finetuned, finetune
+
+    result = finetune(FinetuneConfig.from_dict(job["config"]), workdir, hooks)
+    summary: dict[str, Any] = {k: result.get(k) for k in ("bits", "quantizer", "act_ranges", "dataset", "top1", "ptq_linear_top1",
+                                                          "start_top1", "gain_over_ptq_linear", "epochs", "final_loss")}
+    outputs = []
+    try:
+        packed = export_finetuned(workdir / FINETUNED, workdir / f"classifier-{result['bits']}.safetensors")
+    except ValueError as e:  # pact / dorefa / ewgs grids have no zero level: no packed file (reason kept)
+        summary.update(packed_checkpoint=None, no_packed_checkpoint_reason=str(e))
+    else:
+        summary["packed_checkpoint"] = packed.name
+        outputs.append(_output(packed, workdir, str(result["bits"]), "safetensors"))
+    outputs.append(_output(workdir / FINETUNED, workdir, str(result["bits"]), "torch"))
+    return {"summary": summary, "results": [result], "outputs": outputs}
 
 
 def _run(job: dict[str, Any], hooks: EventHooks) -> dict[str, Any]:
@@ -280,6 +310,8 @@ def _run(job: dict[str, Any], hooks: EventHooks) -> dict[str, Any]:
         return _run_export(job, workdir)
     if kind == "distill":
         return _run_distill(job, workdir, hooks)
+    if kind == "finetune":
+        return _run_finetune(job, workdir, hooks)
     raise ConfigError("kind", f"this worker cannot run jobs of kind {kind!r}")
 
 

@@ -137,7 +137,7 @@ def run_config(settings: Settings, job: ClaimedJob) -> dict[str, Any]:
         allow_download=settings.allow_download,
         num_workers=settings.num_workers,
     )
-    if job.kind == "eval":
+    if job.kind in ("eval", "finetune"):
         assert job.source_job_id is not None
         config["checkpoint"] = str(job_workdir(settings, job.source_job_id) / "last.pt")
     return config
@@ -145,6 +145,8 @@ def run_config(settings: Settings, job: ClaimedJob) -> dict[str, Any]:
 
 def input_paths(settings: Settings, job: ClaimedJob) -> dict[str, str]:
     """Server files an export or distill job reads: the pretrain ``last.pt`` and an eval's ``heads.pt``."""
+    if job.kind == "export" and job.spec.get("source_kind") == "finetune":
+        return {"checkpoint": str(job_workdir(settings, job.spec["source_job"]) / "finetuned.pt")}
     if job.kind == "export":
         paths = {"checkpoint": str(job_workdir(settings, job.spec["pretrain_job"]) / "last.pt")}
         if job.spec["source_kind"] == "eval":
@@ -159,7 +161,7 @@ def input_paths(settings: Settings, job: ClaimedJob) -> dict[str, str]:
 def _preflight(job: ClaimedJob, config: dict[str, Any], paths: dict[str, str]) -> dict[str, Any] | None:
     """Problems no retry can fix, reported before a process is started for nothing."""
     needed = dict(paths)
-    if job.kind == "eval":
+    if job.kind in ("eval", "finetune"):
         needed["checkpoint"] = config["checkpoint"]
     for name, path in needed.items():
         if not Path(path).is_file():
@@ -266,6 +268,7 @@ def supervise(
                 "job_id": job.id,
                 "source_job": job.source_job_id,
                 "pretrain_job": job.spec.get("pretrain_job"),
+                "source_kind": job.spec.get("source_kind"),
                 "workdir": str(workdir),
                 "config": config,
                 "paths": paths,

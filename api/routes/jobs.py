@@ -27,7 +27,14 @@ from api.deps import (
 from api.errors import FieldError
 from api.limits import TOO_LARGE_RESPONSE
 from api.schemas import ExportRequest, JobOut, JobPage, JobRequest, MetricPage, ResultsOut
-from api.specs import check_json_values, distill_spec, eval_spec, export_spec, pretrain_spec
+from api.specs import (
+    check_json_values,
+    distill_spec,
+    eval_spec,
+    export_spec,
+    finetune_spec,
+    pretrain_spec,
+)
 from api.state import AppState
 from api.views import job_view, metric_view
 from persistence import api_store
@@ -82,6 +89,11 @@ async def submit_job(
         source_job_id = raw["source_job"]
         source = await _succeeded_source(conn, owner, source_job_id, "pretrain")
         spec = eval_spec(raw, settings, source["spec"]["config"]["dataset"])
+        await _pin_inputs(conn, spec, source_job_id, None)
+    elif raw["kind"] == "finetune":
+        source_job_id = raw["source_job"]
+        source = await _succeeded_source(conn, owner, source_job_id, "pretrain")
+        spec = finetune_spec(raw, settings, source["spec"]["config"]["dataset"])
         await _pin_inputs(conn, spec, source_job_id, None)
     else:
         source_job_id = raw["source_job"]
@@ -187,8 +199,8 @@ async def export_job(
     source = await api_store.source_job(conn, owner, job_id)
     if source is None:
         raise HTTPException(404, NOT_FOUND)
-    if source["kind"] not in ("pretrain", "eval"):
-        raise HTTPException(409, f"only pretrain and eval jobs have checkpoints to export; this is a {source['kind']} job")
+    if source["kind"] not in ("pretrain", "eval", "finetune"):
+        raise HTTPException(409, f"only pretrain, eval and finetune jobs have checkpoints to export; this is a {source['kind']} job")
     if source["status"] != "succeeded":
         raise HTTPException(409, f"the job has not succeeded (status: {source['status']}); export once it has")
     width = source["spec"]["config"].get("width")
@@ -196,7 +208,11 @@ async def export_job(
         pretrain = await api_store.source_job(conn, owner, source["source_job_id"])
         width = None if pretrain is None else pretrain["spec"]["config"].get("width")
     spec = export_spec({k: v for k, v in raw.items() if k not in ("kind", "source_job")}, source, width)
-    await _pin_inputs(conn, spec, spec["pretrain_job"], job_id if source["kind"] == "eval" else None)
+    if source["kind"] == "finetune":  # reads the fine-tuned classifier, not the pretrain's last.pt
+        if digest := (await api_store.input_digests(conn, job_id)).get("finetuned.pt"):
+            spec["config"]["input_sha256"] = {"checkpoint": digest}
+    else:
+        await _pin_inputs(conn, spec, spec["pretrain_job"], job_id if source["kind"] == "eval" else None)
     return await _create_and_publish(conn, state, owner, "export", spec, job_id, idempotency_key, request_hash, 202)
 
 
