@@ -12,7 +12,14 @@ import torch
 from ssql_core.config import PretrainConfig
 from ssql_core.errors import Cancelled, ConfigError, NonFiniteLoss
 from ssql_core.export import load_quantized
-from ssql_core.finetune import FINETUNED, LAST, FinetuneConfig, export_finetuned, finetune, load_finetuned
+from ssql_core.finetune import (
+    FINETUNED,
+    LAST,
+    FinetuneConfig,
+    export_finetuned,
+    finetune,
+    load_finetuned,
+)
 from ssql_core.hooks import Hooks, Progress
 from ssql_core.train import pretrain
 
