@@ -17,7 +17,7 @@ from sqlalchemy import select
 from api.specs import pretrain_spec
 from persistence import job_store
 from persistence.db import utcnow
-from persistence.models import Job, User
+from persistence.models import Artifact, Job, User
 from tests.service.conftest import TINY, wait_for
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -192,11 +192,24 @@ def _finished_tiny(client: httpx.Client, seed: int) -> str:
     return job["id"]
 
 
-def test_truncated_checkpoint_fails_at_once_as_corrupt_checkpoint(client: httpx.Client, settings, live_worker) -> None:  # type: ignore[no-untyped-def]
+def _reregister(sessions, job_id: str, path) -> None:  # type: ignore[no-untyped-def]
+    """Make the registered digest of ``last.pt`` match the file as changed by the test, so the job
+    gets past the input check (docs/decisions/011) and meets the damaged file itself."""
+    import hashlib
+
+    with sessions() as s:
+        row = s.scalar(select(Artifact).where(Artifact.job_id == job_id, Artifact.format == "input", Artifact.bits == "last.pt"))
+        assert row is not None
+        row.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        s.commit()
+
+
+def test_truncated_checkpoint_fails_at_once_as_corrupt_checkpoint(client: httpx.Client, settings, live_worker, sessions) -> None:  # type: ignore[no-untyped-def]
     pre = _finished_tiny(client, seed=41)
     last = settings.resolved_artifacts_dir() / "jobs" / pre / "last.pt"
     data = last.read_bytes()
     last.write_bytes(data[: len(data) // 2])
+    _reregister(sessions, pre, last)
     ev = client.post("/v1/jobs", json={"kind": "eval", "source_job": pre, "bits": ["fp"], "epochs": 1}).json()
     done = wait_for(client, ev["id"], lambda j: j["status"] in TERMINAL, timeout=120)
     assert done["status"] == "failed" and done["attempts"] == 1, done
@@ -242,7 +255,7 @@ def test_non_finite_numbers_are_stored_as_null(client: httpx.Client, settings, s
     assert job["status"] == "succeeded" and job["summary"] == {"final_loss": None, "rows": 1}
 
 
-def test_nan_loss_in_runner_progress_keeps_the_job_and_its_real_outcome(client: httpx.Client, settings, live_worker) -> None:  # type: ignore[no-untyped-def]
+def test_nan_loss_in_runner_progress_keeps_the_job_and_its_real_outcome(client: httpx.Client, settings, live_worker, sessions) -> None:  # type: ignore[no-untyped-def]
     """A checkpoint with NaN weights: the linear probe's loss is NaN in every progress event.
     The heartbeat must go on (not be taken for a database outage) and the job must end with the
     runner's own outcome, never ``worker_lost``."""
@@ -253,6 +266,7 @@ def test_nan_loss_in_runner_progress_keeps_the_job_and_its_real_outcome(client: 
         if v.is_floating_point():
             v.fill_(float("nan"))
     torch.save(state, last)
+    _reregister(sessions, pre, last)
     ev = client.post("/v1/jobs", json={"kind": "eval", "source_job": pre, "bits": ["fp"], "epochs": 3}).json()
     done = wait_for(client, ev["id"], lambda j: j["status"] in TERMINAL, timeout=120)
     assert done["status"] in ("succeeded", "failed"), done
