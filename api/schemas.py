@@ -201,6 +201,7 @@ class FinetuneRequest(BaseModel):
     crop_scale: list[Number] | None = None
     calib_images: Int | None = None
     baseline_epochs: Int | None = None
+    test_every_epochs: Int | None = None
     max_samples: Int | None = None
     seed: Int | None = None
     checkpoint_every_steps: Int | None = None

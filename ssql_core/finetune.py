@@ -90,6 +90,8 @@ class FinetuneConfig:
     calib_images: int = 1000
     #: the PTQ + linear starting point reported beside the result (0 = skip): probe epochs
     baseline_epochs: int = 30
+    #: test top-1 in the per-epoch curve every this many epochs (and always after the last)
+    test_every_epochs: int = 1
     ewgs_delta: float = 1e-3
     max_samples: int | None = None
     seed: int = 0
@@ -128,6 +130,7 @@ class FinetuneConfig:
             raise ConfigError("crop_scale", f"needs low <= high, got {list(self.crop_scale)}")
         _check_range("calib_images", self.calib_images, 1, 10**6)
         _check_range("baseline_epochs", self.baseline_epochs, 0, 1000)
+        _check_range("test_every_epochs", self.test_every_epochs, 1, MAX_EPOCHS)
         _check_range("ewgs_delta", self.ewgs_delta, 0.0, 10.0, float)
         if self.max_samples is not None:
             _check_range("max_samples", self.max_samples, 2, 10**9)
@@ -354,10 +357,10 @@ class _Finetuner:
                 epoch_end = self.batch_in_epoch == self.steps_per_epoch
                 metrics: dict[str, float] = {}
                 if epoch_end:
-                    top1 = self.test_top1()
-                    self.curve.append({"epoch": self.epoch + 1, "train_loss": round(total_loss / max(n_batches, 1), 5),
-                                       "test_top1": top1})
-                    metrics = {"test_top1": top1}
+                    done = self.epoch + 1
+                    top1 = self.test_top1() if done % cfg.test_every_epochs == 0 or done == cfg.epochs else None
+                    self.curve.append({"epoch": done, "train_loss": round(total_loss / max(n_batches, 1), 5), "test_top1": top1})
+                    metrics = {} if top1 is None else {"test_top1": top1}
                     self.epoch += 1
                     self.batch_in_epoch = 0
                 if epoch_end or self.global_step % cfg.checkpoint_every_steps == 0:
@@ -373,7 +376,7 @@ class _Finetuner:
                     ))
                     if hooks.should_stop():
                         raise Cancelled(f"cancelled at step {self.global_step} of {self.total_steps}")
-        top1 = self.curve[-1]["test_top1"] if self.curve else self.test_top1()
+        top1 = self.curve[-1]["test_top1"] if self.curve and self.curve[-1]["test_top1"] is not None else self.test_top1()
         self.result.update({
             "bits": str(self.bits), "quantizer": cfg.quantizer if not self.bits.is_fp else None, "act_ranges": cfg.act_ranges,
             "dataset": self.dataset, "pretrain_dataset": self.pcfg.dataset, "top1": top1, "epochs": cfg.epochs,
