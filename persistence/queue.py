@@ -59,7 +59,8 @@ def make_celery(settings: Settings) -> Celery:
         result_serializer="json",
         task_default_queue=settings.queue,
         task_routes={RUN_JOB_TASK: {"queue": settings.queue}},
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # a claimed job's life follows its database lease, not the broker connection (decision 010)
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         # Remote control needs a fanout exchange that serverless transports do not offer reliably.
         worker_enable_remote_control=not serverless,
