@@ -53,6 +53,16 @@ def cosine_lr(base: float, step: int, total: int) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
 
 
+def bit_pair_counts(sampler: Any, steps: int) -> dict[str, int]:
+    """How often each (w, a) pair was drawn in steps ``0 .. steps-1`` (the sampler is a pure
+    function of (seed, step), so this is exact for a resumed run too), most frequent first."""
+    counts: dict[str, int] = {}
+    for step in range(steps):
+        key = str(sampler.sample(step))
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def build_optimizer(model: Method, cfg: PretrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -314,6 +324,7 @@ class _Trainer:
             "backbone": str(self.workdir / BACKBONE),
             "devices": self.world,
             "input_pipeline": self.pipeline,
+            **({"bit_pairs": bit_pair_counts(self.model.sampler, self.global_step)} if self.model.quantized else {}),
         }
 
     def _trace_step(self) -> None:

@@ -200,7 +200,8 @@ async function renderJob(id) {
     try { drawHead(await getJSON(`/v1/jobs/${id}/cancel`, { method: "POST" })); toast("cancel requested"); } catch (e) { toast(e.message); }
   } }, "Cancel");
   actions.append(cancel);
-  if (job.kind === "pretrain") actions.append(h("a", { class: "button secondary", href: `#/submit?kind=eval&source_job=${id}` }, "Evaluate…"));
+  if (job.kind === "pretrain") actions.append(h("a", { class: "button secondary", href: `#/submit?kind=eval&source_job=${id}` }, "Evaluate…"),
+    h("a", { class: "button secondary", href: `#/submit?kind=finetune&source_job=${id}` }, "Fine-tune…"));
   if (job.kind === "eval") actions.append(h("a", { class: "button secondary", href: `#/submit?kind=distill&source_job=${id}` }, "Distill…"),
     h("a", { class: "button secondary", href: `#/compare?jobs=${id}` }, "Compare…"));
   if (job.kind === "pretrain" || job.kind === "eval") actions.append(h("a", { class: "button secondary", href: `#/submit?kind=export&source_job=${id}` }, "Export…"));
@@ -255,7 +256,14 @@ async function renderJob(id) {
   const loadLog = async () => { const t = await (await api(`/v1/jobs/${id}/logs?tail=200`)).text(); logs.textContent = t || "(no output yet)"; logs.scrollTop = logs.scrollHeight; };
   const loadExtra = async (j) => {
     const parts = [];
-    if (j.status === "succeeded" && (j.kind === "eval" || j.kind === "distill")) parts.push(await resultsSection([j.id]));
+    if (j.status === "succeeded" && (j.kind === "eval" || j.kind === "distill" || j.kind === "finetune")) parts.push(await resultsSection([j.id]));
+    if (j.summary && j.summary.bit_pairs) {  // SSQL methods: how often each (w, a) pair was drawn
+      const pairs = Object.entries(j.summary.bit_pairs);
+      const total = pairs.reduce((n, [, c]) => n + c, 0) || 1;
+      parts.push(h("h2", {}, "Bit pairs drawn"), h("table", { id: "bit-pairs" },
+        h("tr", {}, h("th", {}, "pair"), h("th", {}, "steps"), h("th", {}, "share")),
+        ...pairs.map(([p, c]) => h("tr", {}, h("td", { class: "mono" }, p), h("td", {}, String(c)), h("td", {}, `${(100 * c / total).toFixed(1)}%`)))));
+    }
     parts.push(await checkpointsSection(j.id));
     extra.replaceChildren(...parts);
   };
@@ -371,7 +379,7 @@ async function renderCompare(params) {
 }
 
 // -- submit form, generated from /v1/catalog and the request schemas -------------------------------
-const MODEL = { pretrain: "PretrainRequest", eval: "EvalRequest", distill: "DistillRequest", export: "ExportRequest" };
+const MODEL = { pretrain: "PretrainRequest", eval: "EvalRequest", distill: "DistillRequest", finetune: "FinetuneRequest", export: "ExportRequest" };
 //: shown first (the rest under "more options"); every field comes from the schema and the catalog
 const FIRST = ["source_job", "method", "backbone", "dataset", "bits", "quantizer", "formats", "epochs", "batch_size", "width", "image_size", "max_samples", "lr", "export_bits"];
 function choicesFor(name, kind, cat, prop) {
@@ -386,7 +394,7 @@ function choicesFor(name, kind, cat, prop) {
   if (name === "calib_weights") return cat.calib_weights;
   if (name === "preset") return Object.keys(cat.presets);
   if (cat.quantizer_behaviours[name]) return cat.quantizer_behaviours[name];
-  if (name === "bits") return kind === "distill" ? cat.bits.paper_set.filter((b) => b !== "fp") : cat.bits.paper_set;
+  if (name === "bits") return kind === "distill" ? cat.bits.paper_set.filter((b) => b !== "fp") : cat.bits.paper_set;  // finetune: fp allowed
   const e = prop.enum || (prop.anyOf || []).flatMap((x) => x.enum || []);
   return e.length ? e.filter((v) => v !== null) : null;
 }
@@ -459,7 +467,7 @@ async function renderSubmit(params) {
   }
   const options = h("div", { id: "method-options" });
   const form = h("form", { class: "jobform card", id: "submit-form", novalidate: true },
-    h("div", { class: "kinds actions" }, ...["pretrain", "eval", "distill", "export"].map((k) => h("a", { class: "button" + (k === kind ? "" : " secondary"), href: `#/submit?kind=${k}${source && k !== "pretrain" ? "&source_job=" + source : ""}` }, k))),
+    h("div", { class: "kinds actions" }, ...["pretrain", "eval", "distill", "finetune", "export"].map((k) => h("a", { class: "button" + (k === kind ? "" : " secondary"), href: `#/submit?kind=${k}${source && k !== "pretrain" ? "&source_job=" + source : ""}` }, k))),
     ...first, options, more.length ? h("details", {}, h("summary", {}, "more options"), ...more) : null,
     h("p", { class: "error", id: "form-error", role: "alert" }),
     h("button", { type: "submit", id: "submit" }, `Submit ${kind} job`));

@@ -198,6 +198,9 @@ def test_download_a_checkpoint_with_its_sha256(service, finished, browser, tmp_p
     page = s.page
     page.goto(f"{stack.url}/#/job/{pre}")
     button = page.wait_for_selector("#checkpoints button.dl[data-bits='4w4a'][data-format='safetensors']")
+    # an SSQL pretrain: how often each bit pair was drawn, over its 8 steps (2 epochs x 4)
+    counts = page.eval_on_selector_all("#bit-pairs tr td:nth-child(2)", "tds => tds.map(t => Number(t.textContent))")
+    assert sum(counts) == 8 and counts == sorted(counts, reverse=True), counts
     expected = button.get_attribute("data-sha256")
     listed = {(c["bits"], c["format"]): c["sha256"] for c in Client(stack.url, key).checkpoints(pre)}
     assert expected == listed[("4w4a", "safetensors")]
