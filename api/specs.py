@@ -134,12 +134,18 @@ def eval_spec(body: dict[str, Any], settings: Settings, source_dataset: str) -> 
     _limit(("body", "epochs"), cfg.epochs, settings.max_eval_epochs)
     _limit(("body", "batch_size"), cfg.batch_size, settings.max_batch_size)
     cfg.bits = bits
+    return _sourced_spec(cfg, source_dataset, EVAL_SERVER_FIELDS, body["source_job"])
+
+
+def _sourced_spec(cfg: Any, source_dataset: str, server_fields: tuple[str, ...], source_job: str) -> dict[str, Any]:
+    """``{"config", "source_job"}`` of a job that reads a pretrain: the dataset defaults to the
+    pretrain's, and the fields only the server sets are left out of the stored spec."""
     if cfg.dataset is None:
         cfg.dataset = source_dataset
     config = cfg.to_dict()
-    for name in EVAL_SERVER_FIELDS:
+    for name in server_fields:
         config.pop(name, None)
-    return {"config": config, "source_job": body["source_job"]}
+    return {"config": config, "source_job": source_job}
 
 
 #: packed files a pretrain job writes after training unless its request says otherwise (SPEC 9)
@@ -245,12 +251,7 @@ def finetune_spec(body: dict[str, Any], settings: Settings, source_dataset: str)
     cfg.bits = str(parse_bits(cfg.bits))
     _limit(("body", "epochs"), cfg.epochs, settings.max_epochs)
     _limit(("body", "batch_size"), cfg.batch_size, settings.max_batch_size)
-    if cfg.dataset is None:
-        cfg.dataset = source_dataset
-    config = cfg.to_dict()
-    for name in FINETUNE_SERVER_FIELDS:
-        config.pop(name, None)
-    return {"config": config, "source_job": body["source_job"]}
+    return _sourced_spec(cfg, source_dataset, FINETUNE_SERVER_FIELDS, body["source_job"])
 
 
 def distill_spec(body: dict[str, Any], settings: Settings, source: Any) -> dict[str, Any]:
