@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import gc
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
 from api import web
-from api.errors import FieldError, field_error_handler, request_validation_handler
+from api.errors import FieldError, field_error_handler, request_validation_handler, unprocessable
 from api.limits import BodySizeLimit
 from api.routes import catalog, checkpoints, health, jobs, keys, logs
 from api.state import AppState, KeyCache
@@ -73,6 +77,32 @@ def openapi_with_limits(app: FastAPI, settings: Settings) -> dict[str, Any]:
     return doc
 
 
+def _allowed_methods(app: FastAPI, path: str) -> set[str]:
+    """The methods the OpenAPI document states for ``path`` (templates like ``/v1/jobs/{job_id}``)."""
+    table = getattr(app.state, "allow_table", None)
+    if table is None:
+        table = []
+        for template, ops in app.openapi().get("paths", {}).items():
+            regex = "^" + re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)) + "$"
+            methods = {m.upper() for m in ops if m in ("get", "put", "post", "delete", "patch", "options", "head", "trace")}
+            table.append((re.compile(regex), methods | ({"HEAD"} if "GET" in methods else set())))
+        app.state.allow_table = table
+    return {m for regex, methods in table if regex.match(path) for m in methods}
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    """FastAPI's HTTP error answer, except: a 405's ``Allow`` lists every method the schema
+    states for the path (Starlette names only those of the first route it tried: ``OPTIONS
+    /v1/jobs`` said ``Allow: POST`` though ``GET /v1/jobs`` exists), and a body that cannot be
+    parsed at all (not UTF-8) is the 422 of a bad body, like invalid JSON, not an undocumented 400."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405 and (methods := _allowed_methods(request.app, request.url.path)):
+        exc = StarletteHTTPException(405, exc.detail, headers={**(exc.headers or {}), "Allow": ", ".join(sorted(methods))})
+    elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        return unprocessable(("body",), "the body is not valid JSON (UTF-8)")
+    return await http_exception_handler(request, exc)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the database engine and the broker client live for the app's lifetime."""
     settings = settings or get_settings()
@@ -103,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # api.web serves /docs from the package's own Swagger UI files (no CDN)
         redoc_url=None,  # ReDoc would load from a CDN
     )
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(FieldError, field_error_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -9,12 +9,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-#: request numbers are strict: a bool is not a number, "3" is not an integer, 3.0 is not an
-#: integer either; an integer is accepted where a number is expected. Numbers must be finite
-#: (NaN / Infinity are no JSON, and no run can use them).
-Int = Annotated[int, Field(strict=True)]
+
+#: request numbers are strict: a bool is not a number, "3" is not an integer, 3.5 is not an
+#: integer; an integer is accepted where a number is expected, and 3.0 where an integer is (JSON
+#: Schema, which the OpenAPI document speaks, calls every number with a zero fraction an
+#: integer: a schema-valid 3.0 was refused). Numbers must be finite (NaN / Infinity are no
+#: JSON, and no run can use them).
+def _integral_float_to_int(value: Any) -> Any:
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+Int = Annotated[int, BeforeValidator(_integral_float_to_int), Field(strict=True)]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Bool = Annotated[bool, Field(strict=True)]
 
@@ -23,6 +30,11 @@ Bool = Annotated[bool, Field(strict=True)]
 BITS_PATTERN = "^(fp|[2-8]w[2-8]a)$"
 QUANT_BITS_PATTERN = "^[2-8]w[2-8]a$"
 BitsStr = Annotated[str, Field(json_schema_extra={"pattern": BITS_PATTERN})]
+#: a job id as the schema states it (printable ASCII, at most 36 characters: a uuid as returned at
+#: submission); not enforced here: any other string is "no such job of yours", a 422 naming it
+JobIdStr = Annotated[str, Field(json_schema_extra={"maxLength": 36, "pattern": "^[ -~]{1,36}$"})]
+#: the formats of an export job (``ssql_core.export.api.FORMATS``; not imported: that loads torch)
+EXPORT_FORMATS = ("safetensors", "onnx", "torchvision")
 
 
 def _range(lo: float, hi: float, **kw: Any) -> Any:
@@ -100,7 +112,7 @@ class EvalRequest(BaseModel):
     )
 
     kind: Literal["eval"]
-    source_job: str
+    source_job: JobIdStr
     bits: list[BitsStr] | None = Field(None, json_schema_extra={"minItems": 1, "uniqueItems": True})
     protocol: Literal["linear", "knn"] | None = None
     path: str | None = None
@@ -138,7 +150,7 @@ class DistillRequest(BaseModel):
     )
 
     kind: Literal["distill"]
-    source_job: str = Field(description="a succeeded eval job (linear protocol) whose bits include 'fp'")
+    source_job: JobIdStr = Field(description="a succeeded eval job (linear protocol) whose bits include 'fp'")
     bits: str | None = Field(None, description="the student's bit-width, e.g. 4w4a",
                               json_schema_extra={"pattern": QUANT_BITS_PATTERN})
     quantizer: str | None = Field(None, description="psq, pact, lsq, dorefa or ewgs",
@@ -162,12 +174,16 @@ class ExportRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="allow",
-        json_schema_extra={"example": {"bits": ["4w4a", "2w4a"], "formats": ["safetensors", "onnx"]}},
+        # unknown fields are refused (422 naming them, in api.specs.export_spec): the schema says so
+        json_schema_extra={"example": {"bits": ["4w4a", "2w4a"], "formats": ["safetensors", "onnx"]},
+                           "additionalProperties": False},
     )
 
     bits: list[Any] = Field(json_schema_extra={"minItems": 1, "maxItems": 50, "uniqueItems": True,
                                                      "items": {"type": "string", "pattern": BITS_PATTERN}})
-    formats: list[Any] | None = None
+    formats: list[Any] | None = Field(None, description="default ['safetensors']",
+                                      json_schema_extra={"minItems": 1, "uniqueItems": True,
+                                                         "items": {"type": "string", "enum": list(EXPORT_FORMATS)}})
     calibration: Literal["minmax", "reference", "percentile", "mse"] | None = Field(
         None, description="activation range rule of the files (default: minmax, or the source evaluation's)")
     calib_percentile: Number | None = _range(50.0, 100.0)
@@ -184,7 +200,7 @@ class FinetuneRequest(BaseModel):
     )
 
     kind: Literal["finetune"]
-    source_job: str = Field(description="a succeeded pretrain job")
+    source_job: JobIdStr = Field(description="a succeeded pretrain job")
     dataset: str | None = Field(None, description="default: the pretrain job's; another dataset is a transfer (its classes set the head)")
     bits: str | None = Field(None, description="the bit-width trained and deployed, e.g. 4w4a; fp allowed (default 4w4a)")
     quantizer: Literal["psq", "pact", "lsq", "dorefa", "ewgs"] | None = None

@@ -12,11 +12,12 @@ import base64
 import hashlib
 import logging
 import os
-from pathlib import Path
+import re
+from pathlib import Path as FilePath
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 
 from api.deps import UNAUTHORIZED_RESPONSE, Conn, JobId, Owner, SettingsDep
@@ -25,7 +26,7 @@ from api.schemas import CheckpointOut
 from api.views import checkpoint_view
 from persistence import api_store
 from persistence.models import ARTIFACT_FORMATS
-from ssql_core.bits import parse_bits
+from ssql_core.bits import ACCEPTED_FORMS, parse_bits
 
 log = logging.getLogger("ssql.api")
 router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"], responses=UNAUTHORIZED_RESPONSE)
@@ -34,9 +35,12 @@ router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"], responses=UNAUTHORIZ
 _VERIFIED: dict[tuple[str, int, int, int, int], str] = {}
 _VERIFIED_MAX = 10_000
 CORRUPT_CODE = "artifact_corrupt"
+#: the download route's ``bits``, as its schema states it: any case, ``f`` for ``a`` (no spaces, no leading zeros)
+PATH_BITS_PATTERN = "^([Ff][Pp]|[2-8][Ww][2-8][AaFf])$"
+_PATH_BITS = re.compile(PATH_BITS_PATTERN)
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: FilePath) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(1 << 20):
@@ -44,7 +48,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-async def file_digest(path: Path) -> str:
+async def file_digest(path: FilePath) -> str:
     """The file's sha256, hashed again only when its stat (inode, size, mtime, ctime) changed."""
     st = os.stat(path)
     key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -88,13 +92,15 @@ async def list_checkpoints(job_id: JobId, owner: Owner, conn: Conn) -> JSONRespo
 )
 async def download_checkpoint(
     job_id: JobId,
-    bits: str,
+    bits: Annotated[str, Path(description="a bit-width: `fp` or `{w}w{a}a` (w, a from 2 to 8; any case; `4w4f` is `4w4a`)",
+                              json_schema_extra={"pattern": PATH_BITS_PATTERN})],
     owner: Owner,
     conn: Conn,
     settings: SettingsDep,
     request: Request,
     format: Annotated[
-        str | None, Query(description=f"one of {', '.join(ARTIFACT_FORMATS)}; default: the first one available")
+        str | None, Query(description=f"one of {', '.join(ARTIFACT_FORMATS)}; default: the first one available",
+                          json_schema_extra={"enum": list(ARTIFACT_FORMATS)})
     ] = None,
 ) -> Response:
     """Download a checkpoint. Verify it against the ETag (sha256 of the whole file)."""
@@ -102,7 +108,9 @@ async def download_checkpoint(
         raise FieldError(("query", "format"), f"must be one of {list(ARTIFACT_FORMATS)}, got {format!r}")
     if not await api_store.job_exists(conn, owner, job_id):
         raise HTTPException(404, "job not found")
-    try:  # every spelling the submit routes take: "4w4f" is 4w4a, "4W4A" too
+    try:  # every spelling the submit routes take: "4w4f" is 4w4a, "4W4A" too (and no other: the schema's pattern)
+        if not _PATH_BITS.fullmatch(bits):
+            raise ValueError(f"invalid bit-width {bits!r}; accepted: {ACCEPTED_FORMS}")
         bits = str(parse_bits(bits))
     except ValueError as e:
         raise FieldError(("path", "bits"), str(e)) from None

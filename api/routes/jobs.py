@@ -74,7 +74,10 @@ async def submit_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> JSONResponse:
     """Create a job (status ``queued``). It is committed before it is published to the queue."""
-    raw = body.model_dump(exclude_unset=True)
+    # an explicit null of a declared field is its default, as the schema states (``"method": null``
+    # was refused as "unknown method None"); method options (extra fields) keep their null
+    declared = type(body).model_fields
+    raw = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None or k not in declared}
     check_json_values(raw)
     request_hash = _request_hash(raw)
     if idempotency_key is not None:
@@ -187,7 +190,9 @@ async def export_job(
     """Queue an ``export`` job writing a succeeded pretrain (or eval) job's checkpoint at more
     bit-widths and formats. The files are served under *this* job's id (``/checkpoints``) once
     the export job succeeds; from an eval job they are classifiers (backbone + its linear head)."""
-    raw = {**body.model_dump(exclude_unset=True), "source_job": job_id, "kind": "export"}
+    declared = ExportRequest.model_fields  # an explicit null of a declared field is its default
+    given = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None or k not in declared}
+    raw = {**given, "source_job": job_id, "kind": "export"}
     check_json_values({k: v for k, v in raw.items() if k not in ("source_job", "kind")})
     if not api_store.is_job_id(job_id):
         raise HTTPException(404, NOT_FOUND)
@@ -276,8 +281,9 @@ async def list_jobs(
     owner: Owner,
     conn: Conn,
     settings: SettingsDep,
-    status: Annotated[str | None, Query(description=f"one of {', '.join(JOB_STATUSES)}")] = None,
-    kind: Annotated[str | None, Query()] = None,
+    status: Annotated[str | None, Query(description=f"one of {', '.join(JOB_STATUSES)}",
+                                        json_schema_extra={"enum": list(JOB_STATUSES)})] = None,
+    kind: Annotated[str | None, Query(description=f"one of {', '.join(_KINDS)}", json_schema_extra={"enum": list(_KINDS)})] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
 ) -> JSONResponse:
