@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -129,22 +130,24 @@ class OwnRedis:
         self.pidfile.unlink(missing_ok=True)
 
 
+def _group_pids(pgid: int) -> set[int]:
+    ps = subprocess.run(["ps", "-eo", "pid=,pgid="], capture_output=True, text=True).stdout
+    return {int(p) for p, g in (line.split() for line in ps.splitlines() if line.strip()) if int(g) == pgid}
+
+
 def runner_processes() -> dict[int, tuple[str, int, bool]]:
     """pid -> (job id, attempt, stopped) of every live ``worker.runner`` process of this machine
-    (its argument is ``.../jobs/<job id>/attempts/<n>/...``)."""
+    (its argument is the attempt's job file, ``.../jobs/<job id>/attempt-<n>.json``)."""
     out: dict[int, tuple[str, int, bool]] = {}
     ps = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
     for line in ps.splitlines():
         parts = line.split(None, 2)
         if len(parts) < 3 or "worker.runner" not in parts[2] or parts[1].startswith("Z"):
             continue
-        path = Path(parts[2].split()[-1]).parts
-        if "jobs" in path and "attempts" in path:
-            i, j = path.index("jobs"), path.index("attempts")
-            try:
-                out[int(parts[0])] = (path[i + 1], int(path[j + 1]), parts[1].startswith("T"))
-            except (IndexError, ValueError):
-                continue
+        path = Path(parts[2].split()[-1])
+        m = re.fullmatch(r"attempt-(\d+)\.json", path.name)
+        if m and path.parent.parent.name == "jobs":
+            out[int(parts[0])] = (path.parent.name, int(m.group(1)), parts[1].startswith("T"))
     return out
 
 
@@ -273,7 +276,9 @@ class Chaos:
             return
         name = self.rng.choice(live)
         proc = self.workers[name]
-        pool = [a for a in self.running_attempts() if a["worker"].startswith(f"{name}@")]
+        group = _group_pids(proc.pid)  # main + pool: an attempt row names its pool process ("host:pid")
+        pool = [a for a in self.running_attempts() if a["worker"].rsplit(":", 1)[-1].isdigit()
+                and int(a["worker"].rsplit(":", 1)[1]) in group]  # fmt: skip
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         self.fault("kill_worker", worker=name, attempts=[(a["job"], a["attempt"]) for a in pool])
