@@ -30,6 +30,9 @@ Bool = Annotated[bool, Field(strict=True)]
 BITS_PATTERN = "^(fp|[2-8]w[2-8]a)$"
 QUANT_BITS_PATTERN = "^[2-8]w[2-8]a$"
 BitsStr = Annotated[str, Field(json_schema_extra={"pattern": BITS_PATTERN})]
+#: a dataset name as the schema states it (ssql_core.data.DATASET_NAMES); whether its files are
+#: on this server (or may be downloaded) is the server's answer (422 naming ``dataset``)
+DATASET_PATTERN = r"^(digits|synthetic|fashion_mnist|mnist|cifar10|cifar100|imagefolder:(?!.*\\.\\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127})$"
 #: a job id as the schema states it (printable ASCII, at most 36 characters: a uuid as returned at
 #: submission); not enforced here: any other string is "no such job of yours", a 422 naming it
 JobIdStr = Annotated[str, Field(json_schema_extra={"maxLength": 36, "pattern": "^[ -~]{1,36}$"})]
@@ -61,7 +64,8 @@ class PretrainRequest(BaseModel):
     kind: Literal["pretrain"]
     method: str | None = None
     backbone: str | None = None
-    dataset: str | None = Field(None, description="digits, synthetic, fashion_mnist, mnist, cifar10, cifar100 or imagefolder:<name>")
+    dataset: str | None = Field(None, description="digits, synthetic, fashion_mnist, mnist, cifar10, cifar100 or imagefolder:<name>",
+                                json_schema_extra={"pattern": DATASET_PATTERN})
     epochs: Int | None = _range(1, 10_000)
     batch_size: Int | None = _range(2, 65_536)
     lr: Number | None = _range(1e-8, 100.0)
@@ -81,7 +85,7 @@ class PretrainRequest(BaseModel):
     a_bits: list[Int] | None = Field(None, description="[low, high], 2 <= low <= high <= 8", json_schema_extra=_PAIR)
     bits: str | None = Field(None, description="fixed bit-width of fixed-bit QAT baselines, e.g. 4w4a",
                               json_schema_extra={"pattern": QUANT_BITS_PATTERN})
-    stem: str | None = None
+    stem: str | None = Field(None, json_schema_extra={"enum": ["auto", "cifar", "imagenet", None]})
     amp: Bool | None = None
     channels_last: Bool | None = None
     compile: Bool | None = None
@@ -115,8 +119,8 @@ class EvalRequest(BaseModel):
     source_job: JobIdStr
     bits: list[BitsStr] | None = Field(None, json_schema_extra={"minItems": 1, "uniqueItems": True})
     protocol: Literal["linear", "knn"] | None = None
-    path: str | None = None
-    dataset: str | None = None
+    path: str | None = Field(None, json_schema_extra={"enum": ["cached", "augmented", None]})
+    dataset: str | None = Field(None, json_schema_extra={"pattern": DATASET_PATTERN})
     epochs: Int | None = _range(1, 10_000)
     batch_size: Int | None = _range(1, 65_536)
     lr: Number | None = _range(1e-8, 1000.0)
@@ -155,7 +159,7 @@ class DistillRequest(BaseModel):
                               json_schema_extra={"pattern": QUANT_BITS_PATTERN})
     quantizer: str | None = Field(None, description="psq, pact, lsq, dorefa or ewgs",
                                    json_schema_extra={"enum": ["psq", "pact", "lsq", "dorefa", "ewgs", None]})
-    dataset: str | None = None
+    dataset: str | None = Field(None, json_schema_extra={"pattern": DATASET_PATTERN})
     epochs: Int | None = _range(1, 10_000)
     batch_size: Int | None = _range(2, 65_536)
     lr: Number | None = _range(1e-8, 10.0)
@@ -163,7 +167,7 @@ class DistillRequest(BaseModel):
     weight_decay: Number | None = _range(0.0, 1.0)
     temperature: Number | None = _range(0.05, 100.0)
     ce_weight: Number | None = _range(0.0, 100.0)
-    bn: str | None = None
+    bn: str | None = Field(None, json_schema_extra={"enum": ["recalibrate", "frozen", "train", None]})
     calib_images: Int | None = _range(1, 10**7)
     max_samples: Int | None = _range(2, 10**9)
     seed: Int | None = _range(0, 2**31 - 1)
@@ -201,8 +205,10 @@ class FinetuneRequest(BaseModel):
 
     kind: Literal["finetune"]
     source_job: JobIdStr = Field(description="a succeeded pretrain job")
-    dataset: str | None = Field(None, description="default: the pretrain job's; another dataset is a transfer (its classes set the head)")
-    bits: str | None = Field(None, description="the bit-width trained and deployed, e.g. 4w4a; fp allowed (default 4w4a)")
+    dataset: str | None = Field(None, description="default: the pretrain job's; another dataset is a transfer (its classes set the head)",
+                                json_schema_extra={"pattern": DATASET_PATTERN})
+    bits: str | None = Field(None, description="the bit-width trained and deployed, e.g. 4w4a; fp allowed (default 4w4a)",
+                              json_schema_extra={"pattern": BITS_PATTERN})
     quantizer: Literal["psq", "pact", "lsq", "dorefa", "ewgs"] | None = None
     act_ranges: Literal["frozen", "update"] | None = Field(
         None, description="frozen (default): activation ranges fixed after calibration (SPEC 6); update: trained / running")
