@@ -212,7 +212,7 @@ def test_bad_distill_input_names_the_field(client: httpx.Client, small_pretrain:
 
 def test_catalog_lists_kinds_quantizers_formats(client: httpx.Client) -> None:
     cat = client.get("/v1/catalog").json()
-    assert cat["job_kinds"] == ["pretrain", "eval", "distill", "export"]
+    assert cat["job_kinds"] == ["pretrain", "eval", "distill", "export", "finetune"]
     assert cat["quantizers"] == ["psq", "pact", "lsq", "dorefa", "ewgs"]
     assert cat["export_formats"] == ["safetensors", "onnx", "torchvision"]
     assert cat["default_export_bits"] == ["fp", "8w8a", "6w6a", "5w5a", "4w4a", "3w3a", "2w8a", "2w4a"]

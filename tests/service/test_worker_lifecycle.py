@@ -192,6 +192,12 @@ def test_sigstopped_supervisor_is_fenced(lc, lc_client, lc_env, sessions) -> Non
     other = _spawn_worker(lc, "ssqlstandby")
     try:
         time.sleep(3.0)  # the standby worker is up and consuming
+        # a checkpoint has been published for the next attempt to resume from (on a loaded machine
+        # the supervisor may publish a little after the runner reported the step)
+        deadline = time.monotonic() + 30
+        while not (job_dir / "last.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (job_dir / "last.pt").exists(), "no checkpoint was published before the stop"
         os.kill(pool_pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
