@@ -54,9 +54,8 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
-import redis  # noqa: E402
 
-from ssql_cli.stack import Stack, api_command, free_port, worker_command  # noqa: E402
+from ssql_cli.stack import OwnRedis, Stack, api_command, free_port, worker_command  # noqa: E402
 
 PG = {"host": "127.0.0.1", "port": 5432, "admin_db": "test"}
 TINY = {
@@ -91,43 +90,6 @@ def _alive(pid: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
-
-
-class OwnRedis:
-    """A redis-server of this run only, on a free loopback port, no persistence."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port, self.workdir = free_port(), workdir
-        self.pidfile = workdir / "redis.pid"
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        subprocess.run(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "yes", "--pidfile", str(self.pidfile), "--dir", str(self.workdir),
-             "--logfile", str(self.workdir / "redis.log")],
-            check=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis(port=self.port, socket_connect_timeout=0.5).ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("own redis-server did not start")
-
-    def kill(self) -> None:
-        if not self.pidfile.exists():
-            return
-        pid = int(self.pidfile.read_text())
-        os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
-            time.sleep(0.02)
-        self.pidfile.unlink(missing_ok=True)
 
 
 def _group_pids(pgid: int) -> set[int]:

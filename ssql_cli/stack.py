@@ -130,3 +130,58 @@ class Stack:
     def stop(self, grace: float = 10.0) -> None:
         self._stop(self.worker, grace)
         self._stop(self.api, grace)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+class OwnRedis:
+    """A throwaway ``redis-server`` on a free loopback port with no persistence (a restart loses
+    every message), for tests and the chaos script that kill and restart the broker: never the
+    shared one."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port, self.workdir = free_port(), Path(workdir)
+        self.pidfile = self.workdir / "redis.pid"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        subprocess.run(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--daemonize", "yes", "--pidfile", str(self.pidfile), "--dir", str(self.workdir),
+             "--logfile", str(self.workdir / "redis.log")],
+            check=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(port=self.port, socket_connect_timeout=0.5).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError("own redis-server did not start")
+
+    def kill(self) -> None:
+        if not self.pidfile.exists():
+            return
+        pid = int(self.pidfile.read_text())
+        os.kill(pid, signal.SIGKILL)
+        while _pid_alive(pid):
+            time.sleep(0.02)
+        self.pidfile.unlink(missing_ok=True)
+
+    def blip(self, down_s: float) -> None:
+        """Kill the server, wait ``down_s`` seconds, start it again (empty)."""
+        self.kill()
+        time.sleep(down_s)
+        self.start()

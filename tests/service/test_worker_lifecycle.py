@@ -21,58 +21,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 import yaml
 from sqlalchemy import select
 
 from persistence.db import as_utc
 from persistence.models import JobAttempt
 from persistence.settings import Settings
-from ssql_cli.stack import Stack, free_port, worker_command
+from ssql_cli.stack import OwnRedis, Stack, free_port, worker_command
 from tests.service.conftest import TINY, pid_alive, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-class OwnRedis:
-    """A Redis server of this module only: no persistence, so a restart loses every message."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port, self.workdir = free_port(), workdir
-        self.pidfile = workdir / "redis.pid"
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        subprocess.run(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "yes", "--pidfile", str(self.pidfile), "--dir", str(self.workdir),
-             "--logfile", str(self.workdir / "redis.log")],
-            check=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis(port=self.port, socket_connect_timeout=0.5).ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("own redis-server did not start")
-
-    def kill(self) -> None:
-        pid = int(self.pidfile.read_text())
-        os.kill(pid, signal.SIGKILL)
-        while pid_alive(pid):
-            time.sleep(0.02)
-        self.pidfile.unlink(missing_ok=True)
-
-    def blip(self, down_s: float) -> None:
-        self.kill()
-        time.sleep(down_s)
-        self.start()
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +119,8 @@ def _steps(job: dict) -> int:
 # -- (1) a broker restart does not touch a running job ------------------------------------------
 
 def test_redis_restarts_mid_job_leave_it_running_on_its_first_attempt(lc, lc_client, own_redis, sessions) -> None:  # type: ignore[no-untyped-def]
-    job = lc_client.post("/v1/jobs", json={**TINY, "epochs": 20}).json()
+    # long enough (240 steps) to outlast three blips on an idle machine too
+    job = lc_client.post("/v1/jobs", json={**TINY, "epochs": 60}).json()
     wait_for(lc_client, job["id"], lambda j: j["status"] == "running" and _steps(j) >= 8, poll=0.05)
     for _ in range(3):  # three 2 s blips; the broker comes back empty (no persistence)
         step = _steps(lc_client.get(f"/v1/jobs/{job['id']}").json())
@@ -170,7 +130,7 @@ def test_redis_restarts_mid_job_leave_it_running_on_its_first_attempt(lc, lc_cli
     done = wait_for(lc_client, job["id"], lambda j: j["status"] in TERMINAL, timeout=180)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 1, done
-    assert done["summary"]["steps"] == 80
+    assert done["summary"]["steps"] == 240
     rows = _attempts(sessions, job["id"])
     assert [(a.attempt, a.outcome) for a in rows] == [(1, "succeeded")]
     assert lc.worker.poll() is None, "the worker exited over a broker outage"
@@ -183,7 +143,8 @@ def test_redis_restarts_mid_job_leave_it_running_on_its_first_attempt(lc, lc_cli
 # -- (5) a stalled supervisor is fenced -----------------------------------------------------------
 
 def test_sigstopped_supervisor_is_fenced(lc, lc_client, lc_env, sessions) -> None:  # type: ignore[no-untyped-def]
-    job = lc_client.post("/v1/jobs", json={**TINY, "epochs": 16}).json()
+    # 240 steps: still training after the standby worker's start-up on an idle machine
+    job = lc_client.post("/v1/jobs", json={**TINY, "epochs": 60}).json()
     job_dir = _job_dir(lc_env, job["id"])
     wait_for(lc_client, job["id"], lambda j: j["status"] == "running" and _steps(j) >= 12, poll=0.05)
     (first,) = _attempts(sessions, job["id"])
@@ -209,7 +170,7 @@ def test_sigstopped_supervisor_is_fenced(lc, lc_client, lc_env, sessions) -> Non
             runner_gone = time.monotonic() - stopped_at
             done = wait_for(lc_client, job["id"], lambda j: j["status"] in TERMINAL, timeout=180)
             assert done["status"] == "succeeded", done
-            assert done["summary"]["steps"] == 64
+            assert done["summary"]["steps"] == 240
             rows = _attempts(sessions, job["id"])
             assert [a.attempt for a in rows] == [1, 2]
             # the superseded attempt's row was closed when it was reaped / re-claimed
@@ -236,7 +197,7 @@ def test_sigstopped_supervisor_is_fenced(lc, lc_client, lc_env, sessions) -> Non
 
 def test_sigterm_to_worker_hands_job_back_without_spending_an_attempt(lc, lc_client, sessions) -> None:  # type: ignore[no-untyped-def]
     worker = lc.worker
-    job = lc_client.post("/v1/jobs", json={**TINY, "epochs": 16}).json()
+    job = lc_client.post("/v1/jobs", json={**TINY, "epochs": 32}).json()
     wait_for(lc_client, job["id"], lambda j: j["status"] == "running" and _steps(j) >= 12, poll=0.05)
     (first,) = _attempts(sessions, job["id"])
     os.kill(worker.pid, signal.SIGTERM)  # the main process only, as `docker compose stop` does
@@ -255,7 +216,7 @@ def test_sigterm_to_worker_hands_job_back_without_spending_an_attempt(lc, lc_cli
     done = wait_for(lc_client, job["id"], lambda j: j["status"] in TERMINAL, timeout=180)
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 1, done
-    assert done["summary"]["steps"] == 64
+    assert done["summary"]["steps"] == 128
     rows = _attempts(sessions, job["id"])
     assert [(a.attempt, a.outcome) for a in rows] == [(1, "handed_back"), (2, "succeeded")]
     assert rows[1].resumed_from and rows[1].resumed_from.endswith("last.pt")
