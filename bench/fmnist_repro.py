@@ -14,7 +14,7 @@ rounded to zero at 4 bits and the activation inflation by 2-bit weights.
     .venv/bin/python bench/fmnist_repro.py --seeds 0 1 2 --jobs 2 --out runs/fmnist_repro
 
 Runs are resumable (a finished run's JSON is reused). ``--summary`` prints the tables from the
-JSON files only. Numbers and the machine go to docs/RESULTS.md.
+JSON files only (give it the run's own arguments: its header line repeats them). Numbers and the machine go to docs/RESULTS.md.
 """
 
 from __future__ import annotations
