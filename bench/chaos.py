@@ -380,7 +380,7 @@ class Chaos:
         return {
             "minutes": self.args.minutes, "seed": self.args.seed, "workers": self.args.workers,
             "chaos_seconds": round(chaos_s, 1), "total_seconds": round(total_s, 1),
-            "machine": f"{platform.machine()} {os.cpu_count()} cores, {_cpu_name()}",
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, {_cpu()}",
             "jobs_submitted": len(jobs), "jobs_by_status": dict(terminal),
             "jobs_lost": sum(1 for j in jobs.values() if j["status"] not in TERMINAL),
             "failed_jobs": {jid: j["error"] for jid, j in jobs.items() if j["status"] == "failed"},
@@ -396,14 +396,10 @@ class Chaos:
         }  # fmt: skip
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
+def _cpu() -> str:
+    from ssql_core.runtime import cpu_name  # lazily: it imports torch
+
+    return cpu_name()
 
 
 def main() -> None:

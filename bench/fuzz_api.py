@@ -253,7 +253,7 @@ def fuzz(examples: int = 200, seed: int = 8, max_time: float | None = None, repo
         "examples": examples,
         "seed": seed,
         "schemathesis": _version(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {_cpu_name()}",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {_cpu()}",
         "runs": runs,
         "report_dir": str(report_dir),
         "api_tracebacks": api_log.count("Traceback"),
@@ -269,14 +269,10 @@ def _version() -> str:
         return "?"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
+def _cpu() -> str:
+    from ssql_core.runtime import cpu_name  # lazily: it imports torch
+
+    return cpu_name()
 
 
 def main() -> None:

@@ -20,6 +20,20 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for benchmark reports; ``platform`` otherwise."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
