@@ -172,6 +172,11 @@ class FinetuneModel(nn.Module):
         with self.ctx.quantized(self.bits):
             return self.head(self.backbone(x))
 
+    def deploy_grids(self) -> dict[str, dict[str, Any]]:
+        from ssql_core.distill.student import Student
+
+        return Student.deploy_grids(self)  # type: ignore[arg-type]
+
     def act_quantizers(self) -> list[nn.Module]:
         return [m._qat.quantizer for m in self.backbone.modules() if isinstance(m, QATAct) and m._qat is not None]
 
@@ -389,24 +394,15 @@ class _Finetuner:
         return self.result
 
     def save_final(self) -> None:
-        from ssql_core.distill.student import STUDENT_KIND, _to_cpu
+        """``finetuned.pt`` in the distilled-student layout, so the packed export is shared."""
+        from ssql_core.distill.student import save_student
 
-        m = self.model
-        deploy = {}
-        if not self.bits.is_fp:
-            from ssql_core.distill.student import Student
-
-            deploy = _to_cpu(Student.deploy_grids(m))  # type: ignore[arg-type]
-        ckpt.save_atomic({
-            "kind": STUDENT_KIND, "format_version": ckpt.FORMAT_VERSION, "bits": str(self.bits),
-            "quantizer": m.family if not self.bits.is_fp else None, "arch": dict(m.backbone.arch),
-            "backbone": {k: v.detach().cpu() for k, v in m.backbone.state_dict().items()},
-            "head": {k: v.detach().cpu() for k, v in m.head.state_dict().items()},
-            "quantizers": {k: v.detach().cpu() for k, v in m.quantizers.state_dict().items()},
-            "deploy": deploy, "config": {**self.cfg.to_dict(), "ewgs_delta": self.cfg.ewgs_delta},
-            "pretrain_config": self.pcfg.to_dict(), "num_classes": self.num_classes, "result": self.result,
-            "trained_by": "finetune",
-        }, self.workdir / FINETUNED)
+        fp = self.bits.is_fp
+        save_student(self.model, self.workdir / FINETUNED, {  # type: ignore[arg-type]
+            **({"quantizer": None, "deploy": {}} if fp else {}),
+            "config": self.cfg.to_dict(), "pretrain_config": self.pcfg.to_dict(), "num_classes": self.num_classes,
+            "result": self.result, "trained_by": "finetune",
+        })
 
 
 def finetune(cfg: FinetuneConfig, workdir: str | Path, hooks: Hooks | None = None) -> dict[str, Any]:
