@@ -9,8 +9,10 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from persistence.models import JOB_KINDS
+
 #: discriminator tags FastAPI inserts into ``loc`` for the job-kind union; users never typed them
-_UNION_TAGS = {"pretrain", "eval", "distill", "finetune"}
+_UNION_TAGS = set(JOB_KINDS) - {"export"}
 
 
 class FieldError(Exception):
@@ -23,8 +25,8 @@ class FieldError(Exception):
 
 
 def printable(value: Any) -> Any:
-    """A string that UTF-8 can encode (lone surrogates from ``\\udXXX`` escapes in the request
-    become the escape text again); anything else unchanged. Response JSON is UTF-8: an unpaired
+    """A string that UTF-8 can encode (a lone surrogate from a ``\\ud800``-style escape in the
+    request becomes the escape text again); anything else unchanged. Response JSON is UTF-8: an unpaired
     surrogate echoed back in ``loc`` or ``msg`` would turn a 422 into a 500."""
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -28,6 +28,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 JOB_KINDS = ("pretrain", "eval", "distill", "export", "finetune")
+#: kinds whose ``source_job`` is a pretrain job and which read its ``last.pt`` as ``config.checkpoint``
+READS_PRETRAIN_CHECKPOINT = ("eval", "finetune")
 #: torch: FP backbone state dict; safetensors: packed per bit-width; onnx: QDQ graph; torchvision: FP
 ARTIFACT_FORMATS = ("torch", "safetensors", "onnx", "torchvision")
 

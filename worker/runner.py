@@ -139,8 +139,8 @@ def verify_inputs(job: dict[str, Any]) -> None:
     config here, before the library sees it). A mismatch raises :class:`CorruptArtifact`."""
     expected = job["config"].pop("input_sha256", None) or {}
     paths = dict(job.get("paths") or {})
-    if job["kind"] in ("eval", "finetune"):
-        paths["checkpoint"] = job["config"].get("checkpoint")
+    if job["config"].get("checkpoint"):  # eval / finetune: the source's last.pt is in the config
+        paths.setdefault("checkpoint", job["config"]["checkpoint"])
     for name, digest in expected.items():
         path = paths.get(name)
         if not path:

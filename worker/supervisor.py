@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from persistence import job_store
 from persistence.job_store import ClaimedJob
+from persistence.models import READS_PRETRAIN_CHECKPOINT
 from persistence.settings import Settings
 from worker.artifacts import collect_artifacts
 
@@ -137,7 +138,7 @@ def run_config(settings: Settings, job: ClaimedJob) -> dict[str, Any]:
         allow_download=settings.allow_download,
         num_workers=settings.num_workers,
     )
-    if job.kind in ("eval", "finetune"):
+    if job.kind in READS_PRETRAIN_CHECKPOINT:
         assert job.source_job_id is not None
         config["checkpoint"] = str(job_workdir(settings, job.source_job_id) / "last.pt")
     return config
@@ -161,7 +162,7 @@ def input_paths(settings: Settings, job: ClaimedJob) -> dict[str, str]:
 def _preflight(job: ClaimedJob, config: dict[str, Any], paths: dict[str, str]) -> dict[str, Any] | None:
     """Problems no retry can fix, reported before a process is started for nothing."""
     needed = dict(paths)
-    if job.kind in ("eval", "finetune"):
+    if job.kind in READS_PRETRAIN_CHECKPOINT:
         needed["checkpoint"] = config["checkpoint"]
     for name, path in needed.items():
         if not Path(path).is_file():
