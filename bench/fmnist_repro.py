@@ -42,6 +42,7 @@ from ssql_core.data import Transformed, load_split, test_transform
 from ssql_core.evaluate import (
     accuracy,
     calibration_images,
+    calibration_set,
     extract,
     knn_top1,
     materialize,
@@ -108,12 +109,8 @@ class Evaluator:
     def calibrate(self, bits: str, calibration: str = "minmax", images: int = 128, quantized_weights: bool = False) -> None:
         if parse_bits(bits).is_fp:
             return
-        if calibration == "reference":
-            from ssql_core.evaluate import reference_calibration_images
-
-            loader = reference_calibration_images(self.train.data, self.pcfg.image_size, self.train.stats_key, images, self.seed)
-        else:
-            loader = calibration_images(self.train_plain, images, self.seed, 256)
+        loader = calibration_set(calibration, self.train.data, self.train_plain, self.pcfg.image_size, self.train.stats_key,
+                                 images, self.seed)
         calibrate_ranges(self.backbone, self.ctx, loader, self.device, bits, calibration, 99.99, quantized_weights, self.seed)
 
     def features(self, bits: str) -> tuple[torch.Tensor, ...]:

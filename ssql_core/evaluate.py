@@ -69,6 +69,15 @@ def reference_calibration_images(train: Any, image_size: int, stats_key: str, im
     return DataLoader(Subset(aug, idx), batch_size=len(idx))
 
 
+def calibration_set(method: str, train: Any, plain: Any, image_size: int, stats_key: str, images: int, seed: int,
+                    batch_size: int = 256) -> DataLoader:
+    """The calibration images of ``method``: the reference's augmented batch of ``train`` for
+    ``"reference"``, the protocol's test-transformed subset of ``plain`` for every other method."""
+    if method == "reference":
+        return reference_calibration_images(train, image_size, stats_key, images, seed)
+    return calibration_images(plain, images, seed, batch_size)
+
+
 def calibration_images(plain: Any, images: int, seed: int, batch_size: int = 256) -> DataLoader:
     """The protocol's calibration set: a seeded random subset of the (test-transformed) training
     images. Export calls this too, so an exported checkpoint has the ranges its evaluation had."""
@@ -214,10 +223,8 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
     ttf = test_transform(size, train.stats_key)
     train_plain = materialize(Transformed(train.data, ttf))
     test_plain = materialize(Transformed(test.data, ttf))
-    if cfg.calibration == "reference":
-        calib_loader = reference_calibration_images(train.data, size, train.stats_key, cfg.calib_images, cfg.seed)
-    else:
-        calib_loader = calibration_images(train_plain, cfg.calib_images, cfg.seed, cfg.batch_size)
+    calib_loader = calibration_set(cfg.calibration, train.data, train_plain, size, train.stats_key, cfg.calib_images,
+                                   cfg.seed, cfg.batch_size)
 
     def loader(ds: Any) -> DataLoader:
         return DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers)

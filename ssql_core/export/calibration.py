@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from ssql_core.calibration import calibrate_ranges
 from ssql_core.config import CALIBRATIONS, EvalConfig, PretrainConfig
 from ssql_core.data import Transformed, load_split, test_transform
-from ssql_core.evaluate import calibrate, calibration_images, reference_calibration_images
+from ssql_core.evaluate import calibrate, calibration_set
 from ssql_core.qnn import QuantContext
 
 
@@ -78,13 +78,11 @@ def calibration_loader(spec: CalibrationSpec, pcfg: PretrainConfig) -> tuple[Dat
     dataset = spec.dataset or pcfg.dataset
     split = load_split(dataset, True, pcfg.image_size, spec.data_root or pcfg.data_root, spec.allow_download,
                        spec.max_samples, spec.seed)
-    if spec.method == "reference":
-        loader = reference_calibration_images(split.data, pcfg.image_size, split.stats_key, spec.images, spec.seed)
-        transform = f"linear_train_transform({pcfg.image_size}, {split.stats_key!r}), seeded per (seed, 0, index)"
-    else:
-        plain = Transformed(split.data, test_transform(pcfg.image_size, split.stats_key))
-        loader = calibration_images(plain, spec.images, spec.seed, spec.batch_size)
-        transform = f"test_transform({pcfg.image_size}, {split.stats_key!r})"
+    plain = Transformed(split.data, test_transform(pcfg.image_size, split.stats_key))
+    loader = calibration_set(spec.method, split.data, plain, pcfg.image_size, split.stats_key, spec.images, spec.seed,
+                             spec.batch_size)
+    transform = (f"linear_train_transform({pcfg.image_size}, {split.stats_key!r}), seeded per (seed, 0, index)"
+                 if spec.method == "reference" else f"test_transform({pcfg.image_size}, {split.stats_key!r})")
     details = {"source": "dataset", "dataset": dataset, "split": "train", "images": len(loader.dataset), "seed": spec.seed,
                "max_samples": spec.max_samples, "image_size": pcfg.image_size, "transform": transform,
                "selection": "torch.randperm(len(split), Generator().manual_seed(seed))[:images]",
