@@ -23,11 +23,17 @@ from ssql_core.train import pretrain
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small teacher that is a sound starting point on any CPU: 40 steps, so its BatchNorm
+    running statistics have converged (after 2 steps, as this fixture once had, they were 81 %
+    their initial values, and BN re-estimation in the student moved it *away* from the teacher:
+    the KL then depended on the CPU's float rounding), and a BN probe head, so the teacher's logits
+    have a sane scale (the lr-30 head gave T^2 KL in the thousands)."""
     wd = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(0)
-    pretrain(PretrainConfig(method="simsiam", dataset="synthetic", epochs=1, batch_size=64, width=0.0625,
+    pretrain(PretrainConfig(method="simsiam", dataset="synthetic", epochs=20, batch_size=64, width=0.0625,
                             image_size=16, max_samples=128, channels_last=False, device="cpu"), wd)
-    evaluate(EvalConfig(checkpoint=str(wd / "last.pt"), bits=["fp", "2w2a"], epochs=10, batch_size=64, device="cpu"), wd)
+    evaluate(EvalConfig(checkpoint=str(wd / "last.pt"), bits=["fp", "2w2a"], epochs=10, batch_size=64, device="cpu",
+                        probe="bn", lr=0.3), wd)
     return wd
 
 
@@ -79,6 +85,8 @@ class _Recorder(Hooks):
 
 
 def test_distillation_lowers_kl_and_saves_a_loadable_student(teacher: Path, tmp_path: Path) -> None:
+    # measured on teachers from 1 and 2 threads (their pretraining differs by float rounding):
+    # kl_end / kl_start = 0.19 and 0.28, so 0.8 holds with a wide margin on either
     hooks = _Recorder()
     r = distill(cfg_for(teacher), tmp_path, hooks)
     assert r["kl_end"] < 0.8 * r["kl_start"]
