@@ -1,20 +1,25 @@
 """The paper's claim on Fashion-MNIST: does SSQL keep its accuracy at low bit-widths where SimSiam
-loses it? SSQL vs SimSiam (and a randomly initialised backbone), several seeds, paired statistics.
+loses it? SSQL vs SimSiam (and optionally a randomly initialised backbone), paired seeds.
 
 Every run (variant, seed) pretrains on a seeded subset of the 60 000 training images, then is
-evaluated at the paper's eight bit-widths on the full 10 000-image test split by three probes on
-the same frozen features: the paper's linear protocol (SGD lr 30, momentum 0.9, 100 epochs, steps
-at 60/80 %), a converged one (a parameter-free BatchNorm before the linear layer, lr chosen at fp
-on a held-out 20 % of the training subset), and kNN (k=200, T=0.1). Calibration: min-max on 128
-test-transformed training images (SPEC 6). Ablations on the main checkpoints: calibration methods,
-1024 calibration images, ranges recorded with quantized weights; and on extra pretrains: SSQL with
-``preset="reference"`` and with weights 4..8 bits. Per point, the share of non-zero activations
-rounded to zero at 4 bits and the activation inflation by 2-bit weights.
+evaluated at the paper's bit-widths on the full 10 000-image test split. Per bit-width and per
+calibration (``--calibrations``, default ``mse minmax``; ranges from 128 test-transformed training
+images) three read-outs of the same frozen features: the converged probe (a parameter-free
+BatchNorm before the linear layer, lr chosen at fp on a held-out 20 % of the training subset),
+the paper's linear protocol (SGD lr 30, momentum 0.9, 100 epochs, steps at 60/80 %) and kNN
+(k=200, T=0.1). The primary table is MSE calibration + BN probe (docs/decisions/017); min-max
+(SPEC 6) and the paper's probe are the secondary rows. ``--ablations`` adds the calibration
+ablations and the activation statistics of issue 12; ``--ablation-variants`` the extra pretrains
+(SSQL with ``preset="reference"``, with weights 4..8 bits).
 
-    .venv/bin/python bench/fmnist_repro.py --seeds 0 1 2 --jobs 2 --out runs/fmnist_repro
+    .venv/bin/python bench/fmnist_repro.py --seeds 0 1 2 3 4 5 6 7 --variants simsiam ssql \
+        --ablation-variants --train-samples 8000 --epochs 6 --jobs 2 --out runs/fmnist8 \
+        --results docs/results/fmnist8/runs.jsonl
 
-Runs are resumable (a finished run's JSON is reused). ``--summary`` prints the tables from the
-JSON files only (give it the run's own arguments: its header line repeats them). Numbers and the machine go to docs/RESULTS.md.
+Resumable: every finished run is appended, as one JSON line, to ``--results`` (and written to
+``<out>/<variant>_s<seed>/result.json``); a run already in either is not run again, so an
+interrupted bench continues where it stopped. ``--summary`` prints the tables from the results
+only. Numbers and the machine go to docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -50,6 +54,7 @@ from ssql_core.evaluate import (
 )
 from ssql_core.methods import build_method
 from ssql_core.qnn import QuantContext, bind_context
+from ssql_core.runtime import cpu_name
 from ssql_core.train import load_pretrained, pretrain
 
 BITS = ["fp", "8w8a", "6w6a", "5w5a", "4w4a", "3w3a", "2w8a", "2w4a"]
@@ -145,14 +150,38 @@ class Evaluator:
                 "bn_loss_curve": bn["loss_curve"], "knn": round(knn, 3)}
 
 
+def _finished(args: argparse.Namespace) -> dict[tuple[str, int], dict[str, Any]]:
+    """Runs already recorded in the ``--results`` JSON lines file (the resumable record)."""
+    path = Path(args.results) if getattr(args, "results", None) else None
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    if path is not None and path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done[(r["variant"], r["seed"])] = r
+    return done
+
+
+def _append(args: argparse.Namespace, res: dict[str, Any]) -> None:
+    """One finished run -> one line, appended and flushed (O_APPEND: parallel runs do not interleave)."""
+    if getattr(args, "results", None):
+        path = Path(args.results)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(res) + "\n")
+
+
 def run_one(task: tuple[str, int, dict[str, Any]]) -> str:
     variant, seed, a = task
     args = argparse.Namespace(**a)
     torch.set_num_threads(1)
     out = Path(args.out) / f"{variant}_s{seed}"
     result_path = out / "result.json"
+    if (variant, seed) in _finished(args):
+        return f"{variant} s{seed}: already in {args.results}"
     if result_path.exists():
-        return f"{variant} s{seed}: reused"
+        _append(args, json.loads(result_path.read_text()))
+        return f"{variant} s{seed}: reused {result_path}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     summary: dict[str, Any] = {}
@@ -165,11 +194,16 @@ def run_one(task: tuple[str, int, dict[str, Any]]) -> str:
     ev = Evaluator(out / "last.pt", args, seed)
     bn_lr, lr_scores = ev.choose_bn_lr()
     res: dict[str, Any] = {"variant": variant, "seed": seed, "pretrain_s": round(t1 - t0, 1), "final_loss": summary.get("final_loss"),
-                           "final_z_std": summary.get("final_z_std"), "bn_lr": bn_lr, "bn_lr_heldout": lr_scores, "bits": {}}
-    for b in BITS:
-        ev.calibrate(b)
-        res["bits"][b] = ev.all_probes(b, bn_lr)
-    if variant in ("simsiam", "ssql"):
+                           "final_z_std": summary.get("final_z_std"), "bn_lr": bn_lr, "bn_lr_heldout": lr_scores,
+                           "settings": {k: a[k] for k in ("train_samples", "epochs", "width", "image_size", "batch_size", "lr", "linear_epochs")},
+                           "calibrations": {}}
+    for calibration in args.calibrations:
+        res["calibrations"][calibration] = {}
+        for b in args.bits:
+            ev.calibrate(b, calibration)
+            res["calibrations"][calibration][b] = ev.all_probes(b, bn_lr)
+    res["bits"] = res["calibrations"][args.calibrations[0]]  # the primary calibration, as issue 12's files had
+    if args.ablations and variant in ("simsiam", "ssql"):
         abl: dict[str, Any] = {}
         for name, kw in {"reference": {"calibration": "reference"}, "percentile": {"calibration": "percentile"},
                          "mse": {"calibration": "mse"}, "calib1024": {"images": 1024},
@@ -188,8 +222,9 @@ def run_one(task: tuple[str, int, dict[str, Any]]) -> str:
             res["activation_stats"][b] = zero_rounding(ev.backbone, ev.ctx, stats_loader, ev.device, b)
     res["eval_s"] = round(time.perf_counter() - t1, 1)
     result_path.write_text(json.dumps(res, indent=1))
+    _append(args, res)
     return f"{variant} s{seed}: pretrain {t1 - t0:.0f}s, eval {res['eval_s']:.0f}s, " + " ".join(
-        f"{b}={res['bits'][b]['bn']:.1f}" for b in BITS)
+        f"{b}={res['bits'][b]['bn']:.1f}" for b in args.bits)
 
 
 def paired_ci(a: list[float], b: list[float]) -> tuple[float, float, float]:
@@ -204,81 +239,73 @@ def paired_ci(a: list[float], b: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def summarize(out: Path, seeds: list[int]) -> str:
+def _records(args: argparse.Namespace) -> dict[str, dict[int, dict[str, Any]]]:
+    """variant -> seed -> run record, from ``--results`` and any ``<out>/*/result.json``."""
     res: dict[str, dict[int, dict[str, Any]]] = {}
-    for p in sorted(out.glob("*_s*/result.json")):
+    for p in sorted(Path(args.out).glob("*_s*/result.json")):
         r = json.loads(p.read_text())
-        if r["seed"] in seeds:
-            res.setdefault(r["variant"], {})[r["seed"]] = r
+        res.setdefault(r["variant"], {})[r["seed"]] = r
+    for (variant, seed), r in _finished(args).items():
+        res.setdefault(variant, {})[seed] = r
+    return {v: {s: r for s, r in by.items() if s in args.seeds} for v, by in res.items()}
+
+
+def _point(r: dict[str, Any], calibration: str, b: str, probe: str) -> float:
+    return r.get("calibrations", {calibration: r["bits"]} if calibration == "minmax" else {})[calibration][b][probe]
+
+
+def summarize(args: argparse.Namespace) -> str:
+    res = _records(args)
+    bits = args.bits
     lines: list[str] = []
 
     def ms(v: list[float]) -> str:
         return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else (f"{v[0]:.1f}" if v else "-")
 
-    for probe, title in (("linear", "paper's linear probe (lr 30)"), ("bn", "BN + linear probe (lr from held-out fp)"), ("knn", "kNN k=200")):
-        lines += [f"\n**{title}**: top-1 % mean ± std over seeds\n", "| variant | n | " + " | ".join(BITS) + " |",
-                  "|---|---|" + "---|" * len(BITS)]
-        for variant, by_seed in res.items():
-            cells = [ms([by_seed[s]["bits"][b][probe] for s in by_seed]) for b in BITS]
-            lines.append(f"| {variant} | {len(by_seed)} | " + " | ".join(cells) + " |")
-        if "ssql" in res and "simsiam" in res:
-            common = sorted(set(res["ssql"]) & set(res["simsiam"]))
-            cells = []
-            for b in BITS:
-                m, lo, hi = paired_ci([res["ssql"][s]["bits"][b][probe] for s in common], [res["simsiam"][s]["bits"][b][probe] for s in common])
-                held = "**held**" if lo > 0 else ("reversed" if hi < 0 else "n.s.")
-                cells.append(f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}] {held}")
-            lines.append(f"| SSQL - SimSiam (paired, 95% CI, n={len(common)}) | | " + " | ".join(cells) + " |")
-        for base in ("ssql", "simsiam"):
-            if base in res and "random" in res:
-                common = sorted(set(res[base]) & set(res["random"]))
-                cells = []
-                for b in BITS:
-                    m, lo, hi = paired_ci([res[base][s]["bits"][b][probe] for s in common], [res["random"][s]["bits"][b][probe] for s in common])
-                    cells.append(f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]")
-                lines.append(f"| {base} - random init (paired, n={len(common)}) | | " + " | ".join(cells) + " |")
-    for variant in ("simsiam", "ssql"):
-        if variant not in res:
+    titles = {"bn": "BN + linear probe (lr from held-out fp)", "linear": "paper's linear probe (lr 30)", "knn": "kNN k=200"}
+    tables = [(c, pr) for c in args.calibrations for pr in ("bn", "linear", "knn")]
+    for calibration, probe in tables:
+        have = {v: {s: r for s, r in by.items() if calibration in r.get("calibrations", {"minmax": 1})} for v, by in res.items()}
+        have = {v: by for v, by in have.items() if by}
+        if not have:
             continue
-        by_seed = res[variant]
-        lines += [f"\n**Ablations on {variant}** (mean over seeds; linear lr 30 / BN probe)\n",
-                  "| calibration | " + " | ".join(ABL_BITS) + " |", "|---|" + "---|" * len(ABL_BITS)]
-        base = {b: (statistics.mean(by_seed[s]["bits"][b]["linear"] for s in by_seed), statistics.mean(by_seed[s]["bits"][b]["bn"] for s in by_seed)) for b in ABL_BITS}
-        lines.append("| minmax, 128 images (SPEC 6) | " + " | ".join(f"{base[b][0]:.1f} / {base[b][1]:.1f}" for b in ABL_BITS) + " |")
-        for name in next(iter(by_seed.values())).get("ablations", {}):
+        lines += [f"\n**{calibration} calibration, {titles[probe]}**: top-1 % mean ± std over seeds\n",
+                  "| variant | n | " + " | ".join(bits) + " |", "|---|---|" + "---|" * len(bits)]
+        for variant, by_seed in have.items():
+            cells = [ms([_point(by_seed[s], calibration, b, probe) for s in by_seed]) for b in bits]
+            lines.append(f"| {variant} | {len(by_seed)} | " + " | ".join(cells) + " |")
+        pairs = [("ssql", "simsiam")] + [(v, "random") for v in ("ssql", "simsiam")]
+        for a_name, b_name in pairs:
+            if a_name not in have or b_name not in have:
+                continue
+            common = sorted(set(have[a_name]) & set(have[b_name]))
             cells = []
-            for b in ABL_BITS:
-                lin = statistics.mean(by_seed[s]["ablations"][name][b]["linear"] for s in by_seed)
-                bn = statistics.mean(by_seed[s]["ablations"][name][b]["bn"] for s in by_seed)
-                cells.append(f"{lin:.1f} / {bn:.1f}")
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        stats0 = [by_seed[s]["activation_stats"] for s in by_seed]
-        lines += [f"\n**Activation points of {variant}** (mean over seeds): share of non-zero FP activations that the 4w4a grid "
-                  "rounds to zero; mean |activation| with 2-bit weights over FP (2w4a)\n", "| point | zeroed at 4w4a | inflation at 2w4a |", "|---|---|---|"]
-        for point in stats0[0]["4w4a"]:
-            z = statistics.mean(st["4w4a"][point]["nonzero_to_zero"] for st in stats0)
-            inf = statistics.mean(st["2w4a"][point]["inflation"] for st in stats0)
-            lines.append(f"| {point} | {100 * z:.0f}% | {inf:.2f}x |")
-    for variant in ("ssql_reference", "ssql_w4"):
-        if variant in res and "ssql" in res:
-            common = sorted(set(res[variant]) & set(res["ssql"]))
-            lines += [f"\n**{variant} vs ssql** (BN probe, paired over seeds {common})\n", "| | " + " | ".join(BITS) + " |", "|---|" + "---|" * len(BITS)]
-            lines.append(f"| {variant} | " + " | ".join(ms([res[variant][s]["bits"][b]["bn"] for s in common]) for b in BITS) + " |")
-            lines.append("| ssql | " + " | ".join(ms([res["ssql"][s]["bits"][b]["bn"] for s in common]) for b in BITS) + " |")
-            lines.append("| difference | " + " | ".join("{:+.1f} [{:+.1f}, {:+.1f}]".format(*paired_ci(
-                [res[variant][s]["bits"][b]["bn"] for s in common], [res["ssql"][s]["bits"][b]["bn"] for s in common])) for b in BITS) + " |")
-    curves = [(v, s, r["bits"]["fp"]) for v, by in res.items() for s, r in by.items()][:2]
-    for v, s, r in curves:
-        lines.append(f"\nprobe loss at fp, {v} seed {s}, per epoch (every 10th): paper lr 30: "
-                     f"{r['linear_loss_curve'][::10]} ; BN probe: {r['bn_loss_curve'][::10]}")
+            for b in bits:
+                m, lo, hi = paired_ci([_point(have[a_name][s], calibration, b, probe) for s in common],
+                                      [_point(have[b_name][s], calibration, b, probe) for s in common])
+                verdict = "**held**" if lo > 0 else ("**reversed**" if hi < 0 else "n.s.")
+                cells.append(f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}] {verdict}")
+            lines.append(f"| {a_name} - {b_name} (paired, 95% CI, n={len(common)}) | | " + " | ".join(cells) + " |")
+    lines.append("\nper-run wall time (s, pretrain / eval): " + "; ".join(
+        f"{v} s{s} {r['pretrain_s']:.0f}/{r['eval_s']:.0f}" for v, by in res.items() for s, r in sorted(by.items())))
+    lines.append("held-out BN-probe lr per run: " + ", ".join(f"{v} s{s} {r['bn_lr']}" for v, by in res.items() for s, r in sorted(by.items())))
+    zs = [(v, s, r.get("final_z_std")) for v, by in res.items() for s, r in sorted(by.items()) if r.get("final_z_std")]
+    if zs:
+        lines.append("final per-dimension std of the normalised projection (1/sqrt(d) = 0.044 for d=512; collapse -> 0): "
+                     + ", ".join(f"{v} s{s} {z:.3f}" for v, s, z in zs))
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=["simsiam", "ssql", "random"])
-    ap.add_argument("--ablation-variants", nargs="*", default=["ssql_reference", "ssql_w4"])
+    ap.add_argument("--variants", nargs="+", default=["simsiam", "ssql"])
+    ap.add_argument("--ablation-variants", nargs="*", default=[])
+    ap.add_argument("--ablations", action="store_true", help="issue 12's calibration ablations and activation statistics")
+    ap.add_argument("--calibrations", nargs="+", default=["mse", "minmax"], choices=["mse", "minmax", "percentile", "reference"],
+                    help="the first is the primary table")
+    ap.add_argument("--bits", nargs="+", default=["fp", "8w8a", "4w4a", "3w3a", "2w8a", "2w4a"])
+    ap.add_argument("--results", default=None, help="JSON lines file: one line per finished run (the resumable record)")
     ap.add_argument("--ablation-seeds", nargs="*", type=int, default=[0, 1])
     ap.add_argument("--train-samples", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=8)
@@ -291,8 +318,12 @@ def main() -> None:
     ap.add_argument("--out", default="runs/fmnist_repro")
     ap.add_argument("--summary", action="store_true", help="only print the tables from finished runs")
     args = ap.parse_args()
-    out = Path(args.out)
     t0 = time.perf_counter()
+    settings = {k: vars(args)[k] for k in ("train_samples", "epochs", "width", "image_size", "batch_size", "lr", "linear_epochs")}
+    other = [f"{v} s{s}" for (v, s), r in _finished(args).items() if r.get("settings", settings) != settings]
+    if other:
+        raise SystemExit(f"{args.results} holds runs made with other settings ({', '.join(other)}): give the same "
+                         f"--train-samples/--epochs/... as they had ({_finished(args)[next(iter(_finished(args)))].get('settings')}) or another --results file")
     if not args.summary:
         a = vars(args)
         tasks = [(v, s, a) for s in args.seeds for v in args.variants]
@@ -300,12 +331,12 @@ def main() -> None:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             for line in pool.imap_unordered(run_one, tasks):
                 print(line, flush=True)
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.jobs} runs in parallel x 1 torch thread, "
+    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} cores, {args.jobs} runs in parallel x 1 torch thread, "
           f"torch {torch.__version__}; wall {time.perf_counter() - t0:.0f}s")
     print(f"Fashion-MNIST: {args.train_samples} training images (seeded subset) for pretraining and probes, 10000 test images; "
           f"resnet18 width {args.width}, cifar stem, {args.image_size}px, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}; "
           f"probes {args.linear_epochs} epochs; seeds {args.seeds}")
-    print(summarize(out, args.seeds))
+    print(summarize(args))
 
 
 if __name__ == "__main__":
