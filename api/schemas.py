@@ -10,18 +10,33 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+#: request numbers are strict: a bool is not a number, "3" is not an integer, and neither is 3.0
+#: nor 3.5 (README: integers are written as integers); an integer is accepted where a number is
+#: expected. Numbers must be finite (NaN / Infinity are no JSON, and no run can use them).
+#: JSON Schema 2020-12 (what OpenAPI 3.1 speaks) cannot tell 3.0 from 3, so the document states
+#: this rule in words (:data:`INTEGER_RULE`, docs/decisions/014).
+INTEGER_RULE = "integers are written without a fraction or exponent: 3, not 3.0 or 3e0 (422 naming the field)"
 
 
-#: request numbers are strict: a bool is not a number, "3" is not an integer, 3.5 is not an
-#: integer; an integer is accepted where a number is expected, and 3.0 where an integer is (JSON
-#: Schema, which the OpenAPI document speaks, calls every number with a zero fraction an
-#: integer: a schema-valid 3.0 was refused). Numbers must be finite (NaN / Infinity are no
-#: JSON, and no run can use them).
-def _integral_float_to_int(value: Any) -> Any:
-    return int(value) if type(value) is float and value.is_integer() else value
+def _no_float_integers(value: Any) -> Any:
+    if type(value) is float:
+        raise PydanticCustomError("int_spelling", "must be an integer written without a fraction or exponent "
+                                  "(3, not 3.0), got {value}", {"value": value})
+    return value
 
 
-Int = Annotated[int, BeforeValidator(_integral_float_to_int), Field(strict=True)]
+def _ascii_bits(value: Any) -> Any:
+    """Bit-widths are ASCII: ``"４w４a"`` (full-width digits) is refused here, before any source job
+    is looked up; the rest of the notation is ``ssql_core.bits.parse_bits``' (which refuses it too)."""
+    if isinstance(value, str) and not value.isascii():
+        raise PydanticCustomError("bits_ascii", "a bit-width is ASCII letters and digits such as '4w4a'; "
+                                  "{value} holds other characters (full-width digits?)", {"value": value})
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_no_float_integers), Field(strict=True)]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Bool = Annotated[bool, Field(strict=True)]
 
@@ -29,7 +44,9 @@ Bool = Annotated[bool, Field(strict=True)]
 #: also takes a few spellings more, e.g. "4W4A", "4w4f"; the schema names the canonical ones)
 BITS_PATTERN = "^(fp|[2-8]w[2-8]a)$"
 QUANT_BITS_PATTERN = "^[2-8]w[2-8]a$"
-BitsStr = Annotated[str, Field(json_schema_extra={"pattern": BITS_PATTERN})]
+BitsStr = Annotated[str, BeforeValidator(_ascii_bits), Field(json_schema_extra={"pattern": BITS_PATTERN})]
+#: one bit-width field (pretrain QAT baselines, distill, finetune): ASCII, checked before anything else
+OneBits = Annotated[str | None, BeforeValidator(_ascii_bits)]
 #: a dataset name as the schema states it (ssql_core.data.DATASET_NAMES); whether its files are
 #: on this server (or may be downloaded) is the server's answer (422 naming ``dataset``)
 DATASET_PATTERN = r"^(digits|synthetic|fashion_mnist|mnist|cifar10|cifar100|imagefolder:(?!.*\\.\\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127})$"
@@ -83,7 +100,7 @@ class PretrainRequest(BaseModel):
     max_samples: Int | None = _range(2, 10**9)
     w_bits: list[Int] | None = Field(None, description="[low, high], 2 <= low <= high <= 8", json_schema_extra=_PAIR)
     a_bits: list[Int] | None = Field(None, description="[low, high], 2 <= low <= high <= 8", json_schema_extra=_PAIR)
-    bits: str | None = Field(None, description="fixed bit-width of fixed-bit QAT baselines, e.g. 4w4a",
+    bits: OneBits = Field(None, description="fixed bit-width of fixed-bit QAT baselines, e.g. 4w4a",
                               json_schema_extra={"pattern": QUANT_BITS_PATTERN})
     stem: str | None = Field(None, json_schema_extra={"enum": ["auto", "cifar", "imagenet", None]})
     amp: Bool | None = None
@@ -137,6 +154,12 @@ class EvalRequest(BaseModel):
         None, description="ranges recorded on the FP network (default) or with the weights already quantized")
     probe: Literal["linear", "bn"] | None = Field(
         None, description="linear (the paper) or bn: a parameter-free BatchNorm before the linear layer")
+    ptq: Literal["calibrate", "adaround", "brecq"] | None = Field(
+        None, description="post-training quantization: calibrate (default, the paper), adaround (learned rounding per layer), "
+        "brecq (per residual block, Fisher-weighted)")
+    ptq_images: Int | None = _range(1, 8192, description="reconstruction images (default 1024)")
+    ptq_iters: Int | None = _range(1, 100_000, description="reconstruction iterations per layer / block (default 2000)")
+    brecq_learn_act: Bool | None = Field(None, description="brecq: also learn activation step sizes (LSQ-style)")
     knn_k: Int | None = _range(1, 10**5)
     knn_t: Number | None = _range(1e-4, 10.0)
     seed: Int | None = _range(0, 2**31 - 1)
@@ -155,7 +178,7 @@ class DistillRequest(BaseModel):
 
     kind: Literal["distill"]
     source_job: JobIdStr = Field(description="a succeeded eval job (linear protocol) whose bits include 'fp'")
-    bits: str | None = Field(None, description="the student's bit-width, e.g. 4w4a",
+    bits: OneBits = Field(None, description="the student's bit-width, e.g. 4w4a",
                               json_schema_extra={"pattern": QUANT_BITS_PATTERN})
     quantizer: str | None = Field(None, description="psq, pact, lsq, dorefa or ewgs",
                                    json_schema_extra={"enum": ["psq", "pact", "lsq", "dorefa", "ewgs", None]})
@@ -183,7 +206,7 @@ class ExportRequest(BaseModel):
                            "additionalProperties": False},
     )
 
-    bits: list[Any] = Field(json_schema_extra={"minItems": 1, "maxItems": 50, "uniqueItems": True,
+    bits: list[Annotated[Any, BeforeValidator(_ascii_bits)]] = Field(json_schema_extra={"minItems": 1, "maxItems": 50, "uniqueItems": True,
                                                      "items": {"type": "string", "pattern": BITS_PATTERN}})
     formats: list[Any] | None = Field(None, description="default ['safetensors']",
                                       json_schema_extra={"minItems": 1, "uniqueItems": True,
@@ -191,6 +214,11 @@ class ExportRequest(BaseModel):
     calibration: Literal["minmax", "reference", "percentile", "mse"] | None = Field(
         None, description="activation range rule of the files (default: minmax, or the source evaluation's)")
     calib_percentile: Number | None = _range(50.0, 100.0)
+    ptq: Literal["calibrate", "adaround", "brecq"] | None = Field(
+        None, description="reconstruction of the files' rounding (default calibrate; from an eval job: the evaluation's)")
+    ptq_images: Int | None = _range(1, 8192)
+    ptq_iters: Int | None = _range(1, 100_000)
+    brecq_learn_act: Bool | None = None
 
 
 class FinetuneRequest(BaseModel):
@@ -207,7 +235,7 @@ class FinetuneRequest(BaseModel):
     source_job: JobIdStr = Field(description="a succeeded pretrain job")
     dataset: str | None = Field(None, description="default: the pretrain job's; another dataset is a transfer (its classes set the head)",
                                 json_schema_extra={"pattern": DATASET_PATTERN})
-    bits: str | None = Field(None, description="the bit-width trained and deployed, e.g. 4w4a; fp allowed (default 4w4a)",
+    bits: OneBits = Field(None, description="the bit-width trained and deployed, e.g. 4w4a; fp allowed (default 4w4a)",
                               json_schema_extra={"pattern": BITS_PATTERN})
     quantizer: Literal["psq", "pact", "lsq", "dorefa", "ewgs"] | None = None
     act_ranges: Literal["frozen", "update"] | None = Field(

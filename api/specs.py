@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
-from api.errors import FieldError
+from api.errors import FieldError, FieldErrors
 from persistence.settings import Settings
 from ssql_core.bits import parse_bits
 from ssql_core.config import EvalConfig, PretrainConfig
@@ -70,21 +71,63 @@ def _limit(loc: tuple[str, ...], value: Any, maximum: int) -> None:
         raise FieldError(loc, f"must be at most {maximum} on this server, got {value}")
 
 
+#: the library's words for a range ("must be between 1 and 10000, got 0"), restated with this server's maximum
+_RANGE_REASON = re.compile(r"^must be between (\S+) and (\S+), got (.+)$")
+
+
+def _drop(data: dict[str, Any], field: str) -> bool:
+    """Take the field a ConfigError names out of ``data`` (so the rest can be checked); False if the
+    request did not give it (the error is about a default or a combination: nothing to set aside)."""
+    parts = field.split(".")
+    if parts[0] == "method_options" and len(parts) > 1 and parts[1] in (data.get("method_options") or {}):
+        data["method_options"] = {k: v for k, v in data["method_options"].items() if k != parts[1]}
+        return True
+    return data.pop(parts[0], _MISSING) is not _MISSING
+
+
+_MISSING = object()
+
+
 def _validated(cls: type, data: dict[str, Any], settings: Settings, top_level_options: frozenset[str] | set[str] = frozenset(),
-               **fixed: Any) -> Any:
-    """``cls.from_dict(data)`` with the server's own fields filled in, validated by ssql_core;
-    a problem becomes a :class:`FieldError` naming the field."""
-    try:
-        cfg = cls.from_dict(data)
-        cfg.data_root = str(settings.resolved_data_root())
-        cfg.allow_download = settings.allow_download
-        for name, value in fixed.items():
-            setattr(cfg, name, value)
-        return cfg.validate()
-    except ConfigError as e:
-        raise FieldError(_loc(e.field, set(top_level_options)), e.reason) from None
-    except TypeError as e:
-        raise FieldError(("body",), str(e)) from None
+               caps: dict[str, int] | None = None, **fixed: Any) -> Any:
+    """``cls.from_dict(data)`` with the server's own fields filled in, validated by ssql_core.
+
+    Every bad field is reported in one 422 (:class:`FieldErrors`), not only the first: a field
+    the library refuses is set aside and the rest is validated again. ``caps`` are this server's
+    maxima (field -> most allowed, e.g. ``SSQL_MAX_EPOCHS``); a library range is restated with
+    them, so one field never shows two different ranges."""
+    caps = caps or {}
+    data = dict(data)
+    errors: list[FieldError] = []
+    for name, cap in caps.items():
+        value = data.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > cap:
+            errors.append(FieldError(("body", name), f"must be at most {cap} on this server, got {value}"))
+            del data[name]
+    for _ in range(len(data) + 1):
+        try:
+            cfg = cls.from_dict(data)
+            cfg.data_root = str(settings.resolved_data_root())
+            cfg.allow_download = settings.allow_download
+            for name, value in fixed.items():
+                setattr(cfg, name, value)
+            cfg = cfg.validate()
+        except ConfigError as e:
+            loc, reason = _loc(e.field, set(top_level_options)), e.reason
+            if len(loc) == 2 and loc[1] in caps and (m := _RANGE_REASON.match(reason)):
+                hi = m[2] if float(m[2]) <= caps[loc[1]] else str(caps[loc[1]])
+                reason = f"must be between {m[1]} and {hi} on this server, got {m[3]}"
+            errors.append(FieldError(loc, reason))
+            if _drop(data, e.field):
+                continue
+        except TypeError as e:
+            errors.append(FieldError(("body",), str(e)))
+        break
+    if len(errors) > 1:
+        raise FieldErrors(errors)
+    if errors:
+        raise errors[0]
+    return cfg
 
 
 def pretrain_spec(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -110,11 +153,15 @@ def pretrain_spec(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
                     f"and the options of method {method!r}: {accepted}",
                 )
         data["method_options"] = {**(data.get("method_options") or {}), **extras}
-    cfg = _validated(PretrainConfig, data, settings, set(extras))
+    cfg = _validated(PretrainConfig, data, settings, set(extras), caps={
+        "epochs": settings.max_epochs, "batch_size": settings.max_batch_size, "image_size": settings.max_image_size,
+        "devices": settings.max_devices})
     _limit(("body", "epochs"), cfg.epochs, settings.max_epochs)
     _limit(("body", "batch_size"), cfg.batch_size, settings.max_batch_size)
     _limit(("body", "image_size"), cfg.image_size, settings.max_image_size)
     _limit(("body", "devices"), cfg.devices, settings.max_devices)
+    if cfg.bits is not None:  # stored as the other kinds store theirs: "4W4F" -> "4w4a"
+        cfg.bits = str(parse_bits(cfg.bits))
     config = cfg.to_dict()
     for name in SERVER_FIELDS:
         config.pop(name, None)
@@ -125,7 +172,7 @@ def eval_spec(body: dict[str, Any], settings: Settings, source_dataset: str) -> 
     """Validated eval spec ``{"config": {...}, "source_job": id}``; bit-widths are canonicalised."""
     data = {k: v for k, v in body.items() if k not in ("kind", "source_job")}
     _reject_server_fields(data, EVAL_SERVER_FIELDS)
-    cfg = _validated(EvalConfig, data, settings)
+    cfg = _validated(EvalConfig, data, settings, caps={"epochs": settings.max_eval_epochs, "batch_size": settings.max_batch_size})
     bits = [str(parse_bits(b)) for b in cfg.bits]
     if len(bits) > settings.max_bits_per_eval:
         raise FieldError(("body", "bits"), f"at most {settings.max_bits_per_eval} bit-widths per job, got {len(bits)}")
@@ -194,9 +241,11 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None) -> dict[
     from ssql_core.config import CALIBRATIONS
     from ssql_core.export import FORMATS
 
-    unknown = sorted(set(body) - {"bits", "formats", "calibration", "calib_percentile"})
+    accepted = ["bits", "formats", "calibration", "calib_percentile", "ptq", "ptq_images", "ptq_iters", "brecq_learn_act"]
+    unknown = sorted(set(body) - set(accepted))
     if unknown:
-        raise FieldError(("body", unknown[0]), "unknown field; accepted: ['bits', 'formats', 'calibration', 'calib_percentile']")
+        raise FieldError(("body", unknown[0]), f"unknown field; accepted: {accepted}")
+    ptq = _export_ptq(body, source)
     calibration, percentile = body.get("calibration"), body.get("calib_percentile")
     if calibration is not None and calibration not in CALIBRATIONS:
         raise FieldError(("body", "calibration"), f"must be one of {list(CALIBRATIONS)}, got {calibration!r}")
@@ -233,8 +282,30 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None) -> dict[
             raise FieldError(("body", "bits"), f"the eval job trained heads at {config.get('bits')} only, not at {missing}; "
                              "export the backbone from its pretrain job instead")
     pretrain_job = source["id"] if source["kind"] == "pretrain" else source["source_job_id"]
-    return {"config": {"bits": bits, "formats": formats, "calibration": calibration, "calib_percentile": percentile},
+    if ptq and ptq.get("ptq") not in (None, "calibrate") and "torchvision" in formats:
+        raise FieldError(("body", "ptq"), "the torchvision format holds FP weights: reconstruction applies to quantized files")
+    return {"config": {"bits": bits, "formats": formats, "calibration": calibration, "calib_percentile": percentile, **ptq},
             "source_job": source["id"], "source_kind": source["kind"], "pretrain_job": pretrain_job}
+
+
+def _export_ptq(body: dict[str, Any], source: Any) -> dict[str, Any]:
+    """The reconstruction fields of an export request (only those given), validated by ssql_core's
+    EvalConfig rules; from an eval job only its own ``ptq`` (the head was trained on that model)."""
+    given = {k: body[k] for k in ("ptq", "ptq_images", "ptq_iters", "brecq_learn_act") if k in body and body[k] is not None}
+    if not given:
+        return {}
+    if source["kind"] == "finetune":
+        raise FieldError(("body", next(iter(given))), "a fine-tuned classifier keeps the weights it was trained with")
+    try:
+        EvalConfig(**{"ptq": "calibrate", **given}).validate()
+    except ConfigError as e:
+        raise FieldError(("body", e.field), e.reason) from None
+    if source["kind"] == "eval":
+        own = source["spec"]["config"].get("ptq", "calibrate")
+        if set(given) - {"ptq"} or given.get("ptq", own) != own:
+            raise FieldError(("body", "ptq"), f"the eval job's heads were trained on its own {own!r} model, which its classifier "
+                             "files reproduce: export from the pretrain job for another ptq")
+    return given
 
 
 FINETUNE_SERVER_FIELDS = (*SERVER_FIELDS, "checkpoint")
@@ -247,7 +318,8 @@ def finetune_spec(body: dict[str, Any], settings: Settings, source_dataset: str)
 
     data = {k: v for k, v in body.items() if k not in ("kind", "source_job")}
     _reject_server_fields(data, FINETUNE_SERVER_FIELDS)
-    cfg = _validated(FinetuneConfig, data, settings, checkpoint="-")
+    cfg = _validated(FinetuneConfig, data, settings, caps={"epochs": settings.max_epochs, "batch_size": settings.max_batch_size},
+                     checkpoint="-")
     cfg.bits = str(parse_bits(cfg.bits))
     _limit(("body", "epochs"), cfg.epochs, settings.max_epochs)
     _limit(("body", "batch_size"), cfg.batch_size, settings.max_batch_size)
@@ -269,7 +341,8 @@ def distill_spec(body: dict[str, Any], settings: Settings, source: Any) -> dict[
         raise FieldError(("body", "source_job"), f"the eval job has no 'fp' linear head (bits {econfig.get('bits')}, protocol "
                          f"{econfig.get('protocol')!r}): distillation's teacher is the FP model with that head; "
                          "evaluate with 'fp' among the bits and the linear protocol")
-    cfg = _validated(DistillConfig, data, settings, checkpoint="<server>", heads="<server>")
+    cfg = _validated(DistillConfig, data, settings, caps={"epochs": settings.max_epochs, "batch_size": settings.max_batch_size},
+                     checkpoint="<server>", heads="<server>")
     _limit(("body", "epochs"), cfg.epochs, settings.max_epochs)
     _limit(("body", "batch_size"), cfg.batch_size, settings.max_batch_size)
     cfg.bits = str(parse_bits(cfg.bits))

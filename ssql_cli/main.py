@@ -154,6 +154,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         body["quantizer"] = args.quantizer
     if args.export_bits is not None:
         body["export_bits"] = [b for b in args.export_bits.split(",") if b]
+    if args.ptq:
+        body["ptq"] = args.ptq
     client = _client(args)
     job = client.submit(body, args.idempotency_key or str(uuid.uuid4()))
     return _print_and_wait(client, job, args.wait)
@@ -178,6 +180,9 @@ def _wait(client: Client, job_id: str, out: Any) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"bits": args.bits.split(","), "formats": args.formats.split(",")}
+    for name in ("ptq", "ptq_images", "ptq_iters"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
     client = _client(args)
     job = client.export(args.job_id, body, args.idempotency_key or str(uuid.uuid4()))
     return _print_and_wait(client, job, args.wait)
@@ -239,12 +244,18 @@ def print_results(rows: list[dict[str, Any]]) -> None:
     if any(r.get("protocol") == "finetune" for r in rows):  # a finetune job's row
         print(table(shown, ["bits", "protocol", "quantizer", "dataset", "top1", "ptq_linear_top1", "gain_over_ptq_linear", "epochs"]))
         return
-    print(table(shown, ["bits", "protocol", "top1", "calib_images", "epochs", "dataset"]))
+    ptq = ["ptq"] if any(r.get("ptq") not in (None, "calibrate") for r in rows) else []  # reconstruction PTQ named
+    print(table(shown, ["bits", "protocol", *ptq, "top1", "calib_images", "epochs", "dataset"]))
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     client = _client(args)
     answers = {job_id: client.results(job_id) for job_id in args.job_ids}
+    empty = [job_id for job_id, res in answers.items() if not res["rows"]]
+    if empty:  # a pretrain (or export) job, or one not finished: say where the numbers are
+        for job_id in empty:
+            print(f"ssql results: {_no_results(client, job_id)}", file=sys.stderr)
+        return 1
     if args.plot:
         from ssql_client.plot import plot_top1
 
@@ -259,6 +270,35 @@ def cmd_results(args: argparse.Namespace) -> int:
                 print(("\n" if i else "") + f"{job_id}:")
             print_results(res["rows"])
     return 0
+
+
+def _no_results(client: Client, job_id: str) -> str:
+    """Why a job has no result rows, and which jobs hold the numbers (a pretrain's evaluations)."""
+    job = client.job(job_id)
+    if job["kind"] in ("pretrain", "export"):
+        pretrain = job_id if job["kind"] == "pretrain" else (job.get("spec") or {}).get("pretrain_job") or job.get("source_job")
+        derived = _derived_jobs(client, pretrain, ("eval", "finetune")) if pretrain else []
+        if not derived:
+            return (f"{job_id} is a {job['kind']} job: top-1 comes from evaluating it; none yet. Run "
+                    f"`ssql submit eval --source-job {pretrain or job_id} --bits fp,8w8a,4w4a,2w4a`")
+        listed = ", ".join(f"{j['id']} ({j['kind']}, {j['status']})" for j in derived)
+        ids = " ".join(j["id"] for j in derived if j["status"] == "succeeded")
+        return (f"{job_id} is a {job['kind']} job: its top-1 numbers are in the jobs made from it: {listed}"
+                + (f"; run `ssql results {ids}`" if ids else ""))
+    return f"{job_id} ({job['kind']}) has no results (status {job['status']})" + (
+        "; wait for it: `ssql status --watch " + job_id + "`" if job["status"] in ("queued", "running") else "")
+
+
+def _derived_jobs(client: Client, source: str, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The caller's jobs of ``kinds`` whose source job is ``source``, oldest first."""
+    found: list[dict[str, Any]] = []
+    for kind in kinds:
+        offset: int | None = 0
+        while offset is not None:
+            page = client.jobs(kind=kind, limit=200, offset=offset)
+            found += [j for j in page["items"] if j.get("source_job") == source]
+            offset = page["next_offset"]
+    return sorted(found, key=lambda j: j["created_at"])
 
 
 def _label(client: Client, job_id: str) -> str:
@@ -284,8 +324,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     client = _client(args)
-    dest = Path(args.out or f"{args.job_id}-{args.bits}{SUFFIXES.get(args.format, '.pt')}")
-    path, sha = client.download(args.job_id, args.bits, dest, args.format)
+    fmt = args.format
+    if fmt is None and not args.out:  # the file the server picks (its first format at these bits) names the suffix
+        fmt = next((c["format"] for c in client.checkpoints(args.job_id) if c["bits"] == args.bits), None)
+    dest = Path(args.out or f"{args.job_id}-{args.bits}{SUFFIXES.get(fmt or '', '.pt')}")
+    path, sha = client.download(args.job_id, args.bits, dest, fmt)
     print(f"{path}  sha256 {sha} (verified)")
     return 0
 
@@ -301,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="server URL (default SSQL_URL or http://127.0.0.1:8000)")
     p.add_argument("--key", help="API key (default SSQL_API_KEY)")
     sub = p.add_subparsers(dest="command", required=True)
+    # the same options after the subcommand (`ssql list --key K`); SUPPRESS keeps a value given before it
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--url", default=argparse.SUPPRESS, help="server URL (default SSQL_URL or http://127.0.0.1:8000)")
+    conn.add_argument("--key", default=argparse.SUPPRESS, help="API key (default SSQL_API_KEY)")
 
     up = sub.add_parser("up", help="start the API and a worker on this machine (embedded by default)")
     up.add_argument("--port", type=int, default=8000)
@@ -327,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     kl.add_argument("name", nargs="?", help="only this user's keys")
     kl.set_defaults(func=cmd_keys_list)
 
-    sb = sub.add_parser("submit", help="submit a job; prints its id")
+    sb = sub.add_parser("submit", parents=[conn], help="submit a job; prints its id")
     sb.add_argument("kind", choices=["pretrain", "eval", "distill", "finetune"])
     sb.add_argument("--set", action="append", metavar="FIELD=VALUE", help="a spec field (JSON value), repeatable")
     sb.add_argument("--json", help="file with the job body")
@@ -335,53 +382,57 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--bits", help="eval: comma-separated bit-widths, e.g. fp,8w8a,4w4a,2w4a; distill / finetune: one, e.g. 4w4a")
     sb.add_argument("--quantizer", help="distill / finetune: psq, pact, lsq, dorefa or ewgs")
     sb.add_argument("--export-bits", help="pretrain: packed checkpoints to write (default the paper's set; '' for none)")
+    sb.add_argument("--ptq", help="eval: calibrate (default), adaround or brecq (settings: --set ptq_iters=..., ptq_images=...)")
     sb.add_argument("--idempotency-key")
     sb.add_argument("--wait", action="store_true", help="show live progress until the job ends")
     sb.set_defaults(func=cmd_submit)
 
-    st = sub.add_parser("status", help="a job's status (--watch: live progress bar)")
+    st = sub.add_parser("status", parents=[conn], help="a job's status (--watch: live progress bar)")
     st.add_argument("job_id")
     st.add_argument("--watch", "-w", action="store_true")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 
-    ls = sub.add_parser("list", help="your jobs, newest first")
+    ls = sub.add_parser("list", parents=[conn], help="your jobs, newest first")
     ls.add_argument("--status")
     ls.add_argument("--kind")
     ls.add_argument("--limit", type=int, default=20)
     ls.add_argument("--offset", type=int, default=0)
     ls.set_defaults(func=cmd_list)
 
-    cc = sub.add_parser("cancel", help="cancel a job")
+    cc = sub.add_parser("cancel", parents=[conn], help="cancel a job")
     cc.add_argument("job_id")
     cc.set_defaults(func=cmd_cancel)
 
-    rs = sub.add_parser("results", help="an eval job's table (top-1 per bit-width) or a distill job's row")
+    rs = sub.add_parser("results", parents=[conn], help="an eval job's table (top-1 per bit-width) or a distill job's row")
     rs.add_argument("job_ids", nargs="+", metavar="JOB", help="one or more eval (or distill) jobs")
     rs.add_argument("--json", action="store_true")
     rs.add_argument("--plot", metavar="FILE.png", help="write top-1 vs bit-width (one line per job, FP dashed) to this file")
     rs.set_defaults(func=cmd_results)
 
-    ex = sub.add_parser("export", help="queue an export job: a finished job's checkpoint at more bit-widths/formats")
+    ex = sub.add_parser("export", parents=[conn], help="queue an export job: a finished job's checkpoint at more bit-widths/formats")
     ex.add_argument("job_id", help="a succeeded pretrain job (backbones) or eval job (classifiers)")
     ex.add_argument("--bits", required=True, help="comma-separated, e.g. 4w4a,2w4a")
     ex.add_argument("--formats", default="safetensors", help="comma-separated: safetensors, onnx, torchvision (fp only)")
+    ex.add_argument("--ptq", help="calibrate (default), adaround or brecq: reconstruct the files' rounding")
+    ex.add_argument("--ptq-images", dest="ptq_images", type=int, help="reconstruction images (default 1024)")
+    ex.add_argument("--ptq-iters", dest="ptq_iters", type=int, help="reconstruction iterations per unit (default 2000)")
     ex.add_argument("--idempotency-key")
     ex.add_argument("--wait", action="store_true", help="show progress until the export job ends")
     ex.set_defaults(func=cmd_export)
 
-    lg = sub.add_parser("logs", help="a job's log (every attempt's stdout/stderr, labelled)")
+    lg = sub.add_parser("logs", parents=[conn], help="a job's log (every attempt's stdout/stderr, labelled)")
     lg.add_argument("job_id")
     lg.add_argument("--tail", "-n", type=int, help="only the last N lines")
     lg.add_argument("--follow", "-f", action="store_true", help="print new lines as they come, until the job ends")
     lg.set_defaults(func=cmd_logs)
 
-    ck = sub.add_parser("checkpoints", help="a job's downloadable files: bits, format, size, sha256")
+    ck = sub.add_parser("checkpoints", parents=[conn], help="a job's downloadable files: bits, format, size, sha256")
     ck.add_argument("job_id")
     ck.add_argument("--json", action="store_true")
     ck.set_defaults(func=cmd_checkpoints)
 
-    dl = sub.add_parser("download", help="download a checkpoint and verify its sha256")
+    dl = sub.add_parser("download", parents=[conn], help="download a checkpoint and verify its sha256")
     dl.add_argument("job_id")
     dl.add_argument("--bits", default="fp")
     dl.add_argument("--format", help="torch, safetensors, onnx or torchvision (default: the first available)")

@@ -66,6 +66,7 @@ class ResultRow(TypedDict, total=False):
     protocol: str
     top1: float | None
     calibration: str | None
+    ptq: str | None
     calib_images: int | None
     epochs: int | None
     dataset: str | None
@@ -179,6 +180,11 @@ class Client:
     def distill(self, source_job: str, bits: str, quantizer: str = "psq", **fields: Any) -> Job:
         """SQAKD from a succeeded eval job (linear protocol with ``fp``) to ``bits``."""
         return self.submit({"kind": "distill", "source_job": source_job, "bits": bits, "quantizer": quantizer, **fields})
+
+    def finetune(self, source_job: str, bits: str = "4w4a", quantizer: str = "psq", **fields: Any) -> Job:
+        """Supervised quantization-aware fine-tuning of a succeeded pretrain job at one bit-width
+        (``fp`` allowed); ``dataset=`` another dataset makes it a transfer. Result: ``result_rows``."""
+        return self.submit({"kind": "finetune", "source_job": source_job, "bits": bits, "quantizer": quantizer, **fields})
 
     def export(self, job_id: str, body: dict[str, Any], idempotency_key: str | None = None) -> Job:
         """Queue an export job for a succeeded pretrain/eval job; its files appear under ``job_id``."""

@@ -5,7 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from ssql_core.bits import ACCEPTED_FORMS, MAX_BITS, MIN_BITS, PAPER_BITS
-from ssql_core.config import CALIBRATIONS, MAX_BATCH, MAX_EPOCHS, PRESETS, PROBES, QUANT_BEHAVIOURS
+from ssql_core.config import (
+    CALIBRATIONS,
+    MAX_BATCH,
+    MAX_EPOCHS,
+    PRESETS,
+    PROBES,
+    PTQ_MAX_IMAGES,
+    PTQ_MAX_ITERS,
+    PTQ_METHODS,
+    QUANT_BEHAVIOURS,
+    EvalConfig,
+)
 from ssql_core.data import DATASET_NAMES
 from ssql_core.finetune import ACT_RANGES, FinetuneConfig
 from ssql_core.methods import METHODS
@@ -23,6 +34,9 @@ def catalog() -> dict[str, Any]:
         "eval_probes": list(PROBES),
         "calibrations": list(CALIBRATIONS),
         "calib_weights": ["fp", "quantized"],
+        "ptq": {"methods": list(PTQ_METHODS), "defaults": {"ptq": EvalConfig.ptq, "ptq_images": EvalConfig.ptq_images,
+                                                            "ptq_iters": EvalConfig.ptq_iters, "brecq_learn_act": False},
+                "limits": {"ptq_images": [1, PTQ_MAX_IMAGES], "ptq_iters": [1, PTQ_MAX_ITERS]}},
         "quantizer_behaviours": {k: list(v) for k, v in QUANT_BEHAVIOURS.items()},
         "presets": {k: v for k, v in PRESETS.items() if k},
         "finetune": {"act_ranges": list(ACT_RANGES), "defaults": {k: v for k, v in FinetuneConfig().to_dict().items()

@@ -47,15 +47,39 @@ QUANT_BEHAVIOURS: dict[str, tuple[str, ...]] = {
     "rounding": ("reciprocal", "divide"),
     "init": ("torchvision", "pytorch"),
 }
-#: ``preset`` -> the behaviours it sets (None: ours)
-PRESETS: dict[str | None, dict[str, str]] = {
-    None: {k: v[0] for k, v in QUANT_BEHAVIOURS.items()},
-    "reference": {"weight_scale_grad": "attached", "rounding": "divide", "init": "pytorch"},
+#: the reference code's data and schedule behaviours of pretraining, ours first (the default)
+TRAINING_BEHAVIOURS: dict[str, tuple[Any, ...]] = {
+    "normalization": ("standard", "reference"),
+    "drop_last": (True, False),
+    "lr_step": ("step", "epoch"),
 }
+#: ``preset`` -> the behaviours it sets (None: ours)
+PRESETS: dict[str | None, dict[str, Any]] = {
+    None: {k: v[0] for k, v in {**QUANT_BEHAVIOURS, **TRAINING_BEHAVIOURS}.items()},
+    "reference": {"weight_scale_grad": "attached", "rounding": "divide", "init": "pytorch",
+                  "normalization": "reference", "drop_last": False, "lr_step": "epoch"},
+}
+#: evaluation presets (docs/decisions/017): None = ours (MSE ranges, a BN probe that converges);
+#: "paper" = SPEC 6 as written (min-max on 128 test-transformed images, the lr-30 linear probe);
+#: "reference" = what the authors' evaluation code does (one augmented batch of 512 images for
+#: the ranges, bicubic resize, its CIFAR-10 std, the lr-30 linear probe)
+EVAL_PRESETS: dict[str | None, dict[str, Any]] = {
+    None: {"calibration": "mse", "probe": "bn", "lr": 0.1, "calib_images": 128, "interpolation": "bilinear"},
+    "paper": {"calibration": "minmax", "probe": "linear", "lr": 30.0, "calib_images": 128, "interpolation": "bilinear"},
+    "reference": {"calibration": "reference", "probe": "linear", "lr": 30.0, "calib_images": 512,
+                  "interpolation": "bicubic", "normalization": "reference"},
+}
+INTERPOLATIONS = ("bilinear", "bicubic")
 #: activation calibration methods of evaluation and export (SPEC 6 uses minmax)
 CALIBRATIONS = ("minmax", "reference", "percentile", "mse")
 #: linear probes: the paper's plain linear layer, or a parameter-free BatchNorm before it
 PROBES = ("linear", "bn")
+#: post-training quantization of evaluation and export: calibration only (the paper), or
+#: reconstruction that also learns the weights' rounding (ssql_core.ptq; docs/decisions/016)
+PTQ_METHODS = ("calibrate", "adaround", "brecq")
+#: bounds of the reconstruction settings (images are held in memory per unit)
+PTQ_MAX_IMAGES = 8192
+PTQ_MAX_ITERS = 100_000
 
 
 def _check_finite_list(name: str, value: Any, lo: float, hi: float, length: int | None = None) -> None:
@@ -63,6 +87,14 @@ def _check_finite_list(name: str, value: Any, lo: float, hi: float, length: int 
         raise ConfigError(name, f"must be a list of {length or 'some'} numbers, got {value!r}")
     for v in value:
         _check_range(name, v, lo, hi, float)
+
+
+def check_milestones(name: str, value: Any) -> None:
+    """Learning-rate milestones (fractions of the run, 0..1): two, strictly increasing. A
+    decreasing pair would drop the rate at the later point first and an equal pair twice at once."""
+    _check_finite_list(name, value, 0.0, 1.0, 2)
+    if not all(a < b for a, b in zip(value, value[1:], strict=False)):
+        raise ConfigError(name, f"must be strictly increasing (e.g. [0.6, 0.8]), got {list(value)}")
 
 
 @dataclass
@@ -116,6 +148,14 @@ class PretrainConfig:
     rounding: str | None = None
     #: "torchvision" (ours): kaiming-normal fan_out convolutions; "pytorch" (reference): nn.Conv2d's default
     init: str | None = None
+    #: "standard" (ours): the dataset's measured mean/std; "reference": the reference code's
+    #: CIFAR-10 std (0.2023, 0.1994, 0.2010) (the same as "standard" on every other dataset)
+    normalization: str | None = None
+    #: true (ours): an epoch's last partial batch is dropped; false (reference): it is trained on
+    #: too (when it holds at least 2 images per device: BatchNorm needs two)
+    drop_last: bool | None = None
+    #: "step" (ours): the cosine learning rate moves every step; "epoch" (reference): once per epoch
+    lr_step: str | None = None
 
     def validate(self) -> PretrainConfig:
         from ssql_core.data import check_dataset_name
@@ -169,11 +209,11 @@ class PretrainConfig:
     def _resolve_preset(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError("preset", f"must be one of {sorted(k for k in PRESETS if k)} or null, got {self.preset!r}")
-        for name, choices in QUANT_BEHAVIOURS.items():
+        for name, choices in {**QUANT_BEHAVIOURS, **TRAINING_BEHAVIOURS}.items():
             value = getattr(self, name)
             if value is None:
                 value = PRESETS[self.preset][name]
-            if value not in choices:
+            if isinstance(value, bool) != isinstance(choices[0], bool) or value not in choices:
                 raise ConfigError(name, f"must be one of {list(choices)}, got {value!r}")
             setattr(self, name, value)
 
@@ -203,23 +243,33 @@ class EvalConfig:
     #: "cached": classifier on frozen features computed once per bit-width (fast);
     #: "augmented": the paper's protocol, backbone forward on augmented images every epoch
     path: str = "cached"
+    #: None (ours), "paper" or "reference": the defaults of the fields left None below
+    #: (EVAL_PRESETS; docs/decisions/017); a field given explicitly wins over the preset
+    preset: str | None = None
     epochs: int = 100
     batch_size: int = 512
-    lr: float = 30.0
+    lr: float | None = None  # ours 0.1 (BN probe); the paper's linear probe 30
     weight_decay: float = 0.0
     momentum: float = 0.9
     lr_milestones: tuple[float, float] = (0.6, 0.8)
-    calib_images: int = 128
+    calib_images: int | None = None  # ours and the paper 128; the reference 512
     #: activation ranges: "minmax" (SPEC 6), "reference" (one batch of ``calib_images`` training
     #: images with the linear-training augmentation, as the reference code), "percentile"
-    #: (``calib_percentile`` per point), "mse" (the range minimising quantization MSE per point)
-    calibration: str = "minmax"
+    #: (``calib_percentile`` per point), "mse" (the range minimising quantization MSE per point;
+    #: ours, the default)
+    calibration: str | None = None
+    #: the eval resize (test transform): "bilinear" (ours) or "bicubic" (the reference)
+    interpolation: str | None = None
+    #: "standard" or "reference" (its CIFAR-10 std); None: what the checkpoint was pretrained with
+    normalization: str | None = None
+    #: the quantizer's rounding, "reciprocal" or "divide"; None: the checkpoint's own
+    rounding: str | None = None
     calib_percentile: float = 99.99
     #: "fp": ranges recorded on the FP network (the paper); "quantized": on the network whose
     #: weights are already quantized at the target bit-width (an ablation)
     calib_weights: str = "fp"
-    #: "linear" (the paper) or "bn": a parameter-free BatchNorm on the features before the linear layer
-    probe: str = "linear"
+    #: "bn" (ours): a parameter-free BatchNorm on the features before the linear layer; "linear" (the paper)
+    probe: str | None = None
     knn_k: int = 200
     knn_t: float = 0.1
     seed: int = 0
@@ -228,6 +278,15 @@ class EvalConfig:
     max_samples: int | None = None
     device: str = "auto"
     num_workers: int = 0
+    #: "calibrate" (the paper's PTQ), "adaround" (learned rounding per layer) or "brecq" (per
+    #: residual block, Fisher-weighted); reconstruction runs after the ranges are calibrated
+    ptq: str = "calibrate"
+    #: reconstruction images (a seeded subset of the training split, test transform) and Adam
+    #: iterations per unit
+    ptq_images: int = 1024
+    ptq_iters: int = 2000
+    #: brecq only: also learn every activation point's step size (LSQ-style) in a second pass
+    brecq_learn_act: bool = False
 
     def validate(self) -> EvalConfig:
         from ssql_core.data import check_dataset_name
@@ -239,6 +298,18 @@ class EvalConfig:
                 parse_bits(b)
             except ValueError as e:
                 raise ConfigError("bits", str(e)) from None
+        if self.preset not in EVAL_PRESETS:
+            raise ConfigError("preset", f"must be one of {sorted(k for k in EVAL_PRESETS if k)} or null, got {self.preset!r}")
+        for name, value in EVAL_PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError("interpolation", f"must be one of {list(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if self.normalization is not None and self.normalization not in TRAINING_BEHAVIOURS["normalization"]:
+            raise ConfigError("normalization", f"must be one of {list(TRAINING_BEHAVIOURS['normalization'])} or null, "
+                              f"got {self.normalization!r}")
+        if self.rounding is not None and self.rounding not in QUANT_BEHAVIOURS["rounding"]:
+            raise ConfigError("rounding", f"must be one of {list(QUANT_BEHAVIOURS['rounding'])} or null, got {self.rounding!r}")
         if self.protocol not in ("linear", "knn"):
             raise ConfigError("protocol", f"must be 'linear' or 'knn', got {self.protocol!r}")
         if self.path not in ("cached", "augmented"):
@@ -250,7 +321,7 @@ class EvalConfig:
         _check_range("lr", self.lr, 1e-8, 1000.0, float)
         _check_range("weight_decay", self.weight_decay, 0.0, 1.0, float)
         _check_range("momentum", self.momentum, 0.0, 0.9999, float)
-        _check_finite_list("lr_milestones", self.lr_milestones, 0.0, 1.0, 2)
+        check_milestones("lr_milestones", self.lr_milestones)
         _check_range("seed", self.seed, 0, 2**31 - 1)
         _check_range("calib_images", self.calib_images, 1, 10**7)
         if self.calibration not in CALIBRATIONS:
@@ -264,6 +335,14 @@ class EvalConfig:
         _check_range("knn_t", self.knn_t, 1e-4, 10.0, float)
         if self.max_samples is not None:
             _check_range("max_samples", self.max_samples, 2, 10**9)
+        if self.ptq not in PTQ_METHODS:
+            raise ConfigError("ptq", f"must be one of {list(PTQ_METHODS)}, got {self.ptq!r}")
+        _check_range("ptq_images", self.ptq_images, 1, PTQ_MAX_IMAGES)
+        _check_range("ptq_iters", self.ptq_iters, 1, PTQ_MAX_ITERS)
+        if not isinstance(self.brecq_learn_act, bool):
+            raise ConfigError("brecq_learn_act", f"must be true or false, got {self.brecq_learn_act!r}")
+        if self.brecq_learn_act and self.ptq != "brecq":
+            raise ConfigError("brecq_learn_act", f"learns activation steps in BRECQ's second pass: set ptq to 'brecq' (got {self.ptq!r})")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,13 +15,19 @@ one augmented batch, percentile, MSE), on the FP network or, with ``calib_weight
 on the network with quantized weights. ``probe="bn"`` puts a parameter-free BatchNorm before the
 linear layer (as the SimSiam and MAE linear protocols do); it is folded into the saved layer.
 
-Each result row names bits, protocol, path, probe, calibration, top1 (%), calibration images,
+``ptq="adaround"`` / ``"brecq"`` then learns the weights' rounding on ``ptq_images`` training
+images (:mod:`ssql_core.ptq`); the learned integers and ranges are kept in ``heads.pt`` so an
+exported classifier is the evaluated model.
+
+Each result row names bits, protocol, path, probe, calibration, ptq, top1 (%), calibration images,
 epochs and the probe's training loss (per-epoch means in ``loss_curve``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +44,18 @@ from ssql_core.data import (
     Transformed,
     linear_train_transform,
     load_split,
+    stats_key_for,
     test_transform,
 )
 from ssql_core.errors import Cancelled
 from ssql_core.hooks import Hooks, Progress
+from ssql_core.ptq import (
+    ReconConfig,
+    Reconstruction,
+    apply_reconstruction,
+    clear_rounding,
+    reconstruct,
+)
 from ssql_core.qnn import QuantContext, bind_context
 from ssql_core.runtime import resolve_device, seed_everything, to_input
 from ssql_core.train import load_pretrained
@@ -215,16 +229,23 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
     backbone = method.backbone.to(device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
-    ctx = bind_context(backbone, QuantContext(rounding=pcfg.rounding))
+    # rounding and normalization default to what the checkpoint was trained with
+    rounding = cfg.rounding or pcfg.rounding or "reciprocal"
+    normalization = cfg.normalization or pcfg.normalization or "standard"
+    ctx = bind_context(backbone, QuantContext(rounding=rounding))
     dataset = cfg.dataset or pcfg.dataset
     size = pcfg.image_size
     train = load_split(dataset, True, size, cfg.data_root, cfg.allow_download, cfg.max_samples, cfg.seed)
     test = load_split(dataset, False, size, cfg.data_root, cfg.allow_download, None, cfg.seed)
-    ttf = test_transform(size, train.stats_key)
+    stats_key = stats_key_for(train.stats_key, normalization)
+    ttf = test_transform(size, stats_key, cfg.interpolation)
     train_plain = materialize(Transformed(train.data, ttf))
     test_plain = materialize(Transformed(test.data, ttf))
-    calib_loader = calibration_set(cfg.calibration, train.data, train_plain, size, train.stats_key, cfg.calib_images,
+    calib_loader = calibration_set(cfg.calibration, train.data, train_plain, size, stats_key, cfg.calib_images,
                                    cfg.seed, cfg.batch_size)
+
+    ptq_loader = calibration_images(train_plain, cfg.ptq_images, cfg.seed, cfg.batch_size) if cfg.ptq != "calibrate" else None
+    reconstructions: dict[str, Reconstruction] = {}
 
     def loader(ds: Any) -> DataLoader:
         return DataLoader(ds, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
@@ -238,6 +259,10 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
         calib_n = 0 if bits.is_fp else calibrate_ranges(
             backbone, ctx, calib_loader, device, bits, cfg.calibration, cfg.calib_percentile,
             quantized_weights=cfg.calib_weights == "quantized", seed=cfg.seed)
+        if ptq_loader is not None and not bits.is_fp:
+            recon = reconstruct_for_eval(backbone, ctx, ptq_loader, device, bits, cfg, hooks, workdir, bi, n_bits, t0)
+            reconstructions[str(bits)] = recon
+            apply_reconstruction(backbone, recon)
         curve: list[float] = []
 
         def on_epoch(epoch: int, loss: float, bi: int = bi, bits_str: str = bits_str, curve: list[float] = curve) -> None:
@@ -247,7 +272,7 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
             if hooks.should_stop():
                 raise Cancelled(f"cancelled while evaluating {bits_str}")
 
-        with ctx.quantized(bits):
+        with ctx.quantized(bits), _cleared(backbone):
             test_f, test_y = extract(backbone, loader(test_plain), device)
             if cfg.protocol == "knn" or cfg.path == "cached":
                 train_f, train_y = extract(backbone, loader(train_plain), device)
@@ -259,7 +284,7 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
                 with torch.enable_grad():
                     head = train_linear_cached(train_f, train_y, train.num_classes, cfg, on_epoch)
             else:
-                aug = SeededViews(train.data, linear_train_transform(size, train.stats_key), cfg.seed, n_views=1, with_label=True)
+                aug = SeededViews(train.data, linear_train_transform(size, stats_key), cfg.seed, n_views=1, with_label=True)
                 with torch.enable_grad():
                     head = train_linear_augmented(backbone, aug, train.num_classes, cfg, device, on_epoch)
             if head is not None:
@@ -271,7 +296,9 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
             "top1": round(top1, 3), "calib_images": calib_n,
             "epochs": 0 if cfg.protocol == "knn" else cfg.epochs,
             "dataset": dataset, "train_images": len(train.data), "test_images": len(test.data),
-            "calibration": cfg.calibration, "calib_weights": cfg.calib_weights,
+            "calibration": cfg.calibration, "calib_weights": cfg.calib_weights, "preset": cfg.preset,
+            "interpolation": cfg.interpolation, "normalization": normalization, "rounding": rounding, "ptq": cfg.ptq,
+            **(_ptq_row(reconstructions[str(bits)]) if str(bits) in reconstructions else {}),
             **({"calib_percentile": cfg.calib_percentile} if cfg.calibration == "percentile" else {}),
             **({"knn_k": cfg.knn_k, "knn_t": cfg.knn_t} if cfg.protocol == "knn" else
                {"lr": cfg.lr, "probe": cfg.probe, "train_loss": round(curve[-1], 4) if curve else None,
@@ -281,8 +308,45 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
         from ssql_core.checkpoint import save_atomic
 
         save_atomic({"kind": "linear_heads", "config": cfg.to_dict(), "pretrain_config": pcfg.to_dict(),
-                     "num_classes": train.num_classes, "heads": heads, "rows": rows}, Path(workdir) / HEADS)
+                     "num_classes": train.num_classes, "heads": heads, "rows": rows,
+                     "ptq": {k: r.to_state() for k, r in reconstructions.items()}}, Path(workdir) / HEADS)
+    if workdir is not None:
+        for b in reconstructions:  # finished: the per-unit resume states are no longer needed
+            (Path(workdir) / f"ptq-{b}.pt").unlink(missing_ok=True)
     return rows
+
+
+@contextlib.contextmanager
+def _cleared(backbone: nn.Module) -> Iterator[None]:
+    """Learned roundings stay on the backbone for one bit-width only."""
+    try:
+        yield
+    finally:
+        clear_rounding(backbone)
+
+
+def ptq_config(cfg: EvalConfig) -> ReconConfig:
+    """The reconstruction settings of an evaluation (the papers' values for the rest)."""
+    return ReconConfig(method=cfg.ptq, iters=cfg.ptq_iters, learn_act=cfg.brecq_learn_act, seed=cfg.seed)
+
+
+def reconstruct_for_eval(backbone: nn.Module, ctx: QuantContext, images: DataLoader, device: torch.device, bits: Any,
+                         cfg: EvalConfig, hooks: Hooks, workdir: str | Path | None, bi: int, n_bits: int, t0: float) -> Reconstruction:
+    """AdaRound / BRECQ at ``bits`` (ranges calibrated), resumable from ``workdir/ptq-{bits}.pt``."""
+
+    def progress(done: int, total: int, _unit: dict[str, Any]) -> None:
+        _report(hooks, cfg, "ptq", bi + done / total, n_bits, t0, None, {"bits_index": bi, "units_done": done})
+        if hooks.should_stop():
+            raise Cancelled(f"cancelled while reconstructing {bits}")
+
+    checkpoint = Path(workdir) / f"ptq-{bits}.pt" if workdir is not None else None
+    return reconstruct(backbone, ctx, images, device, bits, ptq_config(cfg), checkpoint, progress)
+
+
+def _ptq_row(rec: Reconstruction) -> dict[str, Any]:
+    s = rec.summary()
+    return {"ptq_images": s["images"], "ptq_iters": s["iters"], "ptq_units": s["units"], "ptq_units_learned": s["units_learned"],
+            "ptq_seconds": s["seconds"], **({"brecq_learn_act": s["learn_act"]} if rec.method == "brecq" else {})}
 
 
 def _report(hooks: Hooks, cfg: EvalConfig, phase: str, done: float, total: int, t0: float, loss: float | None, metrics: dict[str, float]) -> None:

@@ -153,13 +153,22 @@ def _cached_quant_weight(m: nn.Conv2d | nn.Linear, ctx: QuantContext) -> Tensor:
     return wq
 
 
+def _quant_weight(m: nn.Conv2d | nn.Linear, ctx: QuantContext) -> Tensor:
+    """The QUANT-mode weight: a rounding override's (``ssql_core.ptq``: learned integers on the
+    PSQ grid, or AdaRound's soft rounding while it is learned) when one is set, else PSQ's."""
+    override = m.__dict__.get("weight_override")
+    if override is not None:
+        return override(m, ctx.weight_bits(m.role))  # type: ignore[attr-defined]
+    return _cached_quant_weight(m, ctx)
+
+
 class QConv2d(nn.Conv2d, _QuantPoint):
     """``nn.Conv2d`` whose weight is fake-quantized per channel in QUANT mode."""
 
     def quant_weight(self) -> Tensor:
         ctx = self._qctx
         if ctx.mode is Mode.QUANT and ctx.quant_w:
-            return _cached_quant_weight(self, ctx)
+            return _quant_weight(self, ctx)
         return self.weight
 
     def forward(self, x: Tensor) -> Tensor:
@@ -173,7 +182,7 @@ class QLinear(nn.Linear, _QuantPoint):
         ctx = self._qctx
         w = self.weight
         if ctx.mode is Mode.QUANT and ctx.quant_w:
-            w = _cached_quant_weight(self, ctx)
+            w = _quant_weight(self, ctx)
         return F.linear(x, w, self.bias)
 
 
@@ -200,6 +209,9 @@ class ActQuant(nn.Module, _QuantPoint):
                 torch.maximum(self.hi, hi.float(), out=self.hi)
             return x
         if ctx.mode is Mode.QUANT and ctx.quant_a:
+            override = self.__dict__.get("act_override")  # a step size being learned (ssql_core.ptq.brecq)
+            if override is not None:
+                return override(x, ctx.act_bits(self.role))
             return quantize_activation(x, ctx.act_bits(self.role), self.lo, self.hi, ctx.rounding)
         return x
 

@@ -217,7 +217,8 @@ def _run_export(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
         with _exporting():
             written = export_checkpoints(paths["checkpoint"], config["bits"], workdir / "exports", fmt=fmt, heads=heads,
                                          source_job=job.get("pretrain_job"), device=config.get("device", "cpu"),
-                                         calibration=config.get("calibration"), calib_percentile=config.get("calib_percentile"))
+                                         calibration=config.get("calibration"), calib_percentile=config.get("calib_percentile"),
+                                         **{k: config[k] for k in ("ptq", "ptq_images", "ptq_iters", "brecq_learn_act") if config.get(k) is not None})
         for p, b in zip(written, config["bits"], strict=True):
             outputs.append(_output(p, workdir, b, fmt, owner="source"))
             files.append({"bits": b, "format": fmt, "file": p.name})

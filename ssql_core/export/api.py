@@ -12,16 +12,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from ssql_core import checkpoint as ckpt
 from ssql_core.bits import parse_bits
-from ssql_core.config import EvalConfig, PretrainConfig
-from ssql_core.export.calibration import Calibration, CalibrationSpec, run_calibration
+from ssql_core.config import PTQ_METHODS, EvalConfig, PretrainConfig
+from ssql_core.export.calibration import (
+    Calibration,
+    CalibrationSpec,
+    calibration_loader,
+    run_calibration,
+)
 from ssql_core.export.format import (
     FORMAT,
     CheckpointError,
@@ -30,7 +37,13 @@ from ssql_core.export.format import (
     write_quantized,
 )
 from ssql_core.export.quantized import QuantizedModel, build_quantized_model, quantize_backbone
-from ssql_core.qnn import bind_context
+from ssql_core.ptq.rounding import (
+    Reconstruction,
+    apply_reconstruction,
+    clear_rounding,
+    current_ranges,
+)
+from ssql_core.qnn import act_points, bind_context
 from ssql_core.runtime import resolve_device
 from ssql_core.train import load_pretrained
 
@@ -65,12 +78,17 @@ def _head_for(state: dict[str, Any], path: str | Path, bits: str, feat_dim: int)
 
 def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path, fmt: str = "safetensors",
                        calib: Calibration = None, heads: str | Path | None = None, source_job: str | None = None,
-                       device: str = "cpu", calibration: str | None = None, calib_percentile: float | None = None) -> list[Path]:
+                       device: str = "cpu", calibration: str | None = None, calib_percentile: float | None = None,
+                       ptq: str | None = None, ptq_images: int = 1024, ptq_iters: int = 2000,
+                       brecq_learn_act: bool = False) -> list[Path]:
     """:func:`export_checkpoint` for several bit-widths, loading and calibrating once.
 
     Min-max and percentile ranges recorded in FP do not depend on the bit-width, so one calibration
     serves every file; ``mse`` or quantized-weight calibration runs once per file.
     ``calibration`` / ``calib_percentile`` override the range rule of the (default) spec.
+    ``ptq="adaround"`` / ``"brecq"`` reconstructs every quantized file's rounding
+    (:mod:`ssql_core.ptq`) on ``ptq_images`` images of the calibration source before any file is
+    written; with ``heads`` the evaluation's own reconstruction (kept in its ``heads.pt``) is used.
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
@@ -79,6 +97,8 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
         raise ValueError("give at least one bit-width")
     if fmt == "torchvision" and any(not b.is_fp for b in parsed):
         raise ValueError("the torchvision format holds FP weights only (torchvision has no quantized activations): use bits='fp'")
+    if ptq is not None and ptq not in PTQ_METHODS:
+        raise ValueError(f"ptq must be one of {list(PTQ_METHODS)}, got {ptq!r}")
     pcfg, method = load_pretrained(source)
     dev = resolve_device(device)
     backbone = method.backbone.to(dev).eval()
@@ -99,12 +119,16 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
     ctx = bind_context(backbone)
     if any(not b.is_fp for b in parsed) and not per_bits:
         info["calibration"] = run_calibration(backbone, ctx, calib, pcfg, dev)
+    recons, recon_calib = _reconstructions(backbone, ctx, parsed, calib, pcfg, dev, heads, heads_state, ptq, ptq_images,
+                                           ptq_iters, brecq_learn_act, per_bits)
     backbone = backbone.cpu()
     info["source"] = {"job": source_job, "checkpoint": Path(source).name, "method": pcfg.method, "dataset": pcfg.dataset,
                       "image_size": pcfg.image_size, "pretrain_config": pcfg.to_dict()}
     paths = []
     for b in parsed:
-        if per_bits and not b.is_fp:
+        if str(b) in recon_calib:
+            info["calibration"] = recon_calib[str(b)]
+        elif per_bits and not b.is_fp:
             info["calibration"] = run_calibration(backbone, ctx, calib, pcfg, torch.device("cpu"), str(b))
         head, extra = None, {}
         if heads_state is not None:
@@ -116,13 +140,69 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
             from ssql_core.export.torchvision_format import write_torchvision
 
             paths.append(write_torchvision(out, backbone, head, file_info))
-        elif fmt == "onnx":
+            continue
+        recon = recons.get(str(b))
+        saved = current_ranges(backbone)
+        if recon is not None:
+            apply_reconstruction(backbone, recon)
+            file_info["ptq"] = {**recon.summary(), **({"source": "evaluation"} if heads_state is not None else {})}
+        elif not b.is_fp:
+            file_info["ptq"] = {"method": "calibrate"}
+        try:
+            q = quantize_backbone(backbone, b)
+        finally:
+            clear_rounding(backbone)
+            _set_ranges(backbone, saved)
+        if fmt == "onnx":
             from ssql_core.export.onnx_graph import write_onnx
 
-            paths.append(write_onnx(out, quantize_backbone(backbone, b), head, file_info))
+            paths.append(write_onnx(out, q, head, file_info))
         else:
-            paths.append(write_quantized(out, quantize_backbone(backbone, b), head, file_info))
+            paths.append(write_quantized(out, q, head, file_info))
     return paths
+
+
+def _set_ranges(backbone: nn.Module, ranges: dict[str, Tensor]) -> None:
+    points = act_points(backbone)
+    for name, r in ranges.items():
+        points[name].lo.fill_(float(r[0]))
+        points[name].hi.fill_(float(r[1]))
+
+
+def _reconstructions(backbone: nn.Module, ctx: Any, parsed: list[Any], calib: Calibration, pcfg: PretrainConfig,
+                     dev: torch.device, heads: Any, heads_state: dict[str, Any] | None, ptq: str | None, ptq_images: int,
+                     ptq_iters: int, learn_act: bool, per_bits: bool) -> tuple[dict[str, Reconstruction], dict[str, Any]]:
+    """Each quantized file's reconstruction: the evaluation's (from ``heads``) or one run now, all
+    before any file is written (a reconstruction that fails leaves no file behind); and, where
+    the ranges depend on the bits, the calibration each was run on."""
+    quantized = [b for b in parsed if not b.is_fp]
+    if heads_state is not None:
+        ecfg_ptq = (heads_state.get("config") or {}).get("ptq", "calibrate")
+        if ptq is not None and ptq != ecfg_ptq:
+            raise ValueError(f"the classifier's head was trained on the evaluation's {ecfg_ptq!r} model: "
+                             f"ptq={ptq!r} would not be the model it classifies; export the backbone from the pretrain job")
+        stored = heads_state.get("ptq") or {}
+        missing = [str(b) for b in quantized if ecfg_ptq != "calibrate" and str(b) not in stored]
+        if missing:
+            raise ValueError(f"{heads} holds no {ecfg_ptq} reconstruction for {missing}")
+        return {str(b): Reconstruction.from_state(stored[str(b)]) for b in quantized if str(b) in stored}, {}
+    if ptq in (None, "calibrate") or not quantized:
+        return {}, {}
+    from ssql_core.ptq import ReconConfig, reconstruct
+
+    if isinstance(calib, CalibrationSpec) or calib is None:
+        spec = dataclasses.replace(calib or CalibrationSpec(), images=ptq_images, method="minmax", weights="fp")
+        images: Any = calibration_loader(spec, pcfg)[0]
+    else:
+        images = list(calib() if callable(calib) and not isinstance(calib, (DataLoader, list, tuple)) else calib)
+    cfg = ReconConfig(method=ptq, iters=ptq_iters, learn_act=learn_act,
+                      seed=calib.seed if isinstance(calib, CalibrationSpec) else 0)
+    recons, calib_info = {}, {}
+    for b in quantized:
+        if per_bits:
+            calib_info[str(b)] = run_calibration(backbone, ctx, calib, pcfg, dev, str(b))
+        recons[str(b)] = reconstruct(backbone, ctx, images, dev, b, cfg)
+    return recons, calib_info
 
 
 def export_checkpoint(source: str | Path, bits: str, out_dir: str | Path, fmt: str = "safetensors",

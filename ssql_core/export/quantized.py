@@ -3,7 +3,8 @@
 :func:`quantize_backbone` reads, from a backbone whose activation ranges were calibrated, exactly
 what the fake-quant forward at ``{w}w{a}a`` uses: per-channel integer weights and scales (computed
 by the same code path as :class:`~ssql_core.qnn.QConv2d` in QUANT mode, and checked bit for bit
-against it), the activation ranges, and every FP tensor (BN, unquantized parameters).
+against it), the activation ranges, and every FP tensor (BN, unquantized parameters). A layer with
+learned rounding (:mod:`ssql_core.ptq`) contributes its learned integers on the same PSQ grid.
 
 :func:`build_quantized_model` inverts it: the same backbone class with ``w_int * scale`` as its
 weights (no re-quantization: min-max on already-quantized weights is not idempotent) and its
@@ -111,9 +112,17 @@ def quantize_backbone(backbone: nn.Module, bits: str | BitWidth) -> QuantizedBac
         arg = ctx.weight_bits(mod.role)  # what QConv2d.quant_weight passes in QUANT mode
         scale = weight_scale(w, arg)
         qmin, qmax = weight_int_range(arg, w)
-        ints = torch.clamp(torch.round(w * (1.0 / scale)), qmin, qmax)
+        learned = getattr(mod.__dict__.get("weight_override"), "ints", None)  # ssql_core.ptq's rounding
+        if learned is not None:
+            ints = learned.detach().cpu().float()
+            if ints.shape != w.shape or bool((ints < qmin).any() or (ints > qmax).any()):
+                raise RuntimeError(f"{name}: learned integers do not fit the {arg}-bit grid of the weight")
+            expect = mod.__dict__["weight_override"](mod, arg).detach().float().cpu()
+        else:
+            ints = torch.clamp(torch.round(w * (1.0 / scale)), qmin, qmax)
+            expect = quantize_weight(w, arg)
         qw = QuantizedWeight(ints.to(torch.int8), scale.reshape(-1).clone(), 8 if mod.role == FIXED8 else b.w, mod.role)
-        if not torch.equal(qw.dequantize(), quantize_weight(w, arg)):
+        if not torch.equal(qw.dequantize(), expect):
             raise RuntimeError(f"{name}: integer weights do not reproduce the fake-quant weights")
         out.weights[f"{name}.weight"] = qw
         if mod.bias is not None:
