@@ -16,9 +16,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from api import web
-from api.errors import FieldError, field_error_handler, request_validation_handler, unprocessable
+from api.errors import (
+    OUTAGE_EXCEPTIONS,
+    SERVICE_UNAVAILABLE_RESPONSE,
+    FieldError,
+    field_error_handler,
+    outage_handler,
+    request_validation_handler,
+    unprocessable,
+)
+from api.head import HeadAsGet
 from api.limits import BodySizeLimit
+from api.redact import redact, set_roots
 from api.routes import catalog, checkpoints, health, jobs, keys, logs
+from api.schemas import INTEGER_RULE
 from api.state import AppState, KeyCache
 from persistence.db import make_async_engine
 from persistence.fast_reads import make_hot_reads
@@ -45,6 +56,7 @@ _SERVER_MAXIMA = {
                         "devices": "max_devices"},
     "EvalRequest": {"epochs": "max_eval_epochs", "batch_size": "max_batch_size"},
     "DistillRequest": {"epochs": "max_epochs", "batch_size": "max_batch_size"},
+    "FinetuneRequest": {"epochs": "max_epochs", "batch_size": "max_batch_size"},
 }
 
 
@@ -100,12 +112,16 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
         exc = StarletteHTTPException(405, exc.detail, headers={**(exc.headers or {}), "Allow": ", ".join(sorted(methods))})
     elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":
         return unprocessable(("body",), "the body is not valid JSON (UTF-8)")
+    if isinstance(exc.detail, str) and "/" in exc.detail:  # no server path in an answer (decision 014)
+        exc = StarletteHTTPException(exc.status_code, redact(exc.detail), headers=exc.headers)
     return await http_exception_handler(request, exc)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the database engine and the broker client live for the app's lifetime."""
     settings = settings or get_settings()
+    set_roots({"<data_root>": settings.resolved_data_root(), "<artifacts>": settings.resolved_artifacts_dir(),
+               "<home>": settings.resolved_home()})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,7 +144,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="SSQL training service",
         version="1",
-        description="Quantization-friendly self-supervised pretraining and evaluation at many bit-widths, as jobs.",
+        description="Quantization-friendly self-supervised pretraining and evaluation at many bit-widths, as jobs. "
+        f"Request bodies are UTF-8 JSON; {INTEGER_RULE}. Every operation that reads the database answers 503 "
+        "with `Retry-After` while the database is unreachable.",
         lifespan=lifespan,
         docs_url=None,  # api.web serves /docs from the package's own Swagger UI files (no CDN)
         redoc_url=None,  # ReDoc would load from a CDN
@@ -136,9 +154,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(FieldError, field_error_handler)
     app.add_exception_handler(RequestValidationError, request_validation_handler)
+    for exc_class in OUTAGE_EXCEPTIONS:  # database (or another backend) away: 503 + Retry-After, not a 500
+        app.add_exception_handler(exc_class, outage_handler)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HeadAsGet)  # HEAD wherever GET: same status and headers, no body
     for module in (health, catalog, jobs, logs, checkpoints, keys):
-        app.include_router(module.router)
+        reads_db = module not in (health, catalog)  # /readyz states its own 503
+        app.include_router(module.router, responses=SERVICE_UNAVAILABLE_RESPONSE if reads_db else None)
     web.install(app)
     app.openapi = lambda: openapi_with_limits(app, settings)  # type: ignore[method-assign]
     return app

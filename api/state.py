@@ -12,8 +12,9 @@ from persistence.fast_reads import HotReads
 from persistence.settings import Settings
 
 #: the longest a cached key lives while revocations are not pushed to this process (SQLite, or
-#: the Postgres LISTEN connection down): a revoked key is refused within this many seconds
-UNPUSHED_TTL_S = 5.0
+#: the Postgres LISTEN connection down): a revoked key is refused within this many seconds, by
+#: whatever path it was revoked (decision 014: one second, as on Postgres with the listener)
+UNPUSHED_TTL_S = 1.0
 #: unknown keys are remembered briefly so a bad client cannot hammer the database
 NEGATIVE_TTL_S = 5.0
 
@@ -51,9 +52,13 @@ class KeyCache:
         self.entries[key_hash] = (owner_id, time.monotonic() + ttl)
 
     def forget(self, key_hash: str) -> None:
-        """A key was revoked: refuse it from the next request on."""
+        """A key was revoked (or changed, or deleted): refuse it from the next request on. ``*``
+        (the api_keys table was truncated): forget every key."""
         self.generation += 1
-        self.entries.pop(key_hash, None)
+        if key_hash == "*":
+            self.entries.clear()
+        else:
+            self.entries.pop(key_hash, None)
 
     def set_listening(self, listening: bool) -> None:
         """Revocations start or stop being pushed: forget everything (some may have been missed)."""

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from api.redact import redact
 from persistence.db import as_utc
 
 _PROGRESS_KEYS = ("phase", "fraction", "epoch", "epochs", "step", "total_steps", "images_per_s", "eta_s", "loss", "lr")
@@ -15,6 +16,13 @@ _EMPTY_PROGRESS = dict.fromkeys(_PROGRESS_KEYS) | {"fraction": 0.0, "epoch": 0, 
 def _ts(value: datetime | None) -> str | None:
     v = as_utc(value)
     return None if v is None else v.isoformat()
+
+
+def _error_view(error: Any) -> Any:
+    """A job's error with no server path in its message (it may quote a log line; decision 014)."""
+    if isinstance(error, dict) and isinstance(error.get("message"), str) and "/" in error["message"]:
+        return {**error, "message": redact(error["message"])}
+    return error
 
 
 def job_view(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -34,7 +42,7 @@ def job_view(row: Mapping[str, Any]) -> dict[str, Any]:
         "cancel_requested": row["cancel_requested"],
         "progress": progress,
         "summary": row["summary"],
-        "error": row["error"],
+        "error": _error_view(row["error"]),
         "created_at": _ts(row["created_at"]),
         "updated_at": _ts(row["updated_at"]),
         "started_at": _ts(row["started_at"]),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import RowMapping, func, insert, select, text, update
+from sqlalchemy import RowMapping, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -64,9 +64,8 @@ async def owner_for_key(conn: AsyncConnection, key_hash: str) -> int | None:
 
 async def revoke_key(conn: AsyncConnection, owner_id: int, key_hash: str) -> bool:
     """Revoke one of the owner's keys and commit; on Postgres the API processes are notified in
-    the same transaction (``persistence.keys.REVOKED_CHANNEL``) and forget it at once."""
-    from persistence.keys import REVOKED_CHANNEL
-
+    the same transaction (``persistence.keys.REVOKED_CHANNEL``, by the table's trigger: migration
+    0004) and forget it at once."""
     stmt = (
         update(ApiKey)
         .where(ApiKey.key_hash == key_hash, ApiKey.user_id == owner_id, ApiKey.revoked_at.is_(None))
@@ -74,8 +73,6 @@ async def revoke_key(conn: AsyncConnection, owner_id: int, key_hash: str) -> boo
         .returning(ApiKey.id)
     )
     revoked = (await conn.execute(stmt)).first() is not None
-    if revoked and conn.dialect.name == "postgresql":
-        await conn.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": REVOKED_CHANNEL, "payload": key_hash})
     await conn.commit()
     return revoked
 

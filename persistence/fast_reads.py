@@ -61,10 +61,17 @@ class AsyncpgReads:
             """Skip asyncpg's reset round trip on release: these connections only ever run the
             two read-only statements below, outside transactions, so there is no state to reset."""
 
-        pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, init=init, reset=keep_session, statement_cache_size=16
-        )
-        return cls(pool, dsn)
+        def pool(size: int) -> Any:
+            return asyncpg.create_pool(dsn, min_size=size, max_size=max_size, init=init, reset=keep_session,
+                                       statement_cache_size=16)  # fmt: skip
+
+        try:
+            return cls(await pool(min_size), dsn)
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+            # the database is away at startup: start anyway (requests answer 503 until it is back,
+            # /readyz says why) with a pool that connects on demand
+            log.warning("database unreachable at startup (%s: %s); connecting on demand", type(e).__name__, e)
+            return cls(await pool(0), dsn)
 
     async def owner_for_key(self, key_hash: str) -> int | None:
         async with self.pool.acquire() as conn:

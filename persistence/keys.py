@@ -1,10 +1,12 @@
 """API keys: generation, hashing, creation and revocation (the secret is shown once, only its hash is kept).
 
-Revocation and the API's auth cache (docs/decisions/011): a revocation commits ``revoked_at`` and,
-on Postgres, a ``NOTIFY ssql_key_revoked, '<key hash>'`` in the same transaction; every API
+Revocation and the API's auth cache (docs/decisions/011, 014): on Postgres a trigger on
+``api_keys`` (migration 0004) sends ``NOTIFY ssql_key_revoked, '<key hash>'`` in the transaction
+of any change of a key (``revoked_at`` set by this module, the API or an operator's own
+``UPDATE``; a ``DELETE``, also cascaded from ``users``; ``'*'`` for a ``TRUNCATE``); every API
 process listens on that channel and drops the key from its cache when the notification arrives
 (milliseconds). Without a listener (SQLite, or the listening connection lost) cached keys live
-at most ``min(SSQL_AUTH_CACHE_SECONDS, 5)`` seconds.
+at most ``min(SSQL_AUTH_CACHE_SECONDS, 1)`` seconds.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from persistence.db import utcnow
@@ -64,10 +66,7 @@ def revoke_keys(session: Session, *, key: str | None = None, prefix: str | None 
     else:
         where.append(ApiKey.user_id.in_(select(User.id).where(User.name == user_name)))
     hashes = list(session.scalars(update(ApiKey).where(*where).values(revoked_at=utcnow()).returning(ApiKey.key_hash)))
-    if hashes and session.get_bind().dialect.name == "postgresql":
-        for h in hashes:
-            session.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": REVOKED_CHANNEL, "payload": h})
-    session.commit()
+    session.commit()  # the table's trigger notified the API processes (migration 0004)
     return hashes
 
 

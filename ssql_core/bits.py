@@ -9,7 +9,8 @@ import re
 from dataclasses import dataclass
 
 MIN_BITS, MAX_BITS = 2, 8
-_PATTERN = re.compile(r"^(\d+)w(\d+)[af]$")
+#: ASCII digits only: ``\d`` would take full-width and other Unicode digits ("４w４a")
+_PATTERN = re.compile(r"^([0-9]+)w([0-9]+)[af]$", re.ASCII)
 ACCEPTED_FORMS = "'fp' or '{w}w{a}a' with w and a integers from 2 to 8 (e.g. '4w4a', '2w8a'; '4w4f' is accepted too)"
 
 
@@ -38,6 +39,8 @@ def parse_bits(value: str | BitWidth) -> BitWidth:
     if not isinstance(value, str):
         raise ValueError(f"bit-width must be a string, got {type(value).__name__}; accepted: {ACCEPTED_FORMS}")
     s = value.strip().lower()
+    if not s.isascii():
+        raise ValueError(f"invalid bit-width {value!r}: only ASCII letters and digits; accepted: {ACCEPTED_FORMS}")
     if s == "fp":
         return FP
     m = _PATTERN.match(s)

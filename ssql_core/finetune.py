@@ -45,8 +45,16 @@ from ssql_core.config import (
     _check_finite_list,
     _check_range,
     _from_dict,
+    check_milestones,
 )
-from ssql_core.data import SeededViews, Transformed, _finish, load_split, test_transform
+from ssql_core.data import (
+    SeededViews,
+    Transformed,
+    _finish,
+    load_split,
+    stats_key_for,
+    test_transform,
+)
 from ssql_core.errors import Cancelled, ConfigError, NonFiniteLoss
 from ssql_core.evaluate import (
     accuracy,
@@ -124,7 +132,7 @@ class FinetuneConfig:
         _check_range("quantizer_lr", self.quantizer_lr, 0.0, 10.0, float)
         _check_range("weight_decay", self.weight_decay, 0.0, 1.0, float)
         _check_range("momentum", self.momentum, 0.0, 0.9999, float)
-        _check_finite_list("lr_milestones", self.lr_milestones, 0.0, 1.0, 2)
+        check_milestones("lr_milestones", self.lr_milestones)
         _check_finite_list("crop_scale", self.crop_scale, 0.01, 1.0, 2)
         if self.crop_scale[0] > self.crop_scale[1]:
             raise ConfigError("crop_scale", f"needs low <= high, got {list(self.crop_scale)}")
@@ -204,10 +212,11 @@ class _Finetuner:
         train = load_split(self.dataset, True, size, cfg.data_root, cfg.allow_download, cfg.max_samples, cfg.seed)
         test = load_split(self.dataset, False, size, cfg.data_root, cfg.allow_download, None, cfg.seed)
         self.num_classes = train.num_classes
-        ttf = test_transform(size, train.stats_key)
+        stats_key = stats_key_for(train.stats_key, self.pcfg.normalization)  # as the backbone was trained
+        ttf = test_transform(size, stats_key)
         self.train_plain = materialize(Transformed(train.data, ttf))
         self.test_plain = materialize(Transformed(test.data, ttf))
-        self.train_aug = SeededViews(train.data, train_transform(size, train.stats_key, tuple(cfg.crop_scale)), cfg.seed,
+        self.train_aug = SeededViews(train.data, train_transform(size, stats_key, tuple(cfg.crop_scale)), cfg.seed,
                                      n_views=1, with_label=True)
         self.n_train, self.n_test = len(train.data), len(test.data)
         self.calib = [to_input(x, self.device, False) for x, _ in calibration_images(self.train_plain, cfg.calib_images, cfg.seed)]

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from persistence import job_store
 from persistence.models import Job
 from persistence.settings import Settings
+from worker.supervisor import remove_attempt_folders
 
 log = logging.getLogger("ssql.reconciler")
 
@@ -127,6 +128,9 @@ def reconcile_once(
     broker = broker if broker is not None else BrokerQueue(settings)
     with Sessions() as s:
         requeued, failed = job_store.reap_expired(s)
+    for job_id in failed:  # no attempt follows: the lost attempts' folders go (decision 010)
+        remove_attempt_folders(settings, job_id)
+    with Sessions() as s:
         stale = job_store.stale_queued(s, settings.stale_queued_seconds)
         stale = _to_publish(s, [j for j in stale if j not in set(requeued)], broker)
     published = []

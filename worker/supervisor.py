@@ -15,6 +15,7 @@ spending an attempt, and another worker resumes it (docs/decisions/010).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -66,6 +67,24 @@ def job_workdir(settings: Settings, job_id: str) -> Path:
 def attempt_workdir(settings: Settings, job_id: str, attempt: int) -> Path:
     """Where one attempt's runner writes; nobody else writes there."""
     return job_workdir(settings, job_id) / "attempts" / str(attempt)
+
+
+def remove_attempt_folders(settings: Settings, job_id: str, below: int | None = None) -> list[int]:
+    """Remove the work folders of a job's attempts (those numbered below ``below``, or all):
+    attempts whose lease was taken from them, whose runners are dead by construction (each kills
+    itself at 0.9 of its lease, before the lease can be taken over; decision 010). Returns the
+    numbers removed."""
+    root = job_workdir(settings, job_id) / "attempts"
+    try:
+        names = [p for p in root.iterdir() if p.name.isdigit() and (below is None or int(p.name) < below)]
+    except OSError:
+        return []
+    for p in names:
+        shutil.rmtree(p, ignore_errors=True)
+    if below is None:
+        with contextlib.suppress(OSError):
+            root.rmdir()
+    return sorted(int(p.name) for p in names)
 
 
 def _snapshot(src: Path, dst: Path) -> None:
@@ -250,6 +269,9 @@ def supervise(
     workdir = attempt_workdir(settings, job.id, job.attempt)
     if workdir.exists():  # left by a worker that died while preparing this very token: start clean
         shutil.rmtree(workdir, ignore_errors=True)
+    # the folders of attempts this claim superseded (their worker died or stalled): decision 010
+    if lost := remove_attempt_folders(settings, job.id, below=job.attempt):
+        log.info("job %s: removed the folders of lost attempts %s", job.id, lost)
     resumed_from = _seed(job_dir, workdir)
     config = run_config(settings, job)
     paths = input_paths(settings, job)

@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from api.deps import UNAUTHORIZED_RESPONSE, Conn, JobId, Owner, SettingsDep
 from api.errors import FieldError
+from api.head import is_head
 from api.schemas import CheckpointOut
 from api.views import checkpoint_view
 from persistence import api_store
@@ -35,6 +36,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"], responses=UNAUTHORIZ
 _VERIFIED: dict[tuple[str, int, int, int, int], str] = {}
 _VERIFIED_MAX = 10_000
 CORRUPT_CODE = "artifact_corrupt"
+#: a download's file name ending per format (``JOB-4w4a.safetensors``; ``ssql download`` names files the same way)
+FILE_SUFFIXES = {"safetensors": ".safetensors", "onnx": ".onnx", "torchvision": ".torchvision.safetensors", "torch": ".pt"}
 #: the download route's ``bits``, as its schema states it: any case, ``f`` for ``a`` (no spaces, no leading zeros)
 PATH_BITS_PATTERN = "^([Ff][Pp]|[2-8][Ww][2-8][AaFf])$"
 _PATH_BITS = re.compile(PATH_BITS_PATTERN)
@@ -138,5 +141,9 @@ async def download_checkpoint(
     headers = {"ETag": etag, "Repr-Digest": f"sha-256=:{digest}:", "X-Checksum-Sha256": art["sha256"]}
     if request.headers.get("if-none-match") in (etag, art["sha256"]):
         return Response(status_code=304, headers=headers)
-    filename = f"{job_id}-{art['bits']}-{art['format']}{path.suffix}"
-    return FileResponse(path, headers=headers, filename=filename, media_type="application/octet-stream")
+    filename = f"{job_id}-{art['bits']}{FILE_SUFFIXES.get(art['format'], path.suffix)}"
+    response = FileResponse(path, headers=headers, filename=filename, media_type="application/octet-stream")
+    if is_head(request):  # the download's headers (size, ETag, digest, name) without reading the file
+        response.headers["content-length"] = str(path.stat().st_size)
+        return Response(status_code=200, headers=dict(response.headers))
+    return response

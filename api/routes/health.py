@@ -8,8 +8,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import StateDep
+from api.redact import redact
 
 router = APIRouter(tags=["health"])
+#: what a 503 tells clients to wait before trying again (the database or broker is away)
+RETRY_AFTER_S = 5
 
 
 @router.get("/healthz")
@@ -33,12 +36,14 @@ async def readyz(state: StateDep) -> JSONResponse:
                 await conn.execute(text("SELECT 1"))
         checks["database"] = "ok"
     except Exception as e:  # noqa: BLE001 - reported, not raised
-        checks["database"] = f"error: {type(e).__name__}: {e}"
+        checks["database"] = redact(f"error: {type(e).__name__}: {e}")
     try:
         with anyio.fail_after(5):
             await anyio.to_thread.run_sync(_broker_ping, state.celery, abandon_on_cancel=True)
         checks["broker"] = "ok"
     except Exception as e:  # noqa: BLE001
-        checks["broker"] = f"error: {type(e).__name__}: {e}"
+        checks["broker"] = redact(f"error: {type(e).__name__}: {e}")
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
+    headers = None if ok else {"Retry-After": str(RETRY_AFTER_S)}
+    return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503,
+                        headers=headers)

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Header, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api.deps import (
     BEARER_SECURITY,
@@ -25,6 +25,8 @@ from api.deps import (
     bearer_key,
 )
 from api.errors import FieldError
+from api.head import is_head
+from api.json_body import Utf8JsonRoute
 from api.limits import TOO_LARGE_RESPONSE
 from api.schemas import ExportRequest, JobOut, JobPage, JobRequest, MetricPage, ResultsOut
 from api.specs import (
@@ -42,11 +44,15 @@ from persistence.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES
 from persistence.queue import publish_job
 
 log = logging.getLogger("ssql.api")
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=UNAUTHORIZED_RESPONSE)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=UNAUTHORIZED_RESPONSE, route_class=Utf8JsonRoute)
 
 NOT_FOUND = "job not found"
 _KINDS = JOB_KINDS
 EVENTS_POLL_S = 0.5
+#: what one status event carries: enough to redraw a job's row (the times too, so a page
+#: that loaded a queued job can show how long it has run)
+EVENT_FIELDS = ("id", "status", "progress", "attempts", "max_attempts", "error", "cancel_requested",
+                "started_at", "finished_at", "updated_at")
 #: the largest offset / metric id a query may name (Postgres BIGINT); above it: 422, not a 500
 MAX_BIGINT = 2**63 - 1
 
@@ -250,13 +256,15 @@ async def get_job(job_id: JobId, request: Request) -> JSONResponse:
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"description": "Server-Sent Events: one `status` event per change", "content": {"text/event-stream": {}}},
+    responses={200: {"description": "Server-Sent Events: one `status` event per change (status, progress, attempts, error, times)", "content": {"text/event-stream": {}}},
                404: {"description": NOT_FOUND}},
 )  # fmt: skip
-async def job_events(job_id: JobId, owner: Owner, state: StateDep, request: Request) -> StreamingResponse:
+async def job_events(job_id: JobId, owner: Owner, state: StateDep, request: Request) -> Response:
     """Live status and progress as Server-Sent Events; the stream ends when the job does."""
     if await state.reads.get_job(owner, job_id) is None:
         raise HTTPException(404, NOT_FOUND)
+    if is_head(request):  # the headers of the stream, without starting it
+        return Response(media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def stream() -> AsyncIterator[str]:
         last = None
@@ -265,7 +273,7 @@ async def job_events(job_id: JobId, owner: Owner, state: StateDep, request: Requ
             if row is None:
                 return
             view = job_view(row)
-            payload = json.dumps({k: view[k] for k in ("id", "status", "progress", "attempts", "error")})
+            payload = json.dumps({k: view[k] for k in EVENT_FIELDS})
             if payload != last:
                 last = payload
                 yield f"event: status\ndata: {payload}\n\n"

@@ -18,6 +18,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from api.deps import UNAUTHORIZED_RESPONSE, JobId, Owner, StateDep
+from api.head import is_head
 from persistence.models import TERMINAL_STATUSES
 from persistence.settings import Settings
 
@@ -107,7 +108,7 @@ async def job_logs(
     settings = state.settings
     lines, offsets = await anyio.to_thread.run_sync(snapshot, settings, job_id, tail)
     headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
-    if not follow:
+    if not follow or is_head(request):  # HEAD: the headers of the answer, not a stream left open
         return PlainTextResponse("".join(f"{line}\n" for line in lines), headers=headers)
     last_label = next((int(x.split()[2]) for x in reversed(lines) if x.startswith("==> attempt ")), None)
 

@@ -14,7 +14,7 @@ from persistence.models import JobAttempt
 from tests.service.conftest import TINY, pid_alive, wait_for
 
 
-def test_kill_9_worker_mid_run_resumes_and_succeeds(client: httpx.Client, live_worker, sessions) -> None:  # type: ignore[no-untyped-def]
+def test_kill_9_worker_mid_run_resumes_and_succeeds(client: httpx.Client, live_worker, sessions, settings) -> None:  # type: ignore[no-untyped-def]
     stack = live_worker
     job = client.post("/v1/jobs", json={**TINY, "epochs": 60}).json()
     # past at least one checkpoint (every 4 steps), well before the end (240 steps)
@@ -37,6 +37,10 @@ def test_kill_9_worker_mid_run_resumes_and_succeeds(client: httpx.Client, live_w
     assert done["status"] == "succeeded", done
     assert done["attempts"] == 2
     assert done["summary"]["steps"] == 240
+    # the killed attempt's folder went with the claim that superseded it (decision 010), the
+    # second's when it succeeded: nothing is left under attempts/
+    attempts_dir = settings.resolved_artifacts_dir() / "jobs" / job["id"] / "attempts"
+    assert not attempts_dir.exists() or not any(attempts_dir.iterdir()), sorted(attempts_dir.rglob("*"))
 
     with sessions() as s:
         attempts = s.scalars(select(JobAttempt).where(JobAttempt.job_id == job["id"]).order_by(JobAttempt.attempt)).all()
