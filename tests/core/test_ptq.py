@@ -15,7 +15,14 @@ from ssql_core.errors import ConfigError, NonFiniteLoss
 from ssql_core.export import export_checkpoints, load_quantized, save_quantized
 from ssql_core.export.format import decode, read_safetensors
 from ssql_core.models import build_backbone
-from ssql_core.ptq import ReconConfig, Reconstruction, apply_reconstruction, clear_rounding, nearest_ints, reconstruct
+from ssql_core.ptq import (
+    ReconConfig,
+    Reconstruction,
+    apply_reconstruction,
+    clear_rounding,
+    nearest_ints,
+    reconstruct,
+)
 from ssql_core.qnn import Mode, QuantContext, bind_context, weight_points
 from ssql_core.quant import weight_scale
 
@@ -206,28 +213,46 @@ def test_top1_not_worse_than_calibration_on_a_fixed_problem() -> None:
     assert after >= before + 0.05, (before, after)
 
 
-def test_resumed_reconstruction_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+_KILLED_RUN = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from tests.core.test_ptq import CPU, backbone, calibrated, images, RESUME_CFG
+from ssql_core.ptq import reconstruct
+bb = backbone(4)
+x = images(32, 6)
+ctx = calibrated(bb, x)
+
+def die_after_five(done, _total, _unit):
+    if done == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+reconstruct(bb, ctx, [x], CPU, "3w4a", RESUME_CFG, checkpoint=sys.argv[1], progress=die_after_five)
+"""
+RESUME_CFG = ReconConfig(method="brecq", iters=20, lr=1e-2, learn_act=True)
+
+
+def test_reconstruction_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    state = tmp_path / "ptq.pt"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(state)], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert torch.load(state, weights_only=True)["done"] == 5  # every finished unit was on disk before the kill
     bb = backbone(4)
     x = images(32, 6)
     ctx = calibrated(bb, x)
-    cfg = ReconConfig(method="brecq", iters=20, lr=1e-2, learn_act=True)
-    straight = reconstruct(bb, ctx, [x], CPU, "3w4a", cfg)
-    state = tmp_path / "ptq.pt"
-
-    def stop_after_five(done: int, _total: int, _unit: dict) -> None:
-        if done == 5:
-            raise KeyboardInterrupt  # the process dies here; the state of 5 units is on disk
-
-    with pytest.raises(KeyboardInterrupt):
-        reconstruct(bb, ctx, [x], CPU, "3w4a", cfg, checkpoint=state, progress=stop_after_five)
-    assert torch.load(state, weights_only=True)["done"] == 5
     seen: list[int] = []
-    resumed = reconstruct(bb, ctx, [x], CPU, "3w4a", cfg, checkpoint=state, progress=lambda d, _t, _u: seen.append(d))
-    assert seen[0] == 6 and seen[-1] == len(straight.units)
+    resumed = reconstruct(bb, ctx, [x], CPU, "3w4a", RESUME_CFG, checkpoint=state, progress=lambda d, _t, _u: seen.append(d))
+    straight = reconstruct(bb, ctx, [x], CPU, "3w4a", RESUME_CFG)
+    assert seen[0] == 6 and seen[-1] == len(straight.units)  # units 1-5 were not run again
     assert resumed.ints.keys() == straight.ints.keys()
     assert all(torch.equal(resumed.ints[k], straight.ints[k]) for k in straight.ints)
     assert all(torch.equal(resumed.ranges[k], straight.ranges[k]) for k in straight.ranges)
-    other = reconstruct(bb, ctx, [x], CPU, "2w4a", cfg, checkpoint=state, progress=lambda d, _t, _u: seen.append(-d))
+    other = reconstruct(bb, ctx, [x], CPU, "2w4a", RESUME_CFG, checkpoint=state, progress=lambda d, _t, _u: seen.append(-d))
     assert -1 in seen and other.bits == "2w4a"  # another bit-width's state is not resumed
 
 
