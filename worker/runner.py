@@ -407,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         hooks.emit("error", code="invalid_config", field=e.field, message=str(e), retryable=False)
         return EXIT_ERROR
     except NonFiniteLoss as e:
-        hooks.emit("error", code="non_finite_loss", message=f"training diverged: {e}", retryable=False)
+        from ssql_core.ptq import ReconstructionDiverged  # its message says what diverged
+
+        hooks.emit("error", code="non_finite_loss", message=str(e) if isinstance(e, ReconstructionDiverged) else f"training diverged: {e}",
+                   retryable=False)
         return EXIT_ERROR
     except ExportFailed as e:
         hooks.emit("error", code="export_error", message=str(e), retryable=False)
