@@ -369,4 +369,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         loss = r.get("train_loss")
         lines.append(f"{r['bits']:>6}  {r['protocol']:>8}  {r['path']:>9}  {r.get('probe', '-'):>6}  {r.get('calibration', 'minmax'):>11}  "
                      f"{r['top1']:7.2f}  {r['calib_images']:6d}  {r['epochs']:6d}  {'-' if loss is None else f'{loss:8.3f}':>8}")
+    if any(r.get("ptq", "calibrate") != "calibrate" for r in rows):  # reconstruction PTQ: name it per row
+        lines = [f"{line}  {'ptq' if i == 0 else rows[i - 1].get('ptq', 'calibrate'):>9}" for i, line in enumerate(lines)]
     return "\n".join(lines)
