@@ -28,7 +28,7 @@ from api.errors import (
 from api.head import HeadAsGet
 from api.limits import BodySizeLimit
 from api.redact import redact, set_roots
-from api.routes import catalog, checkpoints, health, jobs, keys, logs
+from api.routes import catalog, checkpoints, health, jobs, keys, logs, usage
 from api.schemas import INTEGER_RULE
 from api.state import AppState, KeyCache
 from persistence.db import make_async_engine
@@ -158,7 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_exception_handler(exc_class, outage_handler)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(HeadAsGet)  # HEAD wherever GET: same status and headers, no body
-    for module in (health, catalog, jobs, logs, checkpoints, keys):
+    for module in (health, catalog, jobs, logs, checkpoints, keys, usage):
         reads_db = module not in (health, catalog)  # /readyz states its own 503
         app.include_router(module.router, responses=SERVICE_UNAVAILABLE_RESPONSE if reads_db else None)
     web.install(app)

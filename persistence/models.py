@@ -61,6 +61,27 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None]
 
 
+class OwnerQuota(Base):
+    """An owner's quotas, set by an operator (``ssql owners set-quota``). A null column is the
+    server's default (``SSQL_QUOTA_*``); a negative one is "no limit" for this owner whatever the
+    default (docs/decisions/014)."""
+
+    __tablename__ = "owner_quotas"
+
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), primary_key=True)
+    #: queued + running jobs at once (a submit over it: 429)
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: running jobs at once (a worker leaves the next one queued until one ends)
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: devices held at once by the owner's running jobs
+    max_devices: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: device-hours per rolling period (a submit over it: 403)
+    device_hours: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: the rolling period of ``device_hours``, in hours
+    period_hours: Mapped[float | None] = mapped_column(Float, nullable=True)
+    updated_at: Mapped[datetime]
+
+
 def _claims_default(context: Any) -> int:
     """A row inserted with attempts already made has had as many claims (its lease token)."""
     return int(context.get_current_parameters().get("attempts") or 0)

@@ -39,6 +39,17 @@ class Settings(BaseSettings):
     #: OpenMP oversubscription that can slow training by an order of magnitude.
     torch_threads: int = 0
 
+    # Quotas per owner (defaults; ``ssql owners set-quota`` sets an owner's own). None: no limit.
+    #: queued + running jobs of one owner at once; a submit over it is refused (429)
+    quota_max_active_jobs: int | None = Field(None, ge=0)
+    #: running jobs of one owner at once; further jobs wait in the queue
+    quota_max_running_jobs: int | None = Field(None, ge=0)
+    #: devices held at once by one owner's running jobs; further jobs wait (a job asking more: 403)
+    quota_max_devices: int | None = Field(None, ge=0)
+    #: device-hours one owner may use per ``quota_period_hours`` (rolling); a submit over it: 403
+    quota_device_hours: float | None = Field(None, ge=0)
+    quota_period_hours: float = Field(168.0, gt=0)
+
     # Job execution.
     queue: str = "gpu"
     max_attempts: int = 3

@@ -19,6 +19,9 @@ from persistence.settings import Settings
 from ssql_cli.render import LiveProgress, progress_line, table
 from ssql_client import ApiError, Client, ServerUnreachable
 
+#: an option not given on the command line (``None`` means "back to the default" for quotas)
+_UNSET: Any = object()
+
 #: default file name endings of ``ssql download`` per format
 SUFFIXES = {"safetensors": ".safetensors", "onnx": ".onnx", "torchvision": ".torchvision.safetensors", "torch": ".pt"}
 
@@ -137,6 +140,114 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     engine.dispose()
     for r in rows:
         print(f"{r['name']}\t{r['prefix']}\tcreated {r['created_at']}\t" + (f"revoked {r['revoked_at']}" if r["revoked_at"] else "active"))
+    return 0
+
+
+def _quota_value(text: str) -> float | None:
+    """``ssql owners set-quota`` values: a number, ``default`` (the server's SSQL_QUOTA_*) or
+    ``unlimited`` (no limit for this owner whatever the default)."""
+    low = text.strip().lower()
+    if low == "default":
+        return None
+    if low in ("unlimited", "none"):
+        return -1
+    try:
+        value = float(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 0, 'default' or 'unlimited'") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number >= 0, 'default' or 'unlimited'")
+    return value
+
+
+def cmd_owners_set_quota(args: argparse.Namespace) -> int:
+    """Set an owner's quotas (decision 014): the next submission and the next claim obey them."""
+    from persistence import quotas
+    from persistence.db import make_engine, make_sessionmaker
+
+    values: dict[str, float | int | None] = {}
+    for name in quotas.QUOTA_FIELDS:
+        given = getattr(args, name)
+        if given is not _UNSET:
+            whole = name not in ("device_hours", "period_hours")
+            if whole and given is not None and given != int(given):
+                print(f"ssql owners set-quota: --{name.replace('_', '-')} is a whole number, got {given:g}", file=sys.stderr)
+                return 2
+            values[name] = int(given) if whole and given is not None else given
+    if not values:
+        print("ssql owners set-quota: give at least one quota, e.g. --max-active-jobs 10 (see --help)", file=sys.stderr)
+        return 2
+    settings = Settings()
+    engine = make_engine(settings)
+    try:
+        with make_sessionmaker(engine)() as s:
+            row = quotas.set_quota(s, args.name, values)
+    except (LookupError, ValueError) as e:
+        print(f"ssql owners set-quota: {e.args[0]}", file=sys.stderr)
+        return 1 if isinstance(e, LookupError) else 2
+    finally:
+        engine.dispose()
+    shown = ", ".join(f"{k}={_quota_text(v)}" for k, v in row.items())
+    print(f"quotas of {args.name}: {shown}")
+    return 0
+
+
+def _quota_text(value: Any) -> str:
+    if value is None:
+        return "default"
+    return "unlimited" if value < 0 else f"{value:g}"
+
+
+def cmd_owners_show(args: argparse.Namespace) -> int:
+    """Every owner's (or one owner's) effective limits and usage now."""
+    from persistence import quotas
+    from persistence.db import make_engine, make_sessionmaker
+
+    settings = Settings()
+    engine = make_engine(settings)
+    with make_sessionmaker(engine)() as s:
+        rows = quotas.show(s, settings, args.name)
+    engine.dispose()
+    if args.name and not rows:
+        print(f"ssql owners show: no user {args.name!r}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+
+    def limit(v: Any) -> str:
+        return "-" if v is None else f"{v:g}"
+
+    head = ["user", "active", "running", "devices", "device-hours", "period h"]
+    body = []
+    for r in rows:
+        lim, use = r["limits"], r["usage"]
+        cells = [r["user"], f"{use['active_jobs']}/{limit(lim['max_active_jobs'])}",
+                 f"{use['running_jobs']}/{limit(lim['max_running_jobs'])}", f"{use['devices']}/{limit(lim['max_devices'])}",
+                 f"{use['device_hours']:.3f}/{limit(lim['device_hours'])}", f"{lim['period_hours']:g}"]  # fmt: skip
+        body.append(dict(zip(head, cells, strict=True)))
+    print(table(body, head))
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Your quotas and what you use of them now (``GET /v1/usage``)."""
+    u = _client(args).usage()
+    if args.json:
+        print(json.dumps(u, indent=2))
+        return 0
+    lim, use = u["limits"], u["usage"]
+
+    def of(v: Any) -> str:
+        return "no limit" if v is None else f"{v:g}"
+
+    print(f"queued + running jobs  {use['active_jobs']} of {of(lim['max_active_jobs'])}")
+    print(f"running jobs           {use['running_jobs']} of {of(lim['max_running_jobs'])}")
+    print(f"devices held           {use['devices']} of {of(lim['max_devices'])}")
+    print(f"device-hours           {use['device_hours']:.3f} of {of(lim['device_hours'])} in the last {lim['period_hours']:g} h"
+          + (f" (frees from {u['budget_frees_at']})" if u.get("budget_frees_at") else ""))
+    if not u["can_submit"]:
+        print(f"a submission now: HTTP {'429' if u['refusal']['code'] == 'quota_exceeded' else '403'}: {u['refusal']['detail']}")
     return 0
 
 
@@ -373,6 +484,25 @@ def build_parser() -> argparse.ArgumentParser:
     kl = keys.add_parser("list", help="list keys (prefix, user, created, revoked); never the secrets")
     kl.add_argument("name", nargs="?", help="only this user's keys")
     kl.set_defaults(func=cmd_keys_list)
+
+    owners = sub.add_parser("owners", help="owners' quotas (operators)").add_subparsers(dest="owners_command", required=True)
+    oq = owners.add_parser("set-quota", help="set an owner's quotas; VALUE: a number, 'default' (SSQL_QUOTA_*) or 'unlimited'")
+    oq.add_argument("name", help="the user (as in `ssql keys create NAME`)")
+    for flag, what in (("--max-active-jobs", "queued + running jobs at once (over it a submit is 429)"),
+                       ("--max-running-jobs", "running jobs at once (more wait in the queue)"),
+                       ("--max-devices", "devices held at once by running jobs (more wait; a bigger job is 403)"),
+                       ("--device-hours", "device-hours per period (used up: a submit is 403)"),
+                       ("--period-hours", "the rolling period of --device-hours, in hours")):  # fmt: skip
+        oq.add_argument(flag, type=_quota_value, default=_UNSET, metavar="VALUE", help=what)
+    oq.set_defaults(func=cmd_owners_set_quota)
+    osh = owners.add_parser("show", help="owners' limits and usage (used/limit; '-': no limit)")
+    osh.add_argument("name", nargs="?", help="only this user")
+    osh.add_argument("--json", action="store_true", help="machine-readable: own values, effective limits, usage")
+    osh.set_defaults(func=cmd_owners_show)
+
+    us = sub.add_parser("usage", parents=[conn], help="your quotas and what you use of them now")
+    us.add_argument("--json", action="store_true")
+    us.set_defaults(func=cmd_usage)
 
     sb = sub.add_parser("submit", parents=[conn], help="submit a job; prints its id")
     sb.add_argument("kind", choices=["pretrain", "eval", "distill", "finetune"])

@@ -205,6 +205,11 @@ class Client:
             params["kind"] = kind
         return self._request("GET", "/v1/jobs", params=params).json()
 
+    def usage(self) -> dict[str, Any]:
+        """Your quotas and usage (``GET /v1/usage``): ``limits`` (None: no limit), ``usage``
+        (active_jobs, running_jobs, devices, device_hours), ``can_submit`` and ``refusal``."""
+        return self._request("GET", "/v1/usage").json()
+
     def cancel(self, job_id: str) -> Job:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
 

@@ -23,9 +23,10 @@ from celery.signals import (
     worker_ready,
     worker_shutting_down,
 )
+from celery.worker import state as worker_state
 from sqlalchemy.orm import Session, sessionmaker
 
-from persistence import job_store
+from persistence import job_store, quotas
 from persistence.db import make_engine, make_sessionmaker
 from persistence.queue import RUN_JOB_TASK, make_celery, publish_job
 from persistence.settings import get_settings
@@ -97,7 +98,14 @@ def _hand_back_running_jobs(how: str = "", **_kwargs: object) -> None:
     the running task; tell its pool process to stop the runner at a checkpoint and hand back."""
     if how != "Warm":
         return
+    # only the pool processes running a task: an idle one would die of the SIGTERM and Celery
+    # would log an ERROR ("exited with signal 15") at every clean stop. A task handed to the
+    # pool but not yet accepted has no pid yet: then every pool process is told, as before.
+    busy = {request.worker_pid for request in list(worker_state.active_requests)}
+    unplaced = any(r not in worker_state.active_requests for r in list(worker_state.reserved_requests))
     for child in active_children():
+        if not unplaced and child.pid not in busy:
+            continue
         try:
             os.kill(child.pid, signal.SIGTERM)
         except (ProcessLookupError, TypeError):
@@ -114,6 +122,12 @@ def run_job(job_id: str) -> str:
     """Claim and run one job; a duplicate or stale delivery finds no claimable row and returns."""
     Sessions = sessions()
     with Sessions() as s:
+        held = quotas.claim_hold(s, job_id, settings)  # locks the owner: one claim of theirs at a time
+        if held is not None:
+            quotas.mark_held(s, job_id)
+            s.commit()
+            log.info("job %s: left queued by its owner's quota (%s); republished when one of theirs ends", job_id, held)
+            return "held"
         claimed = job_store.claim(s, job_id, worker_name(), settings.lease_seconds)
     if claimed is None:
         log.info("job %s: not claimable (owned elsewhere, finished or out of attempts); dropping delivery", job_id)

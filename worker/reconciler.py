@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from persistence import job_store
+from persistence import job_store, quotas
 from persistence.models import Job
 from persistence.settings import Settings
 from worker.supervisor import remove_attempt_folders
@@ -133,6 +133,9 @@ def reconcile_once(
     with Sessions() as s:
         stale = job_store.stale_queued(s, settings.stale_queued_seconds)
         stale = _to_publish(s, [j for j in stale if j not in set(requeued)], broker)
+        if stale:  # jobs a worker left queued for their owner's quota wait until it has room
+            held = quotas.held_by_quota(s, stale, settings)
+            stale = [j for j in stale if j not in held]
     published = []
     for job_id in dict.fromkeys(requeued + stale):
         try:

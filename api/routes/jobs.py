@@ -39,7 +39,7 @@ from api.specs import (
 )
 from api.state import AppState
 from api.views import job_view, metric_view
-from persistence import api_store
+from persistence import api_store, quotas
 from persistence.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES
 from persistence.queue import publish_job
 
@@ -57,6 +57,16 @@ EVENT_FIELDS = ("id", "status", "progress", "attempts", "max_attempts", "error",
 MAX_BIGINT = 2**63 - 1
 
 
+#: the quota answers of the routes that queue a job (persistence.quotas, decision 014)
+QUOTA_RESPONSES: dict[int | str, dict[str, Any]] = {
+    429: {"description": "Over the quota `max_active_jobs` (queued + running jobs): nothing was queued. Body: "
+          "`{detail, code: quota_exceeded, quota, limit, usage, frees_at, retry_after_s}`; `Retry-After` header"},
+    403: {"description": "The compute budget (`device_hours` per rolling period) is used up, or the job asks for "
+          "more devices than the quota `max_devices`: nothing was queued. Body: `{detail, code: quota_forbidden, "
+          "quota, limit, usage, frees_at, retry_after_s}`"},
+}
+
+
 def _request_hash(raw: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -70,6 +80,7 @@ def _request_hash(raw: dict[str, Any]) -> str:
         409: {"description": "The Idempotency-Key was used with a different body"},
         422: {"description": "Invalid field: `detail[].loc` names it, `detail[].msg` says why"},
         **TOO_LARGE_RESPONSE,
+        **QUOTA_RESPONSES,
     },
 )
 async def submit_job(
@@ -147,8 +158,12 @@ async def _create_and_publish(
     request_hash: str,
     status_code: int = 201,
 ) -> JSONResponse:
-    """Commit a queued job, then publish it (the reconciler republishes if publishing fails)."""
+    """Commit a queued job, then publish it (the reconciler republishes if publishing fails).
+    Over one of the owner's quotas nothing is queued: 429 (or 403), naming the quota."""
     settings = state.settings
+    refusal = await quotas.submission_check(conn, owner, settings, quotas.job_devices(kind, spec))
+    if refusal is not None:
+        return JSONResponse(refusal.body(), status_code=refusal.status, headers={"Retry-After": str(refusal.retry_after_s)})
     try:
         job, created = await api_store.create_job(
             conn,
@@ -183,6 +198,7 @@ async def _create_and_publish(
         409: {"description": "The job has not succeeded (yet), or the Idempotency-Key was used with another body"},
         422: {"description": "Invalid bits or formats: `detail[].loc` names the field"},
         **TOO_LARGE_RESPONSE,
+        **QUOTA_RESPONSES,
     },
 )
 async def export_job(
