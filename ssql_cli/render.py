@@ -13,13 +13,31 @@ def _fmt_eta(eta: float | None) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
 
 
+def eval_position(job: dict[str, Any]) -> dict[str, Any] | None:
+    """Where a linear-probe eval job is: the bit-width being probed (``index`` of ``count``) and
+    the epoch of that probe. Its progress counts epochs summed over every bit-width (bit-width
+    ``i``, epoch ``e`` of ``E`` reports ``i * E + e`` of ``count * E``), which read alone says
+    "epoch 1/140"; None for other jobs or before the first epoch."""
+    p, cfg = job.get("progress") or {}, ((job.get("spec") or {}).get("config") or {})
+    bits, per = cfg.get("bits"), cfg.get("epochs")
+    if job.get("kind") != "eval" or p.get("phase") != "linear" or not isinstance(bits, list) or not bits:
+        return None
+    if not isinstance(per, int) or per < 1 or not p.get("epoch"):
+        return None
+    index = min((int(p["epoch"]) - 1) // per, len(bits) - 1)
+    return {"bits": bits[index], "index": index, "count": len(bits), "epoch": int(p["epoch"]) - index * per, "epochs": per}
+
+
 def progress_line(job: dict[str, Any], width: int = 28) -> str:
     p = job.get("progress") or {}
     frac = float(p.get("fraction") or 0.0)
     filled = int(round(frac * width))
     bar = "#" * filled + "-" * (width - filled)
     parts = [f"{job['kind']:<8} {job['status']:<9} [{bar}] {frac * 100:5.1f}%"]
-    if p.get("epoch") is not None and p.get("epochs"):
+    probe = eval_position(job)
+    if probe is not None:  # an eval job: which bit-width's probe, and its own epoch
+        parts.append(f"{probe['bits']} ({probe['index'] + 1}/{probe['count']}) epoch {probe['epoch']}/{probe['epochs']}")
+    elif p.get("epoch") is not None and p.get("epochs"):
         parts.append(f"epoch {p['epoch']}/{p['epochs']}")
     if p.get("phase"):
         parts.append(str(p["phase"]))

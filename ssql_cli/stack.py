@@ -109,17 +109,27 @@ class Stack:
         raise TimeoutError(f"the API did not become ready in {timeout:.0f} s: {last}")
 
     @staticmethod
-    def _stop(proc: subprocess.Popen | None, grace: float) -> None:
+    def _stop(proc: subprocess.Popen | None, grace: float, group: bool = True) -> None:
+        """SIGTERM (to the process group, or with ``group=False`` to the main process only, which
+        stops its own children), SIGKILL to the group after ``grace`` seconds or for leftovers."""
         if proc is None or proc.poll() is not None:
             return
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            if group:
+                os.killpg(proc.pid, signal.SIGTERM)
+            else:
+                os.kill(proc.pid, signal.SIGTERM)
             proc.wait(grace)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         except ProcessLookupError:
             pass
+        if not group:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def kill_worker(self) -> None:
         """``kill -9`` the worker's whole process group (main and pool processes)."""
@@ -128,7 +138,9 @@ class Stack:
         self.worker.wait()
 
     def stop(self, grace: float = 10.0) -> None:
-        self._stop(self.worker, grace)
+        # the worker as `docker compose stop` stops it: SIGTERM to the Celery main process (a warm
+        # shutdown: a running job is handed back; idle pool processes end without an ERROR line)
+        self._stop(self.worker, grace, group=False)
         self._stop(self.api, grace)
 
 

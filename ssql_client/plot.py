@@ -31,10 +31,13 @@ def series(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def plot_top1(jobs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | Path | None = None,
-              title: str = "top-1 vs bit-width", ax: Any = None) -> Any:
+              title: str = "top-1 vs bit-width", ax: Any = None, show: bool | None = None) -> Any:
     """One line per job (``label -> result rows``) of top-1 against bit-width in the paper's order,
     with each job's FP top-1 as a dashed horizontal reference. Writes ``out`` (PNG, SVG, PDF...)
-    when given; returns the matplotlib Axes (draw into your own with ``ax=``, e.g. in a notebook)."""
+    when given; returns the matplotlib Axes (draw into your own with ``ax=``, e.g. in a notebook).
+
+    ``show``: call ``plt.show()`` (a window from a script, the figure in a notebook); by default
+    when neither ``out`` nor ``ax`` is given, the figure would otherwise be drawn nowhere."""
     import matplotlib
 
     if out is not None and ax is None:
@@ -62,6 +65,8 @@ def plot_top1(jobs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | Path |
     if out is not None:
         (fig or ax.figure).tight_layout()
         (fig or ax.figure).savefig(out)
-        if fig is not None:
+        if fig is not None and not show:
             plt.close(fig)
+    if show or (show is None and out is None and fig is not None):
+        plt.show()
     return ax

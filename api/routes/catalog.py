@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from api.deps import SettingsDep
-from api.specs import DEFAULT_EXPORT_BITS, MAX_EXPORT_BITS
+from api.specs import DEFAULT_EXPORT_BITS, MAX_EXPORT_BITS, SERVER_FIELDS
 from persistence.models import ARTIFACT_FORMATS, JOB_KINDS
 from ssql_core.catalog import catalog as core_catalog
 
@@ -17,7 +17,8 @@ router = APIRouter(tags=["catalog"])
 @router.get("/v1/catalog")
 async def get_catalog(settings: SettingsDep) -> dict[str, Any]:
     """The library's catalog, with this server's limits applied on top (no auth needed): job kinds,
-    quantizers (distill), export formats and the bit-widths a pretrain job exports by default."""
+    quantizers (distill), export formats, the bit-widths a pretrain job exports by default and
+    each kind's defaults (``defaults``)."""
     from ssql_core.export import FORMATS
     from ssql_core.quantizers import INT_WEIGHT_FAMILIES, QUANTIZER_NAMES
 
@@ -41,4 +42,21 @@ async def get_catalog(settings: SettingsDep) -> dict[str, Any]:
     cat["artifact_formats"] = list(ARTIFACT_FORMATS)
     cat["default_export_bits"] = list(DEFAULT_EXPORT_BITS)
     limits["max_export_bits"] = MAX_EXPORT_BITS
+    cat["defaults"] = _defaults()
     return cat
+
+
+def _defaults() -> dict[str, dict[str, Any]]:
+    """What each kind's request fields default to (what the server fills in for a field left out;
+    ``null``: decided by the run, e.g. the dataset of the source job): the submit form shows them."""
+    from ssql_core.config import EvalConfig, PretrainConfig
+    from ssql_core.distill import DistillConfig
+    from ssql_core.finetune import FinetuneConfig
+
+    server = {*SERVER_FIELDS, "checkpoint", "heads", "method_options"}
+    out = {kind: {k: v for k, v in cls().to_dict().items() if k not in server}
+           for kind, cls in (("pretrain", PretrainConfig), ("eval", EvalConfig), ("distill", DistillConfig),
+                             ("finetune", FinetuneConfig))}
+    out["pretrain"]["export_bits"] = list(DEFAULT_EXPORT_BITS)
+    out["export"] = {"formats": ["safetensors"], "calibration": None, "calib_percentile": 99.99}  # None: minmax, or the evaluation's
+    return out

@@ -1,7 +1,7 @@
 /* The SSQL dashboard: plain JavaScript, no build step; charts by uPlot (vendored).
  *
- * The API key lives in sessionStorage and goes out only as the Authorization header of fetch()
- * calls: live updates read the SSE stream through fetch (EventSource cannot send a header) and
+ * The API key lives in localStorage (one sign-in per browser, every tab, until "Sign out", which
+ * signs out every tab) and goes out only as the Authorization header of fetch() calls: live updates read the SSE stream through fetch (EventSource cannot send a header) and
  * downloads are fetched as blobs (a plain link cannot either). It never appears in a URL. */
 "use strict";
 
@@ -44,6 +44,25 @@ function fmtDuration(s) {
 }
 const fmtTime = (t) => (t ? new Date(t).toLocaleString() : "");
 function fmtBytes(n) { const u = ["B", "KiB", "MiB", "GiB"]; let i = 0; while (n >= 1024 && i < 3) { n /= 1024; i++; } return `${n.toFixed(i ? 1 : 0)} ${u[i]}`; }
+/** Tick labels that differ wherever the ticks do: the fewest decimals (or significant digits,
+ * for very small or large values) that keep neighbouring ticks apart. uPlot's default repeats
+ * labels on narrow ranges (an lr axis read 0.091, 0.091, 0.091). */
+function fmtTicks(splits) {
+  const finite = splits.filter((v) => v !== null && isFinite(v));
+  const big = Math.max(0, ...finite.map(Math.abs));
+  const sci = big !== 0 && (big < 1e-3 || big >= 1e6);
+  for (let d = 0; d <= 12; d++) {
+    const out = splits.map((v) => (v === null || !isFinite(v) ? "" : sci ? Number(v).toExponential(d) : Number(v).toFixed(d)));
+    if (new Set(out).size === new Set(finite).size) return out.map((t) => (t === "-0" ? "0" : t));
+  }
+  return splits.map((v) => String(v));
+}
+/** uPlot's axis ``values`` callback using fmtTicks; the labels are kept on the chart's box (data-x-ticks / data-y-ticks). */
+/** A y axis wide enough for its longest label (uPlot's fixed 50 px clipped "0.09105"). */
+const axisSize = (_u, values) => (values && values.length ? Math.max(40, 14 + 7 * Math.max(...values.map((v) => String(v).length))) : 50);
+//: tick steps of an integer axis (steps, epochs): never 1.2 epochs
+const INT_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6];
+const tickValues = (box, axis) => (_u, splits) => { const t = fmtTicks(splits); box.dataset[axis + "Ticks"] = t.join("|"); return t; };
 function toast(text) { const t = h("div", { class: "toast" }, text); document.body.append(t); setTimeout(() => t.remove(), 3500); }
 function later(fn, ms) { const id = setInterval(fn, ms); view.timers.push(id); return id; }
 function parseHash() {
@@ -54,7 +73,7 @@ function parseHash() {
 function go(hash) { location.hash = hash; }
 
 // -- the API ---------------------------------------------------------------------------------------
-const apiKey = () => sessionStorage.getItem(KEY);
+const apiKey = () => localStorage.getItem(KEY);
 async function api(path, opts = {}) {
   const headers = Object.assign({}, opts.headers || {});
   if (apiKey()) headers["Authorization"] = "Bearer " + apiKey();
@@ -94,7 +113,7 @@ async function openapi() { return (cache.openapi ||= await (await fetch("/openap
 
 // -- sign in ---------------------------------------------------------------------------------------
 function signOut(message) {
-  sessionStorage.removeItem(KEY);
+  localStorage.removeItem(KEY);
   view.abort.abort();
   renderSignIn(message);
 }
@@ -107,7 +126,7 @@ function renderSignIn(message) {
     const key = $("#api-key").value.trim();
     const r = await fetch("/v1/jobs?limit=1", { headers: { Authorization: "Bearer " + key } });
     if (r.status === 401) { $("#signin-error").textContent = "This key is not valid (or was revoked)."; return; }
-    sessionStorage.setItem(KEY, key);
+    localStorage.setItem(KEY, key);
     route();
   });
 }
@@ -123,6 +142,22 @@ function progressCell(job) {
     h("div", { class: "bar", role: "progressbar", "aria-valuenow": pct, "aria-valuemin": 0, "aria-valuemax": 100 },
       h("div", { style: `width:${pct}%` })),
     h("span", { class: "pct" }, bits.join(" · ")));
+}
+/** A linear-probe eval job's place: the bit-width being probed and that probe's epoch. Its progress
+ * counts epochs summed over all bit-widths (probe i, epoch e of E reports i*E + e of n*E). */
+function evalPosition(job) {
+  const p = job.progress || {}, c = cfg(job), bits = c.bits, per = c.epochs;
+  if (job.kind !== "eval" || p.phase !== "linear" || !Array.isArray(bits) || !bits.length || !(per >= 1) || !p.epoch) return null;
+  const index = Math.min(Math.floor((p.epoch - 1) / per), bits.length - 1);
+  return { bits: bits[index], index, count: bits.length, epoch: p.epoch - index * per, epochs: per };
+}
+function progressDetail(job) {
+  const p = job.progress || {}, at = evalPosition(job), out = [];
+  if (at) out.push(`probe ${at.bits} (${at.index + 1}/${at.count})`, `epoch ${at.epoch}/${at.epochs}`);
+  else if (p.epoch && p.epochs) out.push(`epoch ${p.epoch}/${p.epochs}`);
+  if (!at && p.step && p.total_steps) out.push(`step ${p.step}/${p.total_steps}`);
+  if (p.phase) out.push(p.phase);
+  return out.join(" · ");
 }
 const statusCell = (job) => h("span", { class: "status " + job.status }, job.status + (job.cancel_requested && job.status === "running" ? " (stopping)" : ""));
 function duration(job) {
@@ -162,6 +197,7 @@ async function renderJobs(params) {
     tr.dataset.job = JSON.stringify(full);
     tr.querySelector(".st").replaceChildren(statusCell(full));
     tr.querySelector(".pg").replaceChildren(progressCell(full));
+    tr.querySelector(".du").textContent = duration(full);
   };
   const load = async () => {
     const q = new URLSearchParams({ limit: "100" });
@@ -183,15 +219,16 @@ async function renderJob(id) {
   const job = await getJSON(`/v1/jobs/${encodeURIComponent(id)}`);
   const head = h("div", { id: "job-head" });
   const drawHead = (j) => {
-    head.replaceChildren(
+    head.replaceChildren(...[  // (replaceChildren writes a null child as the text "null")
       h("dl", { class: "kv" },
         h("dt", {}, "status"), h("dd", {}, statusCell(j)),
-        h("dt", {}, "progress"), h("dd", {}, progressCell(j)),
+        h("dt", {}, "progress"), h("dd", {}, progressCell(j), h("div", { class: "muted", id: "progress-detail" }, progressDetail(j))),
         h("dt", {}, "attempts"), h("dd", {}, `${j.attempts} of ${j.max_attempts ?? "?"}`),
         h("dt", {}, "created"), h("dd", {}, fmtTime(j.created_at)),
-        h("dt", {}, "duration"), h("dd", {}, duration(j)),
+        h("dt", {}, "duration"), h("dd", { id: "job-duration" }, duration(j)),
         j.source_job ? [h("dt", {}, "source job"), h("dd", {}, h("a", { href: `#/job/${j.source_job}`, class: "mono" }, j.source_job))] : null),
-      j.error ? h("div", { class: "errorbox", id: "job-error" }, h("b", {}, j.error.code), j.error.field ? ` (field ${j.error.field})` : "", ": ", j.error.message) : null);
+      j.error ? h("div", { class: "errorbox", id: "job-error" }, h("b", {}, j.error.code), j.error.field ? ` (field ${j.error.field})` : "", ": ", j.error.message) : null,
+    ].filter(Boolean));
   };
   drawHead(job);
   const c = cfg(job);
@@ -207,48 +244,71 @@ async function renderJob(id) {
   if (job.kind === "pretrain" || job.kind === "eval") actions.append(h("a", { class: "button secondary", href: `#/submit?kind=export&source_job=${id}` }, "Export…"));
 
   const charts = h("div", { class: "grid", id: "charts" });
+  const curvesNote = h("p", { class: "muted", id: "curves-note" });
   const logs = h("pre", { id: "log" }, "");
   const extra = h("div", { id: "job-extra" });
   main.replaceChildren(
     h("h1", {}, `${job.kind} `, h("span", { class: "mono" }, id), c.method ? h("span", { class: "muted" }, ` · ${c.method} · ${c.backbone || ""} · ${c.dataset || ""}`) : null),
     h("div", { class: "card" }, head, actions),
-    h("h2", {}, "Training curves"), charts,
+    ...(job.kind === "export" ? [] : [h("h2", {}, "Training curves"), curvesNote, charts]),
     extra,
     h("h2", {}, "Log (last 200 lines)"), logs,
     h("details", {}, h("summary", {}, "Spec"), h("pre", { class: "spec", id: "spec" }, JSON.stringify(job.spec, null, 2))));
 
-  const series = { x: [], loss: [], lr: [], images_per_s: [], z_std: [] };
+  // the curves: x is the optimisation step the sample was taken at (an eval job: each bit-width's
+  // probe is its own line over that probe's epochs); a chart appears once it has samples
+  const samples = [];
   let after = 0;
   const plots = {};
-  const drawCharts = () => {
-    for (const name of ["loss", "lr", "images_per_s", "z_std"]) {
-      const ys = series[name];
-      if (!plots[name]) {
-        const box = h("div", { class: "chart", id: `chart-${name}` });
-        charts.append(box);
-        plots[name] = { box, plot: null };
+  const CURVES = [["loss", (m) => m.loss], ["lr", (m) => m.lr], ["images_per_s", (m) => m.images_per_s],
+    ["z_std", (m) => (m.metrics ? m.metrics.z_std ?? null : null)], ["test_top1", (m) => (m.metrics ? m.metrics.test_top1 ?? null : null)]];
+  const curveSeries = (get) => {
+    if (job.kind === "eval") {  // one line per bit-width's probe, x = the epoch of that probe
+      const bits = c.bits || [], per = c.epochs || 1, lines = new Map();
+      for (const m of samples) {
+        const y = get(m); if (y === null || y === undefined) continue;
+        const bi = m.metrics && m.metrics.bits_index !== undefined ? m.metrics.bits_index : Math.floor((m.epoch - 1) / per);
+        if (!lines.has(bi)) lines.set(bi, new Map());
+        lines.get(bi).set(m.epoch - bi * per, y);
       }
+      const xs = [...new Set([...lines.values()].flatMap((l) => [...l.keys()]))].sort((a, b) => a - b);
+      return { xs, xlabel: "epoch (of each bit-width's probe)", lines: [...lines.entries()].sort((a, b) => a[0] - b[0])
+        .map(([bi, l]) => ({ label: bits[bi] ?? `probe ${bi + 1}`, ys: xs.map((x) => (l.has(x) ? l.get(x) : null)) })) };
+    }
+    const pts = samples.map((m) => [m.step, get(m)]).filter(([, y]) => y !== null && y !== undefined);
+    const byStep = new Map(pts);  // a step reported twice (a retried attempt): the later sample
+    const xs = [...byStep.keys()].sort((a, b) => a - b);
+    return { xs, xlabel: "step", lines: [{ label: null, ys: xs.map((x) => byStep.get(x)) }] };
+  };
+  const drawCharts = () => {
+    let shown = 0;
+    for (const [name, get] of CURVES) {
+      const cs = curveSeries(get);
+      const points = cs.lines.reduce((n, l) => n + l.ys.filter((v) => v !== null).length, 0);
+      if (!points) { if (plots[name]) { plots[name].box.remove(); delete plots[name]; } continue; }
+      shown++;
+      if (!plots[name]) { const box = h("div", { class: "chart", id: `chart-${name}` }); charts.append(box); plots[name] = { box, plot: null, n: 0 }; }
       const p = plots[name];
-      const has = ys.some((v) => v !== null && v !== undefined);
-      p.box.dataset.points = String(ys.filter((v) => v !== null && v !== undefined).length);
-      if (!has) { p.box.replaceChildren(h("div", { class: "empty" }, `${name}: no samples yet`)); p.plot = null; continue; }
-      const data = [series.x.slice(), ys.slice()];
-      if (!p.plot) {
+      p.box.dataset.points = String(points);
+      p.box.dataset.series = String(cs.lines.length);
+      p.box.dataset.x = cs.xs.join(",");
+      const data = [cs.xs, ...cs.lines.map((l) => l.ys)];
+      if (!p.plot || p.n !== cs.lines.length) {
         p.box.replaceChildren();
         p.plot = new uPlot({ title: name, width: 400, height: 220, scales: { x: { time: false } },
-          series: [{ label: "sample" }, { label: name, stroke: COLORS[0], width: 1.5, spanGaps: true }],
-          axes: [{ label: "step" }, {}] }, data, p.box);
+          series: [{ label: cs.xlabel.split(" ")[0] }, ...cs.lines.map((l, k) => ({ label: l.label || name, stroke: COLORS[k % COLORS.length], width: 1.5, spanGaps: true }))],
+          axes: [{ label: cs.xlabel, values: tickValues(p.box, "x"), incrs: INT_INCRS }, { values: tickValues(p.box, "y"), size: axisSize }] }, data, p.box);
+        p.n = cs.lines.length;
       } else p.plot.setData(data);
     }
+    curvesNote.hidden = shown > 0;
+    curvesNote.textContent = job.kind === "export" ? "An export job trains nothing: it writes files (below)."
+      : TERMINAL.includes(job.status) ? "This job reported no training samples." : "No samples yet.";
   };
   const loadMetrics = async () => {
     for (;;) {
       const page = await getJSON(`/v1/jobs/${id}/metrics?after=${after}`);
-      for (const m of page.items) {
-        series.x.push(series.x.length); series.loss.push(m.loss); series.lr.push(m.lr);
-        series.images_per_s.push(m.images_per_s); series.z_std.push(m.metrics ? m.metrics.z_std ?? null : null);
-        after = m.id;
-      }
+      for (const m of page.items) { samples.push(m); after = m.id; }
       if (!page.next_after || !page.items.length) break;
     }
     drawCharts();
@@ -256,7 +316,9 @@ async function renderJob(id) {
   const loadLog = async () => { const t = await (await api(`/v1/jobs/${id}/logs?tail=200`)).text(); logs.textContent = t || "(no output yet)"; logs.scrollTop = logs.scrollHeight; };
   const loadExtra = async (j) => {
     const parts = [];
-    if (j.status === "succeeded" && (j.kind === "eval" || j.kind === "distill" || j.kind === "finetune")) parts.push(await resultsSection([j.id]));
+    if (j.status === "succeeded" && (j.kind === "eval" || j.kind === "distill")) parts.push(await resultsSection([j.id]));
+    if (j.status === "succeeded" && j.kind === "finetune") parts.push(await finetuneSection(j));
+    if (j.kind === "export") { parts.push(await exportSection(j)); extra.replaceChildren(...parts); return; }
     if (j.summary && j.summary.bit_pairs) {  // SSQL methods: how often each (w, a) pair was drawn
       const pairs = Object.entries(j.summary.bit_pairs);
       const total = pairs.reduce((n, [, c]) => n + c, 0) || 1;
@@ -269,6 +331,7 @@ async function renderJob(id) {
   };
   await Promise.all([loadMetrics(), loadLog(), loadExtra(job)]);
   if (!TERMINAL.includes(job.status)) {
+    later(() => { const d = $("#job-duration"); if (d && job.started_at && !job.finished_at) d.textContent = duration(job); }, 1000);
     let ended = false;
     watchJob(id, async (j) => {
       const full = Object.assign(job, j);
@@ -306,16 +369,60 @@ async function checkpointsSection(jobId) {
   const rows = await getJSON(`/v1/jobs/${jobId}/checkpoints`);
   if (!rows.length) return h("div", {});
   const fp32 = rows.find((r) => r.bits === "fp" && r.format === "torch") || rows.find((r) => r.bits === "fp");
-  return h("div", {}, h("h2", {}, "Checkpoints"),
-    h("table", { id: "checkpoints" }, h("thead", {}, h("tr", {}, ...["bits", "format", "size", "vs FP32", "sha256", "produced by", ""].map((c) => h("th", {}, c)))),
+  return h("div", {}, h("h2", {}, "Checkpoints"), checkpointsTable(jobId, rows, fp32));
+}
+function checkpointsTable(jobId, rows, fp32) {
+  return h("table", { id: "checkpoints" }, h("thead", {}, h("tr", {}, ...["bits", "format", "size", "vs FP32", "sha256", "produced by", ""].map((c) => h("th", {}, c)))),
       h("tbody", {}, ...rows.map((ck) => {
         const btn = h("button", { class: "secondary dl", dataset: { bits: ck.bits, format: ck.format, sha256: ck.sha256 } }, "download");
         btn.addEventListener("click", () => download(jobId, ck, btn));
         return h("tr", {}, h("td", {}, ck.bits), h("td", {}, ck.format), h("td", { class: "num" }, fmtBytes(ck.bytes)),
           h("td", { class: "num" }, fp32 ? `${((100 * ck.bytes) / fp32.bytes).toFixed(1)}%` : ""),
           h("td", { class: "mono", title: ck.sha256 }, ck.sha256.slice(0, 16) + "…"),
-          h("td", { class: "mono" }, ck.produced_by ? ck.produced_by.slice(0, 8) : ""), h("td", {}, btn));
-      }))));
+          h("td", { class: "mono" }, ck.produced_by ? h("a", { href: `#/job/${ck.produced_by}` }, ck.produced_by.slice(0, 8)) : ""), h("td", {}, btn));
+      })));
+}
+
+// -- fine-tuning: top-1 per epoch against the PTQ + linear-probe baseline ---------------------------
+async function finetuneSection(job) {
+  const { rows } = await getJSON(`/v1/jobs/${job.id}/results`);
+  const r = rows[0] || {};
+  const curve = r.curve || [];
+  const box = h("div", { class: "chart", id: "finetune-chart", dataset: { points: String(curve.filter((e) => e.test_top1 != null).length) } });
+  const kv = [["bits", r.bits], ["quantizer", r.quantizer], ["dataset", r.dataset], ["top-1 (fine-tuned)", fmtNum(r.top1)],
+    ["PTQ + linear probe top-1", fmtNum(r.ptq_linear_top1)], ["gain over PTQ + probe", r.gain_over_ptq_linear == null ? "" : `${r.gain_over_ptq_linear > 0 ? "+" : ""}${fmtNum(r.gain_over_ptq_linear)}`],
+    ["top-1 before fine-tuning", fmtNum(r.start_top1)], ["epochs", r.epochs], ["act ranges", r.act_ranges]];
+  const section = h("div", { id: "finetune-results" }, h("h2", {}, "Fine-tuning: test top-1 per epoch"), box,
+    h("dl", { class: "kv card", id: "finetune-summary" }, ...kv.filter(([, v]) => v !== undefined && v !== null && v !== "")
+      .flatMap(([k, v]) => [h("dt", {}, k), h("dd", { dataset: { key: k } }, String(v))])));
+  if (!curve.length) { box.append(h("div", { class: "empty" }, "no per-epoch test accuracy in this run's results")); return section; }
+  const xs = curve.map((e) => e.epoch);
+  const ser = [{ label: "epoch" }, { label: "test top-1 (fine-tuning)", stroke: COLORS[0], width: 2, points: { show: true, size: 6 }, spanGaps: true }];
+  const data = [xs, curve.map((e) => e.test_top1 ?? null)];
+  if (r.ptq_linear_top1 != null) { ser.push({ label: `PTQ + linear probe (${fmtNum(r.ptq_linear_top1)})`, stroke: COLORS[1], width: 1.5, dash: [6, 4], points: { show: false } }); data.push(xs.map(() => r.ptq_linear_top1)); }
+  if (r.start_top1 != null) { ser.push({ label: `before fine-tuning (${fmtNum(r.start_top1)})`, stroke: COLORS[6], width: 1, dash: [2, 3], points: { show: false } }); data.push(xs.map(() => r.start_top1)); }
+  box.dataset.series = String(ser.length - 1);
+  requestAnimationFrame(() => new uPlot({ width: Math.min(900, main.clientWidth - 40), height: 300, scales: { x: { time: false } }, series: ser,
+    axes: [{ label: "epoch", values: tickValues(box, "x"), incrs: INT_INCRS }, { label: "top-1 (%)", values: tickValues(box, "y"), size: axisSize }] }, data, box));
+  return section;
+}
+
+// -- an export job: the files it wrote (served under its source job's id) --------------------------
+async function exportSection(job) {
+  const src = job.source_job;
+  const files = (job.summary && job.summary.files) || [];
+  const section = h("div", { id: "export-files" }, h("h2", {}, "Files written"),
+    h("p", {}, "An export job's files are served under the job it exported: ", h("a", { class: "mono", href: `#/job/${src}` }, src), "."));
+  if (!src) return section;
+  let rows = [];
+  try { rows = (await getJSON(`/v1/jobs/${src}/checkpoints`)).filter((r) => r.produced_by === job.id); } catch { /* source gone */ }
+  if (!rows.length) {
+    section.append(h("p", { class: "muted" }, job.status === "succeeded" ? "No files are listed for this export." :
+      `Not written yet (status ${job.status}); asked for: ${(cfg(job).bits || []).join(", ")} as ${(cfg(job).formats || []).join(", ")}.`));
+    return section;
+  }
+  section.append(checkpointsTable(src, rows, null, files));
+  return section;
 }
 
 // -- results: top-1 vs bit-width -------------------------------------------------------------------
@@ -324,10 +431,16 @@ function orderBits(all) {
   const key = (b) => { const i = PAPER_BITS.indexOf(b); if (i >= 0) return [0, i, 0]; const m = /^(\d)w(\d)a$/.exec(b); return m ? [1, -m[1], -m[2]] : [2, 0, 0]; };
   return uniq.sort((a, b) => { const ka = key(a), kb = key(b); return ka[0] - kb[0] || ka[1] - kb[1] || ka[2] - kb[2]; });
 }
+/** A series' name: the pretraining method, how the job measured (calibration and probe, or the
+ * quantizer), the job and the pretrain it came from, e.g. "ssql · minmax · linear probe · eval 7b693390 · pretrain efaa03a9". */
 async function jobLabel(job) {
+  const c = cfg(job);
+  const pretrainId = (job.spec && job.spec.pretrain_job) || job.source_job;
   let method = null;
-  if (job.source_job) { try { method = cfg(await getJSON(`/v1/jobs/${job.source_job}`)).method; } catch { /* not shown */ } }
-  return `${method || job.kind} (${job.id.slice(0, 8)})`;
+  if (pretrainId) { try { method = cfg(await getJSON(`/v1/jobs/${pretrainId}`)).method; } catch { /* not shown */ } }
+  const how = job.kind === "eval" ? (c.protocol === "knn" ? ["kNN"] : [c.calibration || "minmax", `${c.probe || "linear"} probe`])
+    : job.kind === "finetune" || job.kind === "distill" ? [`${job.kind} ${c.quantizer || ""}`.trim()] : [];
+  return [method || "?", ...how, `${job.kind} ${job.id.slice(0, 8)}`, pretrainId ? `pretrain ${pretrainId.slice(0, 8)}` : null].filter(Boolean).join(" · ");
 }
 /** The chart (one line per job over the quantized bit-widths, each job's FP as a dashed line) and the table. */
 async function resultsSection(jobIds) {
@@ -339,7 +452,7 @@ async function resultsSection(jobIds) {
   const xs = allBits.filter((b) => b !== "fp");
   const box = h("div", { class: "chart", id: "results-chart" });
   const table = h("table", { id: "results-table" },
-    h("thead", {}, h("tr", {}, h("th", {}, "bits"), ...jobs.map((j) => h("th", {}, j.label)))),
+    h("thead", {}, h("tr", {}, h("th", {}, "bits"), ...jobs.map((j) => h("th", { title: j.job.id }, j.label)))),
     h("tbody", {}, ...allBits.map((b) => h("tr", {}, h("td", {}, b), ...jobs.map((j) => {
       const r = j.rows.find((x) => x.bits === b);
       return h("td", { class: "num" }, r && r.top1 !== null ? fmtNum(r.top1) : "");
@@ -363,15 +476,16 @@ async function resultsSection(jobIds) {
   requestAnimationFrame(() => {
     new uPlot({ width: Math.min(900, main.clientWidth - 40), height: 320, scales: { x: { time: false, range: [-0.3, xs.length - 0.7] } },
       series: ser, axes: [{ label: "bit-width", splits: () => xs.map((_, i) => i), values: (_u, splits) => splits.map((i) => xs[i] ?? "") },
-        { label: "top-1 (%)" }] }, data, box);
+        { label: "top-1 (%)", values: tickValues(box, "y"), size: axisSize }] }, data, box);
   });
   return section;
 }
 async function renderCompare(params) {
   const chosen = (params.get("jobs") || "").split(",").filter(Boolean);
   const page = await getJSON("/v1/jobs?kind=eval&status=succeeded&limit=100");
-  const boxes = page.items.map((j) => h("label", {}, h("input", { type: "checkbox", value: j.id, checked: chosen.includes(j.id) }), " ",
-    h("span", { class: "mono" }, j.id.slice(0, 8)), ` ${(j.spec.config.bits || []).join(",")} `, h("span", { class: "muted" }, fmtTime(j.created_at))));
+  const boxes = page.items.map((j) => { const c = cfg(j); return h("label", {}, h("input", { type: "checkbox", value: j.id, checked: chosen.includes(j.id) }), " ",
+    h("span", { class: "mono" }, j.id.slice(0, 8)), ` ${(c.bits || []).join(",")} · ${c.protocol === "knn" ? "kNN" : `${c.calibration || "minmax"} · ${c.probe || "linear"} probe`} · from `,
+    h("span", { class: "mono" }, (j.source_job || "").slice(0, 8)), " ", h("span", { class: "muted" }, fmtTime(j.created_at))); });
   const form = h("form", { id: "compare-form", onsubmit: (e) => { e.preventDefault(); go("#/compare?jobs=" + [...form.querySelectorAll("input:checked")].map((i) => i.value).join(",")); } },
     h("div", { class: "checks" }, ...boxes.map((b) => h("div", {}, b))), h("button", { type: "submit" }, "Compare"));
   main.replaceChildren(h("h1", {}, "Compare eval jobs"), h("div", { class: "card" }, page.items.length ? form : h("p", { class: "muted" }, "No succeeded eval jobs yet.")));
@@ -407,20 +521,37 @@ function fieldRow(name, input, help) {
   return h("div", { class: "field", dataset: { field: name } }, h("label", { for: `f-${name}` }, name), input,
     h("div", {}, h("div", { class: "field-error", id: `err-${name}` }), help ? h("div", { class: "muted" }, help) : null));
 }
+/** What the server fills in for a field left empty (GET /v1/catalog's ``defaults``); undefined if unknown. */
+function defaultOf(cat, kind, name) {
+  const d = (cat.defaults || {})[kind === "export" ? "export" : kind] || {};
+  return name in d ? d[name] : undefined;
+}
+const showDefault = (v) => (Array.isArray(v) ? v.join(", ") : String(v));
+/** "from 1 to 1000": the range the schema (with this server's limits) states for a number. */
+function rangeText(prop) {
+  const lo = prop.minimum, hi = prop.maximum;
+  if (lo !== undefined && hi !== undefined) return `from ${lo} to ${hi}`;
+  if (lo !== undefined) return `at least ${lo}`;
+  if (hi !== undefined) return `at most ${hi}`;
+  return null;
+}
 function inputFor(name, kind, prop, cat, preset) {
   const type = propType(prop);
   const multi = (name === "bits" && (kind === "eval" || kind === "export")) || name === "export_bits" || name === "formats";
+  const dflt = defaultOf(cat, kind, name);
   if (multi) {
     const opts = name === "formats" ? cat.export_formats : cat.bits.paper_set;
-    const def = preset !== undefined ? preset : name === "export_bits" ? cat.default_export_bits : name === "formats" ? ["safetensors"] : ["fp", "8w8a", "4w4a", "2w4a"];
+    const def = preset !== undefined ? preset : Array.isArray(dflt) ? dflt : name === "export_bits" ? cat.default_export_bits : name === "formats" ? ["safetensors"] : ["fp", "8w8a", "4w4a", "2w4a"];
     return h("div", { class: "checks", id: `f-${name}`, dataset: { kind: "multi" } }, ...opts.map((b) => h("label", {}, h("input", { type: "checkbox", name, value: b, checked: def.includes(b) }), " ", b)));
   }
   const choices = choicesFor(name, kind, cat, prop);
-  if (choices) return h("select", { id: `f-${name}`, name }, h("option", { value: "" }, "(default)"), ...choices.map((c) => h("option", { value: c, selected: preset === c }, c)));
-  if (type === "boolean") return h("select", { id: `f-${name}`, name, dataset: { type } }, h("option", { value: "" }, "(default)"), h("option", { value: "true" }, "true"), h("option", { value: "false" }, "false"));
-  const attrs = { id: `f-${name}`, name, dataset: { type }, value: preset ?? "" };
+  const defText = dflt === undefined ? "(default)" : dflt === null ? "(default: not set)" : `(default: ${showDefault(dflt)})`;
+  if (choices) return h("select", { id: `f-${name}`, name }, h("option", { value: "" }, defText), ...choices.map((c) => h("option", { value: c, selected: preset === c }, c)));
+  if (type === "boolean") return h("select", { id: `f-${name}`, name, dataset: { type } }, h("option", { value: "" }, defText), h("option", { value: "true" }, "true"), h("option", { value: "false" }, "false"));
+  const attrs = { id: `f-${name}`, name, dataset: { type }, value: preset ?? "",
+    placeholder: dflt === undefined || dflt === null ? (dflt === null ? "default: not set" : null) : `default ${showDefault(dflt)}` };
   if (type === "integer" || type === "number") Object.assign(attrs, { type: "number", step: type === "integer" ? "1" : "any", min: prop.minimum, max: prop.maximum });
-  else if (type === "array") attrs.placeholder = "comma-separated";
+  else if (type === "array") attrs.placeholder = (attrs.placeholder ? attrs.placeholder + "; " : "") + "comma-separated";
   return h("input", attrs);
 }
 function readForm(form) {
@@ -462,7 +593,8 @@ async function renderSubmit(params) {
   if (kind === "export") first.push(fieldRow("source_job", h("input", { id: "f-source_job", name: "source_job", value: source, "data-type": "string" })));
   for (const name of names) {
     const preset = name === "source_job" ? source : undefined;
-    const row = fieldRow(name, inputFor(name, kind, props[name], cat, preset), props[name].description);
+    const help = [props[name].description, rangeText(props[name])].filter(Boolean).join("; ");
+    const row = fieldRow(name, inputFor(name, kind, props[name], cat, preset), help);
     (FIRST.includes(name) ? first : more).push(row);
   }
   const options = h("div", { id: "method-options" });
@@ -496,7 +628,7 @@ async function renderSubmit(params) {
     } catch (err) { if (!(err instanceof ApiError) || err.status !== 401) showErrors(form, err); }
     finally { btn.disabled = false; }
   });
-  main.replaceChildren(h("h1", {}, `Submit a ${kind} job`), form);
+  main.replaceChildren(h("h1", {}, `Submit ${/^[aeiou]/.test(kind) ? "an" : "a"} ${kind} job`), form);
 }
 
 // -- router ----------------------------------------------------------------------------------------
@@ -518,5 +650,7 @@ async function route() {
   }
 }
 $("#signout").addEventListener("click", () => signOut());
+// another tab signed in or out: follow it
+window.addEventListener("storage", (e) => { if (e.key === KEY || e.key === null) route(); });
 window.addEventListener("hashchange", route);
 route();

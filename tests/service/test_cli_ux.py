@@ -266,3 +266,143 @@ def test_readme_says_what_the_code_does() -> None:
     running = readme[readme.index("### Running it"):readme.index("### Python client")]
     assert "source .venv/bin/activate" in running and "SSQL_TORCH_THREADS=1" in running
     assert "max_samples=512" in running and "docker-compose.gpus.yml" in running and "SSQL_DATASETS_DIR" in running
+
+
+# -- issue 18: CLI, client and API defects ----------------------------------------------------------
+
+
+def test_results_of_a_pretrain_names_its_evaluations(embedded, jobs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _home, _stack, env, _other = embedded
+    pre_id, ev_id = jobs
+    png = tmp_path / "empty.png"
+    for args in (["results", pre_id], ["results", pre_id, "--plot", str(png)]):
+        proc = _ssql(env, *args, ok=False)
+        assert proc.returncode == 1 and proc.stdout == "", proc
+        assert f"{pre_id} is a pretrain job" in proc.stderr and f"{ev_id} (eval, succeeded)" in proc.stderr
+        assert f"ssql results {ev_id}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not png.exists()  # no empty figure
+
+
+def test_url_and_key_after_the_subcommand(embedded, jobs) -> None:  # type: ignore[no-untyped-def]
+    _home, stack, env, _other = embedded
+    pre_id, _ev_id = jobs
+    bare = {k: v for k, v in env.items() if k not in ("SSQL_URL", "SSQL_API_KEY")}
+    key = env["SSQL_API_KEY"]
+    for args in (["list", "--url", stack.url, "--key", key], ["--url", stack.url, "list", "--key", key],
+                 ["--key", key, "status", pre_id, "--url", stack.url]):
+        proc = _ssql(bare, *args)
+        assert pre_id in proc.stdout or "succeeded" in proc.stdout, (args, proc.stdout)
+    assert "401" in _ssql(bare, "--key", key, "list", "--url", stack.url, "--key", "wrong", ok=False).stderr  # the last one wins
+
+
+def test_download_file_names(embedded, jobs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _home, stack, env, _other = embedded
+    pre_id, _ev_id = jobs
+    c = Client(stack.url, env["SSQL_API_KEY"])
+    for bits, fmt, name in (("4w4a", "safetensors", f"{pre_id}-4w4a.safetensors"), ("fp", "torch", f"{pre_id}-fp.pt")):
+        r = c.http.get(f"/v1/jobs/{pre_id}/checkpoints/{bits}", params={"format": fmt})
+        assert r.status_code == 200 and f'filename="{name}"' in r.headers["content-disposition"], r.headers
+    # `ssql download` without --format names the file by the format it got (4w4a: safetensors only)
+    proc = subprocess.run([sys.executable, "-m", "ssql_cli.main", "download", pre_id, "--bits", "4w4a"], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / f"{pre_id}-4w4a.safetensors").is_file() and not list(tmp_path.glob("*.pt"))
+
+
+def test_client_finetune_and_catalog_defaults(embedded, jobs) -> None:  # type: ignore[no-untyped-def]
+    _home, stack, env, _other = embedded
+    pre_id, _ev_id = jobs
+    c = Client(stack.url, env["SSQL_API_KEY"])
+    job = c.finetune(pre_id, "2w4a", quantizer="lsq", epochs=1, max_samples=64)
+    assert job["kind"] == "finetune" and job["source_job"] == pre_id
+    assert job["spec"]["config"]["bits"] == "2w4a" and job["spec"]["config"]["quantizer"] == "lsq"
+    c.cancel(job["id"])
+    defaults = c.catalog()["defaults"]
+    assert set(defaults) == {"pretrain", "eval", "distill", "finetune", "export"}
+    assert defaults["pretrain"]["method"] == "ssql" and "data_root" not in defaults["eval"] and "checkpoint" not in defaults["finetune"]
+
+
+def test_a_422_names_every_bad_field_with_this_servers_range(embedded, jobs) -> None:  # type: ignore[no-untyped-def]
+    _home, stack, env, _other = embedded
+    pre_id, _ev_id = jobs
+    c = Client(stack.url, env["SSQL_API_KEY"])
+    r = c.http.post("/v1/jobs", json={"kind": "pretrain", "epochs": 0, "batch_size": 1, "lr": -1.0})
+    assert r.status_code == 422
+    detail = {tuple(d["loc"]): d["msg"] for d in r.json()["detail"]}
+    assert set(detail) == {("body", "epochs"), ("body", "batch_size"), ("body", "lr")}, detail
+    assert detail[("body", "epochs")] == "must be between 1 and 1000 on this server, got 0"  # not the library's 10000
+    assert detail[("body", "batch_size")] == "must be between 2 and 4096 on this server, got 1"
+    r = c.http.post("/v1/jobs", json={"kind": "finetune", "source_job": pre_id, "epochs": 100000, "lr": -1.0})
+    detail = {tuple(d["loc"]): d["msg"] for d in r.json()["detail"]}
+    assert r.status_code == 422 and detail[("body", "epochs")] == "must be at most 1000 on this server, got 100000"
+    assert ("body", "lr") in detail
+    schema = c.http.get("/openapi.json").json()["components"]["schemas"]["FinetuneRequest"]["properties"]
+    assert schema["epochs"]["maximum"] == 1000  # the schema states the same range
+
+
+def test_the_event_stream_carries_the_times(embedded, jobs) -> None:  # type: ignore[no-untyped-def]
+    _home, stack, env, _other = embedded
+    _pre_id, ev_id = jobs
+    c = Client(stack.url, env["SSQL_API_KEY"])
+    with c.http.stream("GET", f"/v1/jobs/{ev_id}/events") as r:
+        text = "".join(r.iter_text())
+    event = json.loads(next(line[5:] for line in text.splitlines() if line.startswith("data:")))
+    job = c.job(ev_id)
+    assert event["started_at"] == job["started_at"] and event["finished_at"] == job["finished_at"] is not None
+
+
+def test_eval_progress_names_the_bit_width_being_probed() -> None:
+    from ssql_cli.render import progress_line
+
+    job = {"kind": "eval", "status": "running", "attempts": 1,
+           "spec": {"config": {"bits": ["fp", "8w8a", "4w4a", "2w4a"], "epochs": 35}},
+           "progress": {"phase": "linear", "fraction": 0.26, "epoch": 36, "epochs": 140, "eta_s": 10.0}}  # fmt: skip
+    line = progress_line(job)
+    assert "8w8a (2/4) epoch 1/35" in line and "36/140" not in line, line
+    pre = {**job, "kind": "pretrain", "spec": {"config": {"epochs": 140}}, "progress": {**job["progress"], "phase": "pretrain"}}
+    assert "epoch 36/140" in progress_line(pre)
+
+
+def test_plot_top1_shows_the_figure_from_a_script(tmp_path: Path) -> None:
+    """A script calling plot_top1(rows) sees a figure: plt.show() is called (a recording backend)."""
+    (tmp_path / "recording_backend.py").write_text(textwrap.dedent("""
+        import os
+        from matplotlib.backends.backend_agg import FigureCanvasAgg as FigureCanvas  # noqa: F401
+
+        def show(*args, **kwargs):
+            import matplotlib.pyplot as plt
+            open(os.environ["SHOWN"], "w").write(str(len(plt.get_fignums())))
+    """))
+    script = "from ssql_client import plot_top1\nplot_top1({'ssql': [{'bits': 'fp', 'top1': 70.0}, {'bits': '4w4a', 'top1': 60.0}]})\n"
+    shown = tmp_path / "shown.txt"
+    env = clean_env(MPLBACKEND="module://recording_backend", SHOWN=str(shown),
+                    PYTHONPATH=f"{tmp_path}:{Path(__file__).resolve().parents[2]}")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert shown.read_text() == "1"  # shown, with its one figure
+
+
+def test_ctrl_c_of_ssql_up_stops_quietly(tmp_path: Path) -> None:
+    import signal
+
+    port = free_port()
+    env = clean_env(SSQL_HOME=str(tmp_path), SSQL_DEVICE="cpu", SSQL_TORCH_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "ssql_cli.main", "up", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        time.sleep(3)  # the worker is up too
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "Ctrl-C stops it" in out, out  # it did start
+    assert "ERROR" not in out and "Traceback" not in out, out

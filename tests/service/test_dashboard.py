@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,8 +110,8 @@ def test_sign_in_rejects_a_bad_key_and_keeps_the_key_out_of_urls(service, browse
     s.page.wait_for_function("document.querySelector('#signin-error').textContent.length > 0")
     s.key = key
     s.sign_in()
-    assert s.page.evaluate("sessionStorage.getItem('ssql.apiKey')") == key
-    assert s.page.evaluate("localStorage.length") == 0
+    assert s.page.evaluate("localStorage.getItem('ssql.apiKey')") == key  # kept per browser (issue 18), not per tab
+    assert s.page.evaluate("sessionStorage.length") == 0
     assert not [u for u in s.urls if key in u]
     s.close()
 
@@ -159,6 +160,9 @@ def test_submit_from_the_form_and_watch_it_finish(service, browser, shots) -> No
     assert fractions and fractions[-1] == 1.0  # it got there live, without a reload
     page.wait_for_function("document.querySelector('#log').textContent.includes('==> attempt 1 <==')", timeout=30_000)
     page.wait_for_selector("#chart-loss canvas")
+    # the page loaded the job while it was queued: the times came with the event stream
+    assert re.fullmatch(r"\d\d:\d\d", page.text_content("#job-duration")), page.text_content("#job-duration")
+    assert "null" not in page.inner_text("#job-head")
     page.screenshot(path=str(shots / "job.png"), full_page=True)
     page.goto(stack.url + "/#/jobs")
     page.wait_for_selector(f"#jobs-body tr[data-job-id='{job_id}']")
@@ -185,6 +189,12 @@ def test_results_chart_and_compare(service, finished, browser, shots) -> None:  
     chart = page.query_selector("#results-chart")
     assert chart.get_attribute("data-series") == "2" and chart.get_attribute("data-points") == "5"
     assert chart.get_attribute("data-bits") == "8w8a,4w4a,2w4a"  # the paper's order
+    # each series says what it is: method, calibration, probe, the job and its pretrain, ids as written
+    labels = page.eval_on_selector_all("#results-table thead th", "ths => ths.slice(1).map(t => t.innerText)")
+    configs = [Client(stack.url, key).job(ev)["spec"]["config"] for ev in (ev1, ev2)]
+    assert labels == [f"ssql · {c['calibration']} · {c['probe']} probe · eval {ev[:8]} · pretrain {_pre[:8]}"
+                      for ev, c in zip((ev1, ev2), configs, strict=True)], labels
+    assert page.eval_on_selector("#results-table thead th", "t => getComputedStyle(t).textTransform") == "none"
     page.screenshot(path=str(shots / "compare.png"), full_page=True)
     assert not [u for u in s.urls if key in u]
     s.close()
@@ -228,4 +238,119 @@ def test_another_owner_sees_none_of_the_jobs(service, finished, browser) -> None
     page.goto(f"{stack.url}/#/compare")
     page.wait_for_selector("text=No succeeded eval jobs yet.")
     assert not [u for u in s.urls if other in u or key in u]
+    s.close()
+
+
+# -- issue 18: the defects a new user met -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def derived(service, finished):  # type: ignore[no-untyped-def]
+    """An export job (2w4a of the pretrain) and a 2-epoch finetune job of it."""
+    stack, key, _other = service
+    pre, _evals = finished
+    c = Client(stack.url, key)
+    ex = c.wait(c.export(pre, {"bits": ["2w4a"], "formats": ["safetensors"]})["id"], poll_s=0.3)
+    ft = c.wait(c.finetune(pre, "4w4a", epochs=2, batch_size=16, max_samples=64, calib_images=16, baseline_epochs=1)["id"], poll_s=0.3)
+    assert ex["status"] == "succeeded" and ft["status"] == "succeeded", (ex, ft)
+    return ex["id"], ft["id"]
+
+
+def _ticks(page, chart: str) -> list[str]:  # type: ignore[no-untyped-def]
+    return page.get_attribute(f"{chart}", "data-y-ticks").split("|")
+
+
+def test_signed_out_shows_no_nav_and_one_sign_in_serves_every_tab(service, browser) -> None:  # type: ignore[no-untyped-def]
+    stack, key, _other = service
+    s = Session(browser, stack.url, key)
+    s.page.goto(stack.url + "/")
+    s.page.wait_for_selector("#signin-form")
+    assert not s.page.is_visible("#nav") and not s.page.is_visible("#signout")  # `hidden` wins over nav's display
+    s.sign_in()
+    assert s.page.is_visible("#signout")
+    second = s.context.new_page()  # another tab of the same browser: no second sign-in
+    second.goto(stack.url + "/#/jobs")
+    second.wait_for_selector("#jobs-table")
+    second.click("#signout")  # signing out in one tab signs out the others
+    second.wait_for_selector("#signin-form")
+    s.page.wait_for_selector("#signin-form")
+    assert s.page.evaluate("localStorage.getItem('ssql.apiKey')") is None
+    assert not s.page.is_visible("#nav") and not second.is_visible("#nav")
+    s.close()
+
+
+def test_job_pages_of_every_kind(service, finished, derived, browser) -> None:  # type: ignore[no-untyped-def]
+    stack, key, _other = service
+    pre, (ev1, _ev2) = finished
+    ex, ft = derived
+    c = Client(stack.url, key)
+    s = Session(browser, stack.url, key)
+    s.sign_in()
+    page = s.page
+    # pretrain: curves over the optimisation step (not the sample's index), tick labels that differ
+    page.goto(f"{stack.url}/#/job/{pre}")
+    page.wait_for_selector("#chart-lr canvas")
+    steps = [m["step"] for m in c.metrics(pre)["items"]]
+    assert page.get_attribute("#chart-loss", "data-x") == ",".join(map(str, sorted(set(steps))))
+    for chart in ("#chart-lr", "#chart-z_std", "#chart-loss"):
+        ticks = _ticks(page, chart)
+        assert len(ticks) >= 2 and len(set(ticks)) == len(ticks), (chart, ticks)
+    assert page.text_content("#progress-detail") == "epoch 2/2 · step 8/8 · pretrain"
+    secondary = page.eval_on_selector(".actions a.button.secondary", "a => getComputedStyle(a).backgroundColor")
+    assert secondary == "rgb(255, 255, 255)"  # a secondary link-button looks secondary, not primary
+    assert "null" not in page.inner_text("#main")
+    # eval: one loss line per bit-width's probe, over that probe's epochs; no empty panels
+    page.goto(f"{stack.url}/#/job/{ev1}")
+    page.wait_for_selector("#results-chart canvas")
+    page.wait_for_selector("#chart-loss canvas")
+    assert page.get_attribute("#chart-loss", "data-series") == "3" and page.get_attribute("#chart-loss", "data-x") == "1"
+    assert page.eval_on_selector_all("#charts .chart", "cs => cs.map(c => c.id)") == ["chart-loss"]  # no empty lr/images_per_s panels
+    assert page.text_content("#progress-detail") == "probe 2w4a (3/3) · epoch 1/1 · linear"
+    assert "null" not in page.inner_text("#main")
+    # export: no curves at all, the files it wrote (served under the pretrain)
+    page.goto(f"{stack.url}/#/job/{ex}")
+    page.wait_for_selector("#export-files #checkpoints")
+    assert page.query_selector_all(".chart") == [] and page.query_selector("#curves-note") is None
+    assert page.eval_on_selector_all("#export-files #checkpoints tbody tr", "rs => rs.map(r => r.cells[0].textContent)") == ["2w4a"]
+    assert "null" not in page.inner_text("#main")
+    # finetune: test top-1 per epoch, with the PTQ + linear-probe baseline it is measured against
+    page.goto(f"{stack.url}/#/job/{ft}")
+    page.wait_for_selector("#finetune-chart canvas")
+    (row,) = c.result_rows(ft)
+    assert page.get_attribute("#finetune-chart", "data-points") == "2" and page.get_attribute("#finetune-chart", "data-series") == "3"
+    shown = page.text_content("#finetune-summary dd[data-key='PTQ + linear probe top-1']")
+    assert shown == f"{row['ptq_linear_top1']:.2f}"
+    assert page.query_selector("#results-chart") is None  # no one-point top-1-vs-bits chart
+    s.close()
+
+
+def test_submit_form_defaults_ranges_and_every_bad_field(service, finished, browser, shots) -> None:  # type: ignore[no-untyped-def]
+    stack, key, _other = service
+    pre, _evals = finished
+    defaults = Client(stack.url, key).catalog()["defaults"]
+    s = Session(browser, stack.url, key)
+    s.sign_in()
+    page = s.page
+    page.goto(f"{stack.url}/#/submit?kind=eval&source_job={pre}")
+    page.wait_for_selector("#submit-form")
+    assert page.text_content("h1") == "Submit an eval job"
+    assert page.get_attribute("#f-epochs", "placeholder") == f"default {defaults['eval']['epochs']}"
+    calibration = defaults["eval"]["calibration"]
+    assert page.eval_on_selector("#f-calibration option", "o => o.textContent") == f"(default: {calibration or 'not set'})"
+    page.goto(f"{stack.url}/#/submit?kind=pretrain")
+    page.wait_for_selector("#submit-form")
+    assert page.text_content("h1") == "Submit a pretrain job"
+    assert page.get_attribute("#f-epochs", "placeholder") == f"default {defaults['pretrain']['epochs']}"
+    assert page.eval_on_selector("#f-method option", "o => o.textContent") == f"(default: {defaults['pretrain']['method']})"
+    # one range per field, this server's (SSQL_MAX_EPOCHS 1000), in the help and in the 422
+    assert "from 1 to 1000" in page.inner_text(".field[data-field=epochs]") and "10000" not in page.inner_text(".field[data-field=epochs]")
+    page.fill("#f-epochs", "0")
+    page.fill("#f-batch_size", "1")
+    page.fill("#f-lr", "-1")
+    page.click("#submit")
+    page.wait_for_selector(".field.invalid[data-field=lr]")
+    invalid = page.eval_on_selector_all(".field.invalid", "fs => fs.map(f => f.dataset.field)")
+    assert sorted(invalid) == ["batch_size", "epochs", "lr"], invalid
+    assert page.text_content("#err-epochs") == "must be between 1 and 1000 on this server, got 0"
+    page.screenshot(path=str(shots / "submit-422.png"), full_page=True)
     s.close()
