@@ -194,9 +194,10 @@ def submission_refusal(active: list[Any], attempts: list[Any], limits: Limits, n
         return QuotaRefusal(403, "max_devices", limits.max_devices, new_devices,
                             f"this job asks for {new_devices} devices and your quota max_devices is {limits.max_devices}: "
                             "it could never run; ask for fewer devices or ask an operator to raise the quota")  # fmt: skip
-    if limits.max_running_jobs == 0:
-        return QuotaRefusal(403, "max_running_jobs", 0, usage.running_jobs,
-                            "your quota max_running_jobs is 0: no job of yours may run; ask an operator")
+    for name in ("max_active_jobs", "max_running_jobs"):  # 0: the owner is suspended, waiting will not help
+        if getattr(limits, name) == 0:
+            return QuotaRefusal(403, name, 0, usage.active_jobs if name == "max_active_jobs" else usage.running_jobs,
+                                f"your quota {name} is 0: no job of yours may be queued or run; ask an operator")
     if limits.device_hours is not None and usage.device_hours >= limits.device_hours:
         frees = budget_frees_at(attempts, limits, now)
         wait = max(1, math.ceil((frees - now).total_seconds())) if frees else DEFAULT_RETRY_S

@@ -168,26 +168,52 @@ function duration(job) {
 const cfg = (job) => (job.spec && job.spec.config) || {};
 
 // -- jobs list -------------------------------------------------------------------------------------
+/** One line of the caller's quotas and usage (GET /v1/usage); why a submission would be refused now. */
+function usageText(u) {
+  const of = (v) => (v === null || v === undefined ? "no limit" : String(v));
+  const l = u.limits, n = u.usage;
+  const line = `Your quota: ${n.active_jobs} of ${of(l.max_active_jobs)} queued + running jobs, ${n.running_jobs} of ` +
+    `${of(l.max_running_jobs)} running, ${n.devices} of ${of(l.max_devices)} devices, ${n.device_hours.toFixed(2)} of ` +
+    `${of(l.device_hours)} device-hours in the last ${l.period_hours} h`;
+  return u.can_submit ? line : `${line}. A new job is refused now: ${u.refusal.detail}`;
+}
+//: the job list's filters, as GET /v1/jobs names them; they live in the page's URL (#/jobs?tag=paper&sort=name)
+const LIST_FILTERS = ["status", "kind", "method", "dataset", "tag", "q", "sort"];
 async function renderJobs(params) {
-  const status = params.get("status") || "", kind = params.get("kind") || "";
-  const statusSel = h("select", { id: "filter-status", onchange: (e) => go(`#/jobs?status=${e.target.value}&kind=${kind}`) },
+  const status = params.get("status") || params.get("state") || "", kind = params.get("kind") || "";
+  const want = Object.fromEntries(LIST_FILTERS.map((f) => [f, f === "status" ? status : params.get(f) || ""]));
+  const apply = () => {  // the form's values -> the URL (a link reproduces the view)
+    const out = new URLSearchParams();
+    for (const f of LIST_FILTERS) { const v = ($(`#filter-${f}`) || {}).value; if (v) out.set(f, v.trim()); }
+    go("#/jobs" + (String(out) ? "?" + out : ""));
+  };
+  const statusSel = h("select", { id: "filter-status", onchange: apply },
     h("option", { value: "" }, "any status"), ...["queued", "running", "succeeded", "failed", "cancelled"].map((s) => h("option", { value: s, selected: s === status }, s)));
   const cat = await catalog();
-  const kindSel = h("select", { id: "filter-kind", onchange: (e) => go(`#/jobs?status=${status}&kind=${e.target.value}`) },
+  const kindSel = h("select", { id: "filter-kind", onchange: apply },
     h("option", { value: "" }, "any kind"), ...cat.job_kinds.map((k) => h("option", { value: k, selected: k === kind }, k)));
+  const text = (f, placeholder, size) => h("input", { id: `filter-${f}`, placeholder, value: want[f], size, onchange: apply });
+  const sortSel = h("select", { id: "filter-sort", onchange: apply }, ...[["", "newest first"], ["+created_at", "oldest first"],
+    ["name", "name"], ["kind", "kind"], ["status", "status"], ["-updated_at", "last updated"], ["top1:4w4a", "best 4w4a top-1"],
+    ["top1:2w4a", "best 2w4a top-1"], ["top1:fp", "best fp top-1"]].map(([v, t]) => h("option", { value: v, selected: v === want.sort }, t)));
   const tbody = h("tbody", { id: "jobs-body" });
   main.replaceChildren(
     h("h1", {}, "Jobs"),
-    h("div", { class: "filters" }, statusSel, kindSel, h("a", { class: "button", href: "#/submit?kind=pretrain" }, "New pretrain job")),
-    h("table", { id: "jobs-table" }, h("thead", {}, h("tr", {}, ...["id", "kind", "method", "backbone", "dataset", "status", "progress", "created", "duration"].map((c) => h("th", {}, c)))), tbody),
-    h("p", { id: "jobs-empty", class: "muted", hidden: true }, "No jobs yet."));
+    h("p", { id: "usage", class: "muted" }),
+    h("form", { class: "filters", id: "filters", onsubmit: (e) => { e.preventDefault(); apply(); } }, statusSel, kindSel,
+      text("method", "method", 8), text("dataset", "dataset", 10), text("tag", "tag", 10), text("q", "search name, notes, id", 22), sortSel,
+      h("a", { class: "button", href: "#/submit?kind=pretrain" }, "New pretrain job")),
+    h("table", { id: "jobs-table" }, h("thead", {}, h("tr", {}, ...["id", "name", "kind", "method", "backbone", "dataset", "status", "progress", "tags", "created", "duration"].map((c) => h("th", {}, c)))), tbody),
+    h("p", { id: "jobs-empty", class: "muted", hidden: true }, LIST_FILTERS.some((f) => want[f]) ? "No jobs match these filters." : "No jobs yet."));
   const watched = new Set();
   const rowOf = (job) => {
     const c = cfg(job);
     return h("tr", { dataset: { jobId: job.id } },
       h("td", {}, h("a", { class: "mono", href: `#/job/${job.id}` }, job.id.slice(0, 8))),
+      h("td", { class: "name" }, job.name || ""),  // user-written text: always a text node, never markup
       h("td", {}, job.kind), h("td", {}, c.method || ""), h("td", {}, c.backbone || ""), h("td", {}, c.dataset || ""),
       h("td", { class: "st" }, statusCell(job)), h("td", { class: "pg" }, progressCell(job)),
+      h("td", { class: "tags" }, ...(job.tags || []).map((t) => h("a", { class: "tag", href: `#/jobs?tag=${encodeURIComponent(t)}` }, t))),
       h("td", {}, fmtTime(job.created_at)), h("td", { class: "du" }, duration(job)));
   };
   const update = (job) => {
@@ -201,8 +227,8 @@ async function renderJobs(params) {
   };
   const load = async () => {
     const q = new URLSearchParams({ limit: "100" });
-    if (status) q.set("status", status);
-    if (kind) q.set("kind", kind);
+    for (const f of LIST_FILTERS) if (want[f]) q.set(f, want[f]);
+    getJSON("/v1/usage").then((u) => { $("#usage").textContent = usageText(u); }).catch(() => {});
     const page = await getJSON("/v1/jobs?" + q);
     tbody.replaceChildren(...page.items.map((j) => { const tr = rowOf(j); tr.dataset.job = JSON.stringify(j); return tr; }));
     $("#jobs-empty").hidden = page.items.length > 0;

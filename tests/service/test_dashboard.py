@@ -354,3 +354,22 @@ def test_submit_form_defaults_ranges_and_every_bad_field(service, finished, brow
     assert page.text_content("#err-epochs") == "must be between 1 and 1000 on this server, got 0"
     page.screenshot(path=str(shots / "submit-422.png"), full_page=True)
     s.close()
+
+
+def test_jobs_page_shows_the_quota_and_its_usage(service, browser) -> None:  # type: ignore[no-untyped-def]
+    """Issue 19: the dashboard shows the caller's quota (GET /v1/usage); embedded mode (SQLite)."""
+    stack, _key, other = service
+    done = subprocess.run([sys.executable, "-m", "ssql_cli.main", "owners", "set-quota", "gus", "--max-active-jobs", "0"],
+                          env=stack.env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    s = Session(browser, stack.url, other)
+    try:
+        s.sign_in()
+        s.page.wait_for_function("document.querySelector('#usage').textContent.length > 0")
+        text = s.page.text_content("#usage") or ""
+        assert "0 of 0 queued + running jobs" in text and "no limit" in text, text
+        assert "refused now" in text and "max_active_jobs" in text, text
+    finally:
+        s.close()
+        subprocess.run([sys.executable, "-m", "ssql_cli.main", "owners", "set-quota", "gus", "--max-active-jobs", "default"],
+                       env=stack.env, capture_output=True, text=True, timeout=120)  # fmt: skip
