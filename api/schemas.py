@@ -68,7 +68,31 @@ def _range(lo: float, hi: float, **kw: Any) -> Any:
 _PAIR = {"minItems": 2, "maxItems": 2, "items": {"type": "integer", "minimum": 2, "maximum": 8}}
 
 
-class PretrainRequest(BaseModel):
+#: a tag: a letter or digit, then up to 63 of letters, digits and _ . : / = + - @ # (no spaces, no markup)
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:/=+\-@#]{0,63}$"
+MAX_TAGS = 20
+#: a name or notes: printable text (no control characters except, in notes, newlines and tabs)
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+NOTES_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+Tag = Annotated[str, Field(pattern=TAG_PATTERN)]
+
+
+class JobLabels(BaseModel):
+    """The owner's words for a job, on every kind: set at submit, edited with ``PATCH /v1/jobs/{id}``."""
+
+    name: str | None = Field(None, max_length=200, pattern=NAME_PATTERN, description="a name for the job, up to 200 characters")
+    tags: list[Tag] | None = Field(None, max_length=MAX_TAGS, description=f"up to {MAX_TAGS} tags, each up to 64 "
+                                   "characters: letters, digits and _ . : / = + - @ # (e.g. 'sweep:lr', 'paper')")
+    notes: str | None = Field(None, max_length=10_000, pattern=NOTES_PATTERN, description="free text, up to 10,000 characters")
+
+
+class JobPatch(JobLabels):
+    """``PATCH /v1/jobs/{id}``: the fields given are set (``null`` clears name or notes; ``[]`` clears tags)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"name": "ssql r18 cifar10", "tags": ["paper"]}})
+
+
+class PretrainRequest(JobLabels):
     """Self-supervised pretraining (SSQL or a baseline)."""
 
     model_config = ConfigDict(
@@ -91,11 +115,15 @@ class PretrainRequest(BaseModel):
     seed: Int | None = _range(0, 2**31 - 1)
     image_size: Int | None = _range(8, 1024)
     preset: Literal["reference"] | None = Field(
-        None, description="'reference': the authors' code's quantizer behaviours (weight_scale_grad attached, "
-        "rounding divide, init pytorch); a field given explicitly wins")
+        None, description="'reference': the authors' code's behaviours (weight_scale_grad attached, rounding divide, "
+        "init pytorch, normalization reference, drop_last false, lr_step epoch); a field given explicitly wins")
     weight_scale_grad: Literal["detached", "attached"] | None = Field(None, description="default detached")
     rounding: Literal["reciprocal", "divide"] | None = Field(None, description="x * (1/s) (default) or x / s")
     init: Literal["torchvision", "pytorch"] | None = Field(None, description="default torchvision (kaiming-normal)")
+    normalization: Literal["standard", "reference"] | None = Field(
+        None, description="standard (default): the dataset's measured mean/std; reference: the reference code's CIFAR-10 std")
+    drop_last: bool | None = Field(None, description="drop an epoch's last partial batch (default true; the reference keeps it)")
+    lr_step: Literal["step", "epoch"] | None = Field(None, description="cosine lr moved every step (default) or once per epoch (the reference)")
     width: Number | None = _range(0.03125, 4.0)
     max_samples: Int | None = _range(2, 10**9)
     w_bits: list[Int] | None = Field(None, description="[low, high], 2 <= low <= high <= 8", json_schema_extra=_PAIR)
@@ -122,7 +150,7 @@ class PretrainRequest(BaseModel):
     )
 
 
-class EvalRequest(BaseModel):
+class EvalRequest(JobLabels):
     """Evaluation of a finished pretrain job at several bit-widths."""
 
     model_config = ConfigDict(
@@ -145,15 +173,25 @@ class EvalRequest(BaseModel):
     momentum: Number | None = _range(0.0, 0.9999)
     lr_milestones: list[Number] | None = Field(None, json_schema_extra={
         "minItems": 2, "maxItems": 2, "items": {"type": "number", "minimum": 0.0, "maximum": 1.0}})
+    preset: Literal["paper", "reference"] | None = Field(
+        None, description="defaults of calibration, calib_images, probe, lr, interpolation, normalization: none = ours "
+        "(mse, 128, bn, 0.1, bilinear), paper = SPEC 6 (minmax, 128, linear, 30, bilinear), reference = the authors' "
+        "evaluation code (reference, 512, linear, 30, bicubic, its CIFAR-10 std); a field given explicitly wins")
     calib_images: Int | None = _range(1, 10**7)
     calibration: Literal["minmax", "reference", "percentile", "mse"] | None = Field(
-        None, description="activation ranges: minmax (default, the paper), reference (one augmented training batch), "
-        "percentile (calib_percentile per point), mse (least quantization MSE per point)")
+        None, description="activation ranges: mse (default: least quantization MSE per point), minmax (the paper), "
+        "reference (one augmented training batch), percentile (calib_percentile per point)")
+    interpolation: Literal["bilinear", "bicubic"] | None = Field(
+        None, description="the eval resize: bilinear (default) or bicubic (the reference)")
+    normalization: Literal["standard", "reference"] | None = Field(
+        None, description="standard or reference (its CIFAR-10 std); default: what the checkpoint was pretrained with")
+    rounding: Literal["reciprocal", "divide"] | None = Field(
+        None, description="the quantizer's rounding, x * (1/s) or x / s; default: the checkpoint's own")
     calib_percentile: Number | None = _range(50.0, 100.0, description="percentile calibration's percentile, 50-100 (default 99.99)")
     calib_weights: Literal["fp", "quantized"] | None = Field(
         None, description="ranges recorded on the FP network (default) or with the weights already quantized")
     probe: Literal["linear", "bn"] | None = Field(
-        None, description="linear (the paper) or bn: a parameter-free BatchNorm before the linear layer")
+        None, description="bn (default): a parameter-free BatchNorm before the linear layer, or linear (the paper)")
     ptq: Literal["calibrate", "adaround", "brecq"] | None = Field(
         None, description="post-training quantization: calibrate (default, the paper), adaround (learned rounding per layer), "
         "brecq (per residual block, Fisher-weighted)")
@@ -166,7 +204,7 @@ class EvalRequest(BaseModel):
     max_samples: Int | None = _range(2, 10**9)
 
 
-class DistillRequest(BaseModel):
+class DistillRequest(JobLabels):
     """SQAKD: label-free distillation of the FP model (an eval job's "fp" head) into one bit-width."""
 
     model_config = ConfigDict(
@@ -196,7 +234,7 @@ class DistillRequest(BaseModel):
     seed: Int | None = _range(0, 2**31 - 1)
 
 
-class ExportRequest(BaseModel):
+class ExportRequest(JobLabels):
     """Files of a finished job at more bit-widths / formats (``POST /v1/jobs/{id}/exports``)."""
 
     model_config = ConfigDict(
@@ -221,7 +259,7 @@ class ExportRequest(BaseModel):
     brecq_learn_act: Bool | None = None
 
 
-class FinetuneRequest(BaseModel):
+class FinetuneRequest(JobLabels):
     """Supervised quantization-aware fine-tuning of a finished pretrain job at one bit-width."""
 
     model_config = ConfigDict(
@@ -295,6 +333,9 @@ class JobOut(BaseModel):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    name: str | None = None
+    tags: list[str] = []
+    notes: str | None = None
 
 
 class JobPage(BaseModel):

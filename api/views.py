@@ -47,6 +47,9 @@ def job_view(row: Mapping[str, Any]) -> dict[str, Any]:
         "updated_at": _ts(row["updated_at"]),
         "started_at": _ts(row["started_at"]),
         "finished_at": _ts(row["finished_at"]),
+        "name": row.get("name"),
+        "tags": row.get("tags") or [],
+        "notes": row.get("notes"),
     }
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import RowMapping, func, insert, select, update
+from sqlalchemy import RowMapping, delete, func, insert, nulls_last, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from persistence.db import utcnow
-from persistence.models import ApiKey, Artifact, Job, JobMetric, JobResult
+from persistence.models import ApiKey, Artifact, Job, JobMetric, JobResult, JobTag
 
 JOB_COLUMNS = (
     Job.id,
@@ -30,6 +30,9 @@ JOB_COLUMNS = (
     Job.updated_at,
     Job.started_at,
     Job.finished_at,
+    Job.name,
+    Job.tags,
+    Job.notes,
 )
 
 
@@ -99,6 +102,7 @@ async def create_job(
     idempotency_key: str | None,
     request_hash: str,
     max_attempts: int,
+    labels: dict[str, Any] | None = None,
 ) -> tuple[RowMapping, bool]:
     """Insert a queued job and commit. Returns ``(job, created)``; a replayed key returns the old job."""
     if idempotency_key is not None:
@@ -127,10 +131,12 @@ async def create_job(
                     created_at=now,
                     updated_at=now,
                     published_at=now,
+                    **(labels or {}),
                 )
                 .returning(*JOB_COLUMNS)
             )
         ).mappings().one()
+        await _write_tags(conn, job_id, owner_id, (labels or {}).get("tags"))
         await conn.commit()
     except IntegrityError:
         await conn.rollback()
@@ -155,15 +161,63 @@ async def mark_unpublished(conn: AsyncConnection, job_id: str) -> None:
     await conn.commit()
 
 
+async def _write_tags(conn: AsyncConnection, job_id: str, owner_id: int, tags: list[str] | None) -> None:
+    await conn.execute(delete(JobTag).where(JobTag.job_id == job_id))
+    if tags:
+        await conn.execute(insert(JobTag), [{"job_id": job_id, "owner_id": owner_id, "tag": t} for t in tags])
+
+
+async def update_labels(conn: AsyncConnection, owner_id: int, job_id: str, changes: dict[str, Any]) -> RowMapping | None:
+    """Set a job's name / tags / notes (only the keys given); None if it is not the owner's."""
+    if not is_job_id(job_id):
+        return None
+    done = await conn.execute(update(Job).where(Job.id == job_id, Job.owner_id == owner_id).values(**changes, updated_at=utcnow()))
+    if done.rowcount == 0:
+        await conn.rollback()
+        return None
+    if "tags" in changes:
+        await _write_tags(conn, job_id, owner_id, changes["tags"])
+    await conn.commit()
+    return await get_job(conn, owner_id, job_id)
+
+
+#: sortable columns of the job list (``sort=name``, ``sort=-created_at``); ``top1:<bits>`` sorts by a result
+SORT_COLUMNS = {"created_at": Job.created_at, "updated_at": Job.updated_at, "started_at": Job.started_at,
+                "finished_at": Job.finished_at, "name": func.lower(Job.name), "kind": Job.kind, "status": Job.status}
+
+
 async def list_jobs(
-    conn: AsyncConnection, owner_id: int, status: str | None, kind: str | None, limit: int, offset: int
+    conn: AsyncConnection, owner_id: int, status: str | None, kind: str | None, limit: int, offset: int,
+    *, method: str | None = None, dataset: str | None = None, tags: list[str] | None = None, q: str | None = None,
+    sort: str = "created_at", descending: bool = True, metric_bits: str | None = None,
 ) -> list[RowMapping]:
+    """The owner's jobs matching every filter given (``tags``: all of them; ``q``: in the name,
+    the notes or the id's start), sorted by ``sort`` (or the top-1 at ``metric_bits``, jobs without
+    one last), then newest first."""
     stmt = select(*JOB_COLUMNS).where(Job.owner_id == owner_id)
     if status:
         stmt = stmt.where(Job.status == status)
     if kind:
         stmt = stmt.where(Job.kind == kind)
-    stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)
+    if method:
+        stmt = stmt.where(Job.spec["config"]["method"].as_string() == method)
+    if dataset:
+        stmt = stmt.where(Job.spec["config"]["dataset"].as_string() == dataset)
+    for tag in tags or []:
+        stmt = stmt.where(Job.id.in_(select(JobTag.job_id).where(JobTag.owner_id == owner_id, JobTag.tag == tag)))
+    if q:
+        needle = q.lower()
+        stmt = stmt.where(or_(func.lower(Job.name).contains(needle, autoescape=True),
+                              func.lower(Job.notes).contains(needle, autoescape=True),
+                              Job.id.startswith(needle, autoescape=True)))
+    if metric_bits is not None:
+        top1 = (select(func.max(JobResult.top1)).where(JobResult.job_id == Job.id, JobResult.bits == metric_bits)
+                .correlate(Job).scalar_subquery())
+        key = nulls_last(top1.desc() if descending else top1.asc())
+    else:
+        column = SORT_COLUMNS[sort]
+        key = nulls_last(column.desc() if descending else column.asc())
+    stmt = stmt.order_by(key, Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)
     return list((await conn.execute(stmt)).mappings().all())
 
 

@@ -119,12 +119,29 @@ class Job(Base):
     published_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    #: the owner's words for the job (set at submit, edited with PATCH): a name, tags (also in
+    #: job_tags, which the list filters on) and notes
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    tags: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    notes: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         Index("ix_jobs_owner_created", "owner_id", "created_at"),
         Index("ix_jobs_status_lease", "status", "lease_until"),
     )
+
+
+class JobTag(Base):
+    """One tag of one job (the job row's ``tags`` in a table an index can serve: ``?tag=`` filters)."""
+
+    __tablename__ = "job_tags"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_job_tags_owner_tag", "owner_id", "tag", "job_id"),)
 
 
 class JobAttempt(Base):

@@ -265,6 +265,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         body["quantizer"] = args.quantizer
     if args.export_bits is not None:
         body["export_bits"] = [b for b in args.export_bits.split(",") if b]
+    if args.name is not None:
+        body["name"] = args.name
+    if args.tag:
+        body["tags"] = args.tag
+    if args.notes is not None:
+        body["notes"] = args.notes
     if args.ptq:
         body["ptq"] = args.ptq
     client = _client(args)
@@ -323,21 +329,41 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    page = _client(args).jobs(args.status, args.kind, args.limit, args.offset)
+    page = _client(args).jobs(args.status, args.kind, args.limit, args.offset, method=args.method,
+                              dataset=args.dataset, tags=args.tag, q=args.search, sort=args.sort)
     rows = [
         {
             "id": j["id"],
+            "name": j.get("name") or "",
             "kind": j["kind"],
             "status": j["status"],
             "progress": f"{(j['progress'] or {}).get('fraction', 0) * 100:.0f}%",
             "attempts": j["attempts"],
+            "tags": ",".join(j.get("tags") or []),
             "created": j["created_at"][:19],
         }
         for j in page["items"]
     ]
-    print(table(rows, ["id", "kind", "status", "progress", "attempts", "created"]))
+    print(table(rows, ["id", "name", "kind", "status", "progress", "attempts", "tags", "created"]))
     if page["next_offset"] is not None:
         print(f"(more: --offset {page['next_offset']})")
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """Set a job's name, tags or notes (``--tags ''`` clears the tags, ``--name ''`` the name)."""
+    labels: dict[str, Any] = {}
+    if args.name is not None:
+        labels["name"] = args.name or None
+    if args.tags is not None:
+        labels["tags"] = [t for t in args.tags.split(",") if t]
+    if args.notes is not None:
+        labels["notes"] = args.notes or None
+    if not labels:
+        print("ssql edit: give --name, --tags or --notes", file=sys.stderr)
+        return 2
+    job = _client(args).update(args.job_id, **labels)
+    print(f"{job['id']}: name {job.get('name')!r}, tags {job.get('tags')}, notes {'set' if job.get('notes') else 'none'}")
     return 0
 
 
@@ -514,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--export-bits", help="pretrain: packed checkpoints to write (default the paper's set; '' for none)")
     sb.add_argument("--ptq", help="eval: calibrate (default), adaround or brecq (settings: --set ptq_iters=..., ptq_images=...)")
     sb.add_argument("--idempotency-key")
+    sb.add_argument("--name", help="a name for the job (shown by `ssql list` and the dashboard)")
+    sb.add_argument("--tag", action="append", metavar="TAG", help="a tag, repeatable (letters, digits, _ . : / = + - @ #)")
+    sb.add_argument("--notes", help="free text kept with the job")
     sb.add_argument("--wait", action="store_true", help="show live progress until the job ends")
     sb.set_defaults(func=cmd_submit)
 
@@ -523,12 +552,24 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 
-    ls = sub.add_parser("list", parents=[conn], help="your jobs, newest first")
-    ls.add_argument("--status")
-    ls.add_argument("--kind")
+    ls = sub.add_parser("list", parents=[conn], help="your jobs, newest first (filters: all must match)")
+    ls.add_argument("--status", "--state", dest="status", help="queued, running, succeeded, failed or cancelled")
+    ls.add_argument("--kind", help="pretrain, eval, distill, export or finetune")
+    ls.add_argument("--method", help="e.g. ssql")
+    ls.add_argument("--dataset", help="e.g. cifar10")
+    ls.add_argument("--tag", action="append", metavar="TAG", help="jobs with this tag; repeat for all of several")
+    ls.add_argument("--search", "-q", help="text in the name or notes, or the id's start")
+    ls.add_argument("--sort", help="created_at (default), name, kind, status, -updated_at, top1:4w4a (best first) ...")
     ls.add_argument("--limit", type=int, default=20)
     ls.add_argument("--offset", type=int, default=0)
     ls.set_defaults(func=cmd_list)
+
+    ed = sub.add_parser("edit", parents=[conn], help="set a job's name, tags or notes")
+    ed.add_argument("job_id")
+    ed.add_argument("--name", help="'' clears it")
+    ed.add_argument("--tags", help="comma-separated; replaces the tags ('' clears them)")
+    ed.add_argument("--notes", help="'' clears them")
+    ed.set_defaults(func=cmd_edit)
 
     cc = sub.add_parser("cancel", parents=[conn], help="cancel a job")
     cc.add_argument("job_id")

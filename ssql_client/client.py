@@ -59,6 +59,9 @@ class Job(TypedDict, total=False):
     created_at: str
     started_at: str | None
     finished_at: str | None
+    name: str | None
+    tags: list[str]
+    notes: str | None
 
 
 class ResultRow(TypedDict, total=False):
@@ -196,14 +199,28 @@ class Client:
 
     status = job
 
-    def jobs(self, status: str | None = None, kind: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
-        """A page of your jobs, newest first: ``{"items": [Job, ...], "next_offset": int | None}``."""
+    def jobs(self, status: str | None = None, kind: str | None = None, limit: int = 50, offset: int = 0, *,
+             method: str | None = None, dataset: str | None = None, tags: list[str] | str | None = None,
+             q: str | None = None, sort: str | None = None) -> dict[str, Any]:
+        """A page of your jobs matching every filter given: ``{"items": [Job, ...], "next_offset": int | None}``.
+
+        ``tags``: jobs with all of them; ``q``: text in the name or notes (or the id's start);
+        ``sort``: ``created_at`` (default, newest first), ``name``, ``-updated_at``, ``top1:4w4a`` ..."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}
-        if status:
-            params["status"] = status
-        if kind:
-            params["kind"] = kind
+        for name, value in (("status", status), ("kind", kind), ("method", method), ("dataset", dataset), ("q", q), ("sort", sort)):
+            if value:
+                params[name] = value
+        if tags:
+            params["tag"] = [tags] if isinstance(tags, str) else list(tags)
         return self._request("GET", "/v1/jobs", params=params).json()
+
+    def update(self, job_id: str, **labels: Any) -> Job:
+        """Set a job's ``name``, ``tags`` or ``notes`` (only those given; ``None`` clears):
+        ``c.update(job_id, name="r18 baseline", tags=["paper"])``."""
+        unknown = set(labels) - {"name", "tags", "notes"}
+        if unknown:
+            raise TypeError(f"update() takes name, tags and notes, not {sorted(unknown)}")
+        return self._request("PATCH", f"/v1/jobs/{job_id}", json=labels).json()
 
     def usage(self) -> dict[str, Any]:
         """Your quotas and usage (``GET /v1/usage``): ``limits`` (None: no limit), ``usage``

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -28,7 +29,17 @@ from api.errors import FieldError
 from api.head import is_head
 from api.json_body import Utf8JsonRoute
 from api.limits import TOO_LARGE_RESPONSE
-from api.schemas import ExportRequest, JobOut, JobPage, JobRequest, MetricPage, ResultsOut
+from api.schemas import (
+    MAX_TAGS,
+    TAG_PATTERN,
+    ExportRequest,
+    JobOut,
+    JobPage,
+    JobPatch,
+    JobRequest,
+    MetricPage,
+    ResultsOut,
+)
 from api.specs import (
     check_json_values,
     distill_spec,
@@ -101,6 +112,7 @@ async def submit_job(
         existing = await api_store.find_by_idempotency_key(conn, owner, idempotency_key)
         if existing is not None:
             return _replay_or_conflict(existing, request_hash)
+    labels = _labels(raw)
     settings = state.settings
     source_job_id = None
     if raw["kind"] == "pretrain":
@@ -120,7 +132,20 @@ async def submit_job(
         source = await _succeeded_source(conn, owner, source_job_id, "eval")
         spec = distill_spec(raw, settings, source)
         await _pin_inputs(conn, spec, spec["pretrain_job"], source_job_id)
-    return await _create_and_publish(conn, state, owner, raw["kind"], spec, source_job_id, idempotency_key, request_hash)
+    return await _create_and_publish(conn, state, owner, raw["kind"], spec, source_job_id, idempotency_key, request_hash,
+                                     labels=labels)
+
+
+#: the job's labels (not part of its spec): name, tags, notes
+LABELS = ("name", "tags", "notes")
+
+
+def _labels(raw: dict[str, Any]) -> dict[str, Any]:
+    """Take the labels out of a request body (validated by the schema); tags lose repeats, keep their order."""
+    labels = {k: raw.pop(k) for k in LABELS if k in raw}
+    if labels.get("tags") is not None:
+        labels["tags"] = list(dict.fromkeys(labels["tags"]))
+    return labels
 
 
 async def _succeeded_source(conn: Any, owner: int, job_id: str, kind: str) -> Any:
@@ -157,6 +182,7 @@ async def _create_and_publish(
     idempotency_key: str | None,
     request_hash: str,
     status_code: int = 201,
+    labels: dict[str, Any] | None = None,
 ) -> JSONResponse:
     """Commit a queued job, then publish it (the reconciler republishes if publishing fails).
     Over one of the owner's quotas nothing is queued: 429 (or 403), naming the quota."""
@@ -174,6 +200,7 @@ async def _create_and_publish(
             source_job_id=source_job_id,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
+            labels=labels,
             max_attempts=settings.max_attempts,
         )
     except api_store.IdempotencyConflict:
@@ -234,13 +261,14 @@ async def export_job(
     if source["kind"] == "eval":
         pretrain = await api_store.source_job(conn, owner, source["source_job_id"])
         width = None if pretrain is None else pretrain["spec"]["config"].get("width")
+    labels = _labels(raw)
     spec = export_spec({k: v for k, v in raw.items() if k not in ("kind", "source_job")}, source, width)
     if source["kind"] == "finetune":  # reads the fine-tuned classifier, not the pretrain's last.pt
         if digest := (await api_store.input_digests(conn, job_id)).get("finetuned.pt"):
             spec["config"]["input_sha256"] = {"checkpoint": digest}
     else:
         await _pin_inputs(conn, spec, spec["pretrain_job"], job_id if source["kind"] == "eval" else None)
-    return await _create_and_publish(conn, state, owner, "export", spec, job_id, idempotency_key, request_hash, 202)
+    return await _create_and_publish(conn, state, owner, "export", spec, job_id, idempotency_key, request_hash, 202, labels)
 
 
 def _replay_or_conflict(existing: Any, request_hash: str) -> JSONResponse:
@@ -300,26 +328,91 @@ async def job_events(job_id: JobId, owner: Owner, state: StateDep, request: Requ
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@router.get("", response_model=JobPage)
+#: the job list's query parameters; any other is a 422 naming it (a typo must not list everything)
+LIST_PARAMS = {"status", "state", "kind", "method", "dataset", "tag", "q", "sort", "limit", "offset"}
+SORT_HELP = ("a column: created_at (default, newest first), updated_at, started_at, finished_at, name, kind, "
+             "status, or top1:<bits> (a result's top-1, e.g. top1:4w4a); '-' before it: descending "
+             "(created_at and top1 are descending unless prefixed '+')")
+_TOP1_SORT = re.compile(r"^top1:(fp|[2-8]w[2-8]a)$")
+
+
+def _parse_sort(sort: str) -> tuple[str, bool, str | None]:
+    """``sort=`` -> (column, descending, bits of a top-1 sort or None); 422 naming ``sort`` otherwise."""
+    sign, name = (sort[0], sort[1:]) if sort[:1] in "+-" else ("", sort)
+    descending = sign == "-" or (sign == "" and (name == "created_at" or name.startswith("top1:")))
+    if m := _TOP1_SORT.match(name):
+        return "created_at", descending, m[1]
+    if name not in api_store.SORT_COLUMNS:
+        raise FieldError(("query", "sort"), f"must be {SORT_HELP}; got {sort!r}")
+    return name, descending, None
+
+
+@router.get("", response_model=JobPage, responses={422: {"description": "An unknown parameter or a bad value: `detail[].loc` names it"}})
 async def list_jobs(
+    request: Request,
     owner: Owner,
     conn: Conn,
     settings: SettingsDep,
     status: Annotated[str | None, Query(description=f"one of {', '.join(JOB_STATUSES)}",
                                         json_schema_extra={"enum": list(JOB_STATUSES)})] = None,
+    state: Annotated[str | None, Query(description="the same as status", json_schema_extra={"enum": list(JOB_STATUSES)})] = None,
     kind: Annotated[str | None, Query(description=f"one of {', '.join(_KINDS)}", json_schema_extra={"enum": list(_KINDS)})] = None,
+    method: Annotated[str | None, Query(max_length=64, description="the spec's method (pretrain jobs), e.g. ssql")] = None,
+    dataset: Annotated[str | None, Query(max_length=200, description="the spec's dataset")] = None,
+    tag: Annotated[list[str] | None, Query(description="jobs with this tag; repeat for jobs with all of them")] = None,
+    q: Annotated[str | None, Query(max_length=200, description="text in the name or notes, or the id's start (case-insensitive)")] = None,
+    sort: Annotated[str, Query(max_length=40, description=SORT_HELP)] = "created_at",
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
 ) -> JSONResponse:
-    """Your jobs, newest first; pass ``next_offset`` back as ``offset`` for the next page."""
+    """Your jobs matching every filter given, newest first unless ``sort`` says otherwise; pass
+    ``next_offset`` back as ``offset`` for the next page."""
+    unknown = sorted(set(request.query_params) - LIST_PARAMS)
+    if unknown:
+        raise FieldError(("query", unknown[0]), f"unknown parameter; accepted: {sorted(LIST_PARAMS)}")
+    if status is not None and state is not None and status != state:
+        raise FieldError(("query", "state"), f"status {status!r} and state {state!r} disagree (they are the same filter)")
+    status = status if status is not None else state
     if status is not None and status not in JOB_STATUSES:
-        raise FieldError(("query", "status"), f"must be one of {list(JOB_STATUSES)}, got {status!r}")
+        raise FieldError(("query", "status" if state is None else "state"), f"must be one of {list(JOB_STATUSES)}, got {status!r}")
     if kind is not None and kind not in _KINDS:
         raise FieldError(("query", "kind"), f"must be one of {list(_KINDS)}, got {kind!r}")
+    if len(tag or []) > MAX_TAGS:
+        raise FieldError(("query", "tag"), f"at most {MAX_TAGS} tags, got {len(tag or [])}")
+    for i, t in enumerate(tag or []):
+        if not re.match(TAG_PATTERN, t):
+            raise FieldError(("query", "tag", i), f"not a tag (letters, digits and _ . : / = + - @ #, at most 64): {t!r}")
+    for name, value in (("method", method), ("dataset", dataset), ("q", q)):
+        if value is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise FieldError(("query", name), "must not contain control characters")
+    column, descending, metric_bits = _parse_sort(sort)
     limit = min(limit, settings.page_size_max)
-    rows = await api_store.list_jobs(conn, owner, status, kind, limit + 1, offset)
+    rows = await api_store.list_jobs(conn, owner, status, kind, limit + 1, offset, method=method, dataset=dataset,
+                                     tags=tag, q=q or None, sort=column, descending=descending, metric_bits=metric_bits)
     next_offset = offset + limit if len(rows) > limit else None
     return JSONResponse({"items": [job_view(r) for r in rows[:limit]], "next_offset": next_offset})
+
+
+@router.patch(
+    "/{job_id}",
+    response_model=JobOut,
+    responses={404: {"description": NOT_FOUND}, 422: {"description": "A bad name, tag or notes, or an unknown field: `detail[].loc` names it"}},
+)
+async def update_job(job_id: JobId, body: JobPatch, owner: Owner, conn: Conn) -> JSONResponse:
+    """Set the job's name, tags or notes (the fields given; ``null`` clears name or notes, ``[]``
+    clears the tags). The spec and the results never change."""
+    changes = {k: v for k, v in body.model_dump(exclude_unset=True).items() if k in LABELS}
+    if changes.get("tags") is None and "tags" in changes:
+        changes["tags"] = []
+    if changes.get("tags"):
+        changes["tags"] = list(dict.fromkeys(changes["tags"]))
+    if not changes:
+        row = await api_store.get_job(conn, owner, job_id)
+    else:
+        row = await api_store.update_labels(conn, owner, job_id, changes)
+    if row is None:
+        raise HTTPException(404, NOT_FOUND)
+    return JSONResponse(job_view(row))
 
 
 @router.post(

@@ -247,6 +247,9 @@ async function renderJob(id) {
   const drawHead = (j) => {
     head.replaceChildren(...[  // (replaceChildren writes a null child as the text "null")
       h("dl", { class: "kv" },
+        h("dt", {}, "name"), h("dd", { id: "job-name" }, j.name || ""),  // user-written: text nodes only
+        h("dt", {}, "tags"), h("dd", { id: "job-tags" }, ...(j.tags || []).map((t) => h("a", { class: "tag", href: `#/jobs?tag=${encodeURIComponent(t)}` }, t))),
+        j.notes ? [h("dt", {}, "notes"), h("dd", { id: "job-notes", class: "notes" }, j.notes)] : null,
         h("dt", {}, "status"), h("dd", {}, statusCell(j)),
         h("dt", {}, "progress"), h("dd", {}, progressCell(j), h("div", { class: "muted", id: "progress-detail" }, progressDetail(j))),
         h("dt", {}, "attempts"), h("dd", {}, `${j.attempts} of ${j.max_attempts ?? "?"}`),
@@ -269,13 +272,27 @@ async function renderJob(id) {
     h("a", { class: "button secondary", href: `#/compare?jobs=${id}` }, "Compare…"));
   if (job.kind === "pretrain" || job.kind === "eval") actions.append(h("a", { class: "button secondary", href: `#/submit?kind=export&source_job=${id}` }, "Export…"));
 
+  // name, tags and notes: edited in place (PATCH /v1/jobs/{id}); a 422 shows at the field it names
+  const labelErr = h("p", { class: "error", id: "labels-error", role: "alert" });
+  const labelsForm = h("form", { id: "labels-form", class: "jobform", onsubmit: async (e) => {
+    e.preventDefault();
+    labelErr.textContent = "";
+    const tags = $("#edit-tags", labelsForm).value.split(",").map((t) => t.trim()).filter(Boolean);
+    const body = { name: $("#edit-name", labelsForm).value.trim() || null, tags, notes: $("#edit-notes", labelsForm).value || null };
+    try { Object.assign(job, await getJSON(`/v1/jobs/${id}`, { method: "PATCH", json: body })); drawHead(job); toast("saved"); }
+    catch (err) { if (!(err instanceof ApiError) || err.status !== 401) labelErr.textContent = err.message; }
+  } },
+    fieldRow("name", h("input", { id: "edit-name", value: job.name || "", maxlength: 200 }), "up to 200 characters"),
+    fieldRow("tags", h("input", { id: "edit-tags", value: (job.tags || []).join(", ") }), "comma-separated; letters, digits and _ . : / = + - @ #"),
+    fieldRow("notes", h("textarea", { id: "edit-notes", rows: 3 }, job.notes || ""), ""),
+    labelErr, h("button", { type: "submit", class: "secondary" }, "Save"));
   const charts = h("div", { class: "grid", id: "charts" });
   const curvesNote = h("p", { class: "muted", id: "curves-note" });
   const logs = h("pre", { id: "log" }, "");
   const extra = h("div", { id: "job-extra" });
   main.replaceChildren(
     h("h1", {}, `${job.kind} `, h("span", { class: "mono" }, id), c.method ? h("span", { class: "muted" }, ` · ${c.method} · ${c.backbone || ""} · ${c.dataset || ""}`) : null),
-    h("div", { class: "card" }, head, actions),
+    h("div", { class: "card" }, head, actions, h("details", { id: "labels" }, h("summary", {}, "Name, tags and notes"), labelsForm)),
     ...(job.kind === "export" ? [] : [h("h2", {}, "Training curves"), curvesNote, charts]),
     extra,
     h("h2", {}, "Log (last 200 lines)"), logs,
@@ -521,7 +538,7 @@ async function renderCompare(params) {
 // -- submit form, generated from /v1/catalog and the request schemas -------------------------------
 const MODEL = { pretrain: "PretrainRequest", eval: "EvalRequest", distill: "DistillRequest", finetune: "FinetuneRequest", export: "ExportRequest" };
 //: shown first (the rest under "more options"); every field comes from the schema and the catalog
-const FIRST = ["source_job", "method", "backbone", "dataset", "bits", "quantizer", "formats", "epochs", "batch_size", "width", "image_size", "max_samples", "lr", "export_bits"];
+const FIRST = ["name", "tags", "source_job", "method", "backbone", "dataset", "bits", "quantizer", "formats", "epochs", "batch_size", "width", "image_size", "max_samples", "lr", "export_bits"];
 function choicesFor(name, kind, cat, prop) {
   if (name === "method") return Object.keys(cat.methods);
   if (name === "backbone") return cat.backbones;
@@ -589,7 +606,7 @@ function readForm(form) {
     const t = el.dataset.type;
     if (t === "integer" || t === "number") body[el.name] = Number(v);
     else if (t === "boolean") body[el.name] = v === "true";
-    else if (t === "array") body[el.name] = v.split(",").map((x) => x.trim()).filter(Boolean).map((x) => (/^-?\d+(\.\d+)?$/.test(x) ? Number(x) : x));
+    else if (t === "array") body[el.name] = v.split(",").map((x) => x.trim()).filter(Boolean).map((x) => (el.name !== "tags" && /^-?\d+(\.\d+)?$/.test(x) ? Number(x) : x));
     else body[el.name] = v;
   }
   return body;
