@@ -279,7 +279,7 @@ def test_signed_out_shows_no_nav_and_one_sign_in_serves_every_tab(service, brows
     s.close()
 
 
-def test_job_pages_of_every_kind(service, finished, derived, browser) -> None:  # type: ignore[no-untyped-def]
+def test_job_pages_of_every_kind(service, finished, derived, browser, shots) -> None:  # type: ignore[no-untyped-def]
     stack, key, _other = service
     pre, (ev1, _ev2) = finished
     ex, ft = derived
@@ -307,12 +307,14 @@ def test_job_pages_of_every_kind(service, finished, derived, browser) -> None:  
     assert page.eval_on_selector_all("#charts .chart", "cs => cs.map(c => c.id)") == ["chart-loss"]  # no empty lr/images_per_s panels
     assert page.text_content("#progress-detail") == "probe 2w4a (3/3) · epoch 1/1 · linear"
     assert "null" not in page.inner_text("#main")
+    page.screenshot(path=str(shots / "job-eval.png"), full_page=True)
     # export: no curves at all, the files it wrote (served under the pretrain)
     page.goto(f"{stack.url}/#/job/{ex}")
     page.wait_for_selector("#export-files #checkpoints")
     assert page.query_selector_all(".chart") == [] and page.query_selector("#curves-note") is None
     assert page.eval_on_selector_all("#export-files #checkpoints tbody tr", "rs => rs.map(r => r.cells[0].textContent)") == ["2w4a"]
     assert "null" not in page.inner_text("#main")
+    page.screenshot(path=str(shots / "job-export.png"), full_page=True)
     # finetune: test top-1 per epoch, with the PTQ + linear-probe baseline it is measured against
     page.goto(f"{stack.url}/#/job/{ft}")
     page.wait_for_selector("#finetune-chart canvas")
@@ -321,6 +323,7 @@ def test_job_pages_of_every_kind(service, finished, derived, browser) -> None:  
     shown = page.text_content("#finetune-summary dd[data-key='PTQ + linear probe top-1']")
     assert shown == f"{row['ptq_linear_top1']:.2f}"
     assert page.query_selector("#results-chart") is None  # no one-point top-1-vs-bits chart
+    page.screenshot(path=str(shots / "job-finetune.png"), full_page=True)
     s.close()
 
 
@@ -373,3 +376,49 @@ def test_jobs_page_shows_the_quota_and_its_usage(service, browser) -> None:  # t
         s.close()
         subprocess.run([sys.executable, "-m", "ssql_cli.main", "owners", "set-quota", "gus", "--max-active-jobs", "default"],
                        env=stack.env, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_names_and_tags_are_text_and_the_filter_lives_in_the_url(service, finished, browser, shots) -> None:  # type: ignore[no-untyped-def]
+    """User-written text is shown as text, never markup (a `<script>` name runs nothing); the job
+    list's filters are in the page URL, so a link reproduces the view."""
+    stack, key, _other = service
+    pre, (ev1, _ev2) = finished
+    c = Client(stack.url, key)
+    evil = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
+    c.update(pre, name=evil, tags=["xss", "paper"], notes="<b>not bold</b>")
+    c.update(ev1, name="plain eval", tags=["paper"])
+    s = Session(browser, stack.url, key)
+    s.sign_in()
+    page = s.page
+    page.goto(f"{stack.url}/#/jobs?tag=xss")
+    page.wait_for_selector(f"#jobs-body tr[data-job-id='{pre}']")
+    assert page.eval_on_selector_all("#jobs-body tr", "rs => rs.map(r => r.dataset.jobId)") == [pre]  # the URL's filter applied
+    assert page.text_content(f"#jobs-body tr[data-job-id='{pre}'] td.name") == evil
+    assert page.input_value("#filter-tag") == "xss"
+    assert page.query_selector_all("#main script, #main img") == []
+    # change the filter on the page: the URL follows, and the rows
+    page.fill("#filter-tag", "paper")
+    page.press("#filter-tag", "Enter")
+    page.wait_for_function("location.hash.includes('tag=paper')")
+    page.wait_for_selector(f"#jobs-body tr[data-job-id='{ev1}']")
+    page.select_option("#filter-sort", "name")
+    page.wait_for_function("location.hash.includes('sort=name')")
+    page.wait_for_function(f"document.querySelector('#jobs-body tr')?.dataset.jobId === '{pre}'")  # '<' sorts before 'p'
+    page.screenshot(path=str(shots / "jobs.png"), full_page=True)
+    # the job page, and editing the labels there (a bad tag: 422 shown as text)
+    page.goto(f"{stack.url}/#/job/{pre}")
+    page.wait_for_selector("#job-name")
+    assert page.text_content("#job-name") == evil and page.text_content("#job-notes") == "<b>not bold</b>"
+    assert page.query_selector_all("#main script, #main img, #job-notes b") == []
+    page.click("#labels summary")
+    page.fill("#edit-tags", "xss, <b>")
+    page.click("#labels-form button[type=submit]")
+    page.wait_for_function("document.querySelector('#labels-error').textContent.includes('tags')")
+    assert page.query_selector_all("#labels-error b") == []
+    page.fill("#edit-tags", "xss, renamed")
+    page.fill("#edit-name", "a name")
+    page.click("#labels-form button[type=submit]")
+    page.wait_for_function("document.querySelector('#job-name').textContent === 'a name'")
+    assert c.job(pre)["tags"] == ["xss", "renamed"]
+    assert page.evaluate("window.__pwned") is None
+    s.close()
