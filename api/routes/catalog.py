@@ -58,5 +58,7 @@ def _defaults() -> dict[str, dict[str, Any]]:
            for kind, cls in (("pretrain", PretrainConfig), ("eval", EvalConfig), ("distill", DistillConfig),
                              ("finetune", FinetuneConfig))}
     out["pretrain"]["export_bits"] = list(DEFAULT_EXPORT_BITS)
-    out["export"] = {"formats": ["safetensors"], "calibration": None, "calib_percentile": 99.99}  # None: minmax, or the evaluation's
+    out["export"] = {"formats": ["safetensors"], "calibration": None, "calib_percentile": 99.99,  # None: minmax, or the evaluation's
+                     "ptq": None, "ptq_images": EvalConfig.ptq_images, "ptq_iters": EvalConfig.ptq_iters,  # None: calibrate, or the evaluation's
+                     "brecq_learn_act": False}
     return out
