@@ -7,6 +7,8 @@ from typing import Any
 from ssql_core.bits import ACCEPTED_FORMS, MAX_BITS, MIN_BITS, PAPER_BITS
 from ssql_core.config import (
     CALIBRATIONS,
+    EVAL_PRESETS,
+    INTERPOLATIONS,
     MAX_BATCH,
     MAX_EPOCHS,
     PRESETS,
@@ -15,6 +17,7 @@ from ssql_core.config import (
     PTQ_MAX_ITERS,
     PTQ_METHODS,
     QUANT_BEHAVIOURS,
+    TRAINING_BEHAVIOURS,
     EvalConfig,
 )
 from ssql_core.data import DATASET_NAMES
@@ -38,7 +41,10 @@ def catalog() -> dict[str, Any]:
                                                             "ptq_iters": EvalConfig.ptq_iters, "brecq_learn_act": False},
                 "limits": {"ptq_images": [1, PTQ_MAX_IMAGES], "ptq_iters": [1, PTQ_MAX_ITERS]}},
         "quantizer_behaviours": {k: list(v) for k, v in QUANT_BEHAVIOURS.items()},
+        "training_behaviours": {k: list(v) for k, v in TRAINING_BEHAVIOURS.items()},
         "presets": {k: v for k, v in PRESETS.items() if k},
+        "eval_presets": {k or "ours": v for k, v in EVAL_PRESETS.items()},
+        "eval_interpolations": list(INTERPOLATIONS),
         "finetune": {"act_ranges": list(ACT_RANGES), "defaults": {k: v for k, v in FinetuneConfig().to_dict().items()
                                                                    if k not in ("checkpoint", "data_root", "allow_download", "device", "num_workers")}},
         "limits": {"max_epochs": MAX_EPOCHS, "max_batch_size": MAX_BATCH},

@@ -14,28 +14,34 @@ import sys
 import time
 from typing import Any
 
-from ssql_core.config import EvalConfig, PretrainConfig
+from ssql_core.config import EVAL_PRESETS, PRESETS, EvalConfig, PretrainConfig
 from ssql_core.errors import Cancelled, ConfigError, NonFiniteLoss
 from ssql_core.hooks import Hooks, Progress
 
 _SKIP = {"method_options", "checkpoint", "bits", "w_bits", "a_bits", "lr_milestones"}
+#: fields whose None default means "what the preset says" (EVAL_PRESETS, PRESETS)
+_PRESET_FIELDS = {*EVAL_PRESETS[None], *PRESETS[None]}
 
 
 def _add_fields(p: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per dataclass field, typed from its default (keeps CLI and config in step)."""
+    """One ``--flag`` per dataclass field, typed from its annotation (keeps CLI and config in step)."""
     for f in dataclasses.fields(cls):
         if f.name in _SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
-        if isinstance(default, bool):
+        kind = str(f.type).split("|")[0].strip()
+        shown = default
+        if default is None and cls is EvalConfig and f.name in ("normalization", "rounding"):
+            shown = "the checkpoint's own"
+        elif default is None and f.name in _PRESET_FIELDS:
+            shown = "from --preset (ours when none)"
+        if kind == "bool":
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        elif isinstance(default, (int, float)):
-            p.add_argument(flag, dest=f.name, type=type(default), default=None, help=f"default {default}")
-        elif f.name == "max_samples":
-            p.add_argument(flag, dest=f.name, type=int, default=None)
+        elif kind in ("int", "float"):
+            p.add_argument(flag, dest=f.name, type=int if kind == "int" else float, default=None, help=f"default {shown}")
         else:
-            p.add_argument(flag, dest=f.name, type=str, default=None, help=f"default {default}")
+            p.add_argument(flag, dest=f.name, type=str, default=None, help=f"default {shown}")
 
 
 def _overrides(ns: argparse.Namespace, cls: type) -> dict[str, Any]:

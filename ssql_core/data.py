@@ -41,7 +41,16 @@ _STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     # measured on the 60 000 training images at 28 px (tests/core/test_idx_datasets.py re-measures)
     "fashion_mnist": ((0.2860, 0.2860, 0.2860), (0.3530, 0.3530, 0.3530)),
     "mnist": ((0.1307, 0.1307, 0.1307), (0.3081, 0.3081, 0.3081)),
+    # the reference code's CIFAR-10 std (a widely copied value that is not the pixel std)
+    "cifar10@reference": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
 }
+
+
+def stats_key_for(stats_key: str, normalization: str | None) -> str:
+    """The statistics a split is normalised with under ``normalization`` ("standard" or
+    "reference"): the reference's own values where it has them (CIFAR-10), the measured ones otherwise."""
+    key = f"{stats_key}@reference"
+    return key if normalization == "reference" and key in _STATS else stats_key
 
 #: IDX datasets: name -> (folder under the data root, torchvision's folder, Debian package or None)
 _IDX = {"fashion_mnist": ("fashion-mnist", "FashionMNIST", "dataset-fashion-mnist"), "mnist": ("mnist", "MNIST", None)}
@@ -298,8 +307,11 @@ def linear_train_transform(image_size: int, stats_key: str) -> v2.Compose:
     return v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), antialias=True), v2.RandomHorizontalFlip()] + _finish(stats_key))
 
 
-def test_transform(image_size: int, stats_key: str) -> v2.Compose:
-    return v2.Compose([v2.Resize(int(round(image_size * 36 / 32)), antialias=True), v2.CenterCrop(image_size)] + _finish(stats_key))
+def test_transform(image_size: int, stats_key: str, interpolation: str = "bilinear") -> v2.Compose:
+    """Resize to 36/32 of the size, centre crop (SPEC 6.4); ``interpolation`` "bicubic" is the reference's resize."""
+    mode = v2.InterpolationMode.BICUBIC if interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
+    return v2.Compose([v2.Resize(int(round(image_size * 36 / 32)), interpolation=mode, antialias=True),
+                       v2.CenterCrop(image_size)] + _finish(stats_key))
 
 
 def sample_seed(*parts: int) -> int:

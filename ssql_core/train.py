@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ssql_core import checkpoint as ckpt
-from ssql_core.config import PretrainConfig
-from ssql_core.data import SeededViews, load_split, pretrain_transform
+from ssql_core.config import PRESETS, TRAINING_BEHAVIOURS, PretrainConfig
+from ssql_core.data import SeededViews, load_split, pretrain_transform, stats_key_for
 from ssql_core.device_views import DeviceViews, in_memory_images
 from ssql_core.errors import Cancelled, ConfigError, NonFiniteLoss
 from ssql_core.hooks import Hooks, Progress
@@ -73,11 +73,17 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The epoch's shuffled batches (last partial batch dropped), a pure function of its inputs."""
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool = True, multiple: int = 1) -> list[list[int]]:
+    """The epoch's shuffled batches, a pure function of its inputs. The last partial batch is
+    dropped, or with ``drop_last=False`` kept when it holds at least 2 images per device
+    (BatchNorm needs two), cut to a ``multiple`` of the devices."""
     perm = epoch_permutation(n, seed, epoch).tolist()
     bs = min(batch_size, n)
-    return [perm[i * bs:(i + 1) * bs] for i in range(n // bs)]
+    batches = [perm[i * bs:(i + 1) * bs] for i in range(n // bs)]
+    rest = (n % bs) // multiple * multiple
+    if not drop_last and rest >= 2 * multiple:
+        batches.append(perm[n // bs * bs:n // bs * bs + rest])
+    return batches
 
 
 def load_pretrained(path: str | Path, map_location: str = "cpu") -> tuple[PretrainConfig, Method]:
@@ -85,7 +91,12 @@ def load_pretrained(path: str | Path, map_location: str = "cpu") -> tuple[Pretra
     state = ckpt.load(path, map_location)
     if state.get("kind") != "pretrain":
         raise ConfigError("checkpoint", f"{path} is not a pretrain checkpoint (last.pt)")
-    cfg = PretrainConfig.from_dict(state["config"])
+    # checkpoints from before a behaviour existed were trained with ours: a preset must not
+    # re-resolve a behaviour they never had
+    d = dict(state["config"])
+    for name in TRAINING_BEHAVIOURS:
+        d.setdefault(name, PRESETS[None][name])
+    cfg = PretrainConfig.from_dict(d)
     model = build_method(cfg)
     model.load_state_dict(state["model"])
     return cfg, model
@@ -120,7 +131,7 @@ class _RunBatches:
     def __iter__(self):  # type: ignore[no-untyped-def]
         t = self.trainer
         for epoch, start, count in self.plan:
-            batches = epoch_batches(t.n, t.cfg.batch_size, t.cfg.seed, epoch)
+            batches = t.batches(epoch)
             for b in range(start, count):
                 yield [(epoch, i) for i in t.shard_of(batches[b])]
 
@@ -136,13 +147,14 @@ class _Trainer:
         split = load_split(cfg.dataset, True, cfg.image_size, cfg.data_root, cfg.allow_download, cfg.max_samples, cfg.seed)
         self.n = len(split.data)  # type: ignore[arg-type]
         self.pipeline = resolve_pipeline(cfg.input_pipeline, split.data, self.device)
+        stats_key = stats_key_for(split.stats_key, cfg.normalization)
         self.views: DeviceViews | None = None
         if self.pipeline == "device":
             images = in_memory_images(split.data)
             assert images is not None
-            self.views = DeviceViews(images, cfg.image_size, split.stats_key, cfg.seed, self.device)
-        self.data = SeededViews(split.data, pretrain_transform(cfg.image_size, split.stats_key), cfg.seed)
-        self.steps_per_epoch = len(epoch_batches(self.n, cfg.batch_size, cfg.seed, 0))
+            self.views = DeviceViews(images, cfg.image_size, stats_key, cfg.seed, self.device)
+        self.data = SeededViews(split.data, pretrain_transform(cfg.image_size, stats_key), cfg.seed)
+        self.steps_per_epoch = len(self.batches(0))
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.model = build_method(cfg).to(self.device)
         if world > 1 and cfg.sync_bn:
@@ -205,6 +217,10 @@ class _Trainer:
         """(epoch, first batch, batches in the epoch) from where the run stands to its end."""
         return [(e, self.batch_in_epoch if e == self.epoch else 0, self.steps_per_epoch) for e in range(self.epoch, self.cfg.epochs)]
 
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches (``drop_last`` decides the last partial one)."""
+        return epoch_batches(self.n, self.cfg.batch_size, self.cfg.seed, epoch, bool(self.cfg.drop_last), self.world)
+
     def shard_of(self, batch: list[int]) -> list[int]:
         """This rank's equal, disjoint part of a global batch."""
         k = len(batch) // self.world
@@ -214,12 +230,13 @@ class _Trainer:
         """Yields the two views of every remaining step, on the device."""
         if self.views is not None:
             bs = min(self.cfg.batch_size, self.n)
-            k = bs // self.world
-            shard = slice(self.rank * k, (self.rank + 1) * k)
+            sizes = [len(b) for b in self.batches(0)]  # the same every epoch
             for epoch, start, count in self.remaining():
                 perm = epoch_permutation(self.n, self.cfg.seed, epoch).to(self.device, non_blocking=True)
                 for b in range(start, count):
-                    x1, x2 = self.views.views(epoch, b, perm[b * bs:(b + 1) * bs], shard)
+                    k = sizes[b] // self.world
+                    shard = slice(self.rank * k, (self.rank + 1) * k)
+                    x1, x2 = self.views.views(epoch, b, perm[b * bs:b * bs + sizes[b]], shard)
                     yield to_input(x1, self.device, self.channels_last), to_input(x2, self.device, self.channels_last)
             return
         workers = self.cfg.num_workers
@@ -276,7 +293,9 @@ class _Trainer:
         images_per_s: float | None = None
         metrics: dict[str, float] = {}
         for x1, x2 in self.inputs():
-            lr = cosine_lr(cfg.lr, self.global_step, self.total_steps)
+            # the reference steps its cosine once per epoch (at the epoch's start), ours every step
+            lr = (cosine_lr(cfg.lr, self.epoch, cfg.epochs) if cfg.lr_step == "epoch"
+                  else cosine_lr(cfg.lr, self.global_step, self.total_steps))
             for g in self.opt.param_groups:
                 g["lr"] = lr
             with autocast(self.device, cfg.amp):

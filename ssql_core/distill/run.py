@@ -23,7 +23,13 @@ from torch.utils.data import DataLoader
 
 from ssql_core import checkpoint as ckpt
 from ssql_core.bits import parse_bits
-from ssql_core.data import Transformed, linear_train_transform, load_split, test_transform
+from ssql_core.data import (
+    Transformed,
+    linear_train_transform,
+    load_split,
+    stats_key_for,
+    test_transform,
+)
 from ssql_core.distill.config import DistillConfig
 from ssql_core.distill.data import ImagesOnly, num_images
 from ssql_core.distill.student import STUDENT, Student, save_student, student_from_teacher
@@ -124,8 +130,9 @@ class _Distiller:
         self.num_classes = train.num_classes
         if self.num_classes != self.teacher_head.out_features:
             raise ConfigError("dataset", f"{dataset} has {self.num_classes} classes, the teacher's head {self.teacher_head.out_features}")
-        ttf = test_transform(size, train.stats_key)
-        train_tf = linear_train_transform(size, train.stats_key) if cfg.augment else ttf
+        stats_key = stats_key_for(train.stats_key, self.pcfg.normalization)  # as the teacher was trained
+        ttf = test_transform(size, stats_key)
+        train_tf = linear_train_transform(size, stats_key) if cfg.augment else ttf
         # the training stream: images only (labels only when the user asked for a CE term)
         self.train_images = ImagesOnly(train.data, train_tf, cfg.seed)
         self.train_labelled = Transformed(train.data, train_tf) if cfg.labels_used else None

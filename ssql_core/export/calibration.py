@@ -1,8 +1,9 @@
 """Where an exported checkpoint's activation ranges come from, recorded in its manifest.
 
-Default: the evaluation protocol's calibration (SPEC 6.2): a seeded random subset of
-``images`` training images of the pretrain run's dataset, test transform, FP forwards in eval mode,
-min-max ranges. ``method`` picks another range rule (:mod:`ssql_core.calibration`); ``mse`` and
+Default: our evaluation's calibration (docs/decisions/017): a seeded random subset of ``images``
+training images of the pretrain run's dataset, test transform, FP forwards in eval mode, ranges
+that minimise each point's quantization MSE (SPEC 6.2's min-max is ``method="minmax"``).
+``method`` picks the range rule (:mod:`ssql_core.calibration`); ``mse`` and
 ``weights="quantized"`` depend on the bit-width, so export then calibrates once per file.
 With an evaluation's ``heads.pt`` the defaults are that evaluation's settings, so the exported
 classifier reproduces the ranges its linear head was trained on.
@@ -20,8 +21,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ssql_core.calibration import calibrate_ranges
-from ssql_core.config import CALIBRATIONS, EvalConfig, PretrainConfig
-from ssql_core.data import Transformed, load_split, test_transform
+from ssql_core.config import CALIBRATIONS, EVAL_PRESETS, INTERPOLATIONS, EvalConfig, PretrainConfig
+from ssql_core.data import Transformed, load_split, stats_key_for, test_transform
 from ssql_core.evaluate import calibrate, calibration_set
 from ssql_core.qnn import QuantContext
 
@@ -37,17 +38,23 @@ class CalibrationSpec:
     data_root: str | None = None
     allow_download: bool = False
     batch_size: int = 128
-    #: range rule: minmax (SPEC 6), reference, percentile, mse (EvalConfig.calibration)
-    method: str = "minmax"
+    #: range rule: mse (ours), minmax (SPEC 6), reference, percentile (EvalConfig.calibration)
+    method: str = "mse"
     percentile: float = 99.99
     #: "fp" (the paper) or "quantized": ranges recorded with the weights quantized at the file's bits
     weights: str = "fp"
+    #: the test transform's resize ("bilinear" or the reference's "bicubic")
+    interpolation: str = "bilinear"
+    #: "standard" or "reference" (EvalConfig.normalization); None: the pretrain run's own
+    normalization: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in CALIBRATIONS:
             raise ValueError(f"calibration method must be one of {list(CALIBRATIONS)}, got {self.method!r}")
         if self.weights not in ("fp", "quantized"):
             raise ValueError(f"calibration weights must be 'fp' or 'quantized', got {self.weights!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"calibration interpolation must be one of {list(INTERPOLATIONS)}, got {self.interpolation!r}")
 
     @property
     def per_bits(self) -> bool:
@@ -62,10 +69,13 @@ class CalibrationSpec:
     @classmethod
     def from_eval(cls, cfg: EvalConfig) -> CalibrationSpec:
         """The calibration :func:`ssql_core.evaluate.evaluate` ran with ``cfg``."""
-        return cls(dataset=cfg.dataset, images=cfg.calib_images, seed=cfg.seed, max_samples=cfg.max_samples,
+        preset = EVAL_PRESETS.get(getattr(cfg, "preset", None), EVAL_PRESETS[None])
+        return cls(dataset=cfg.dataset, images=cfg.calib_images or preset["calib_images"], seed=cfg.seed, max_samples=cfg.max_samples,
                    data_root=cfg.data_root, allow_download=cfg.allow_download, batch_size=min(cfg.batch_size, 256),
-                   method=getattr(cfg, "calibration", "minmax"), percentile=getattr(cfg, "calib_percentile", 99.99),
-                   weights=getattr(cfg, "calib_weights", "fp"))
+                   method=getattr(cfg, "calibration", None) or preset["calibration"],
+                   percentile=getattr(cfg, "calib_percentile", 99.99), weights=getattr(cfg, "calib_weights", "fp"),
+                   interpolation=getattr(cfg, "interpolation", None) or preset["interpolation"],
+                   normalization=getattr(cfg, "normalization", None) or preset.get("normalization"))
 
 
 #: what ``export_checkpoint(calib=...)`` accepts: a spec, batches (``x`` or ``(x, y)``), or a
@@ -78,11 +88,12 @@ def calibration_loader(spec: CalibrationSpec, pcfg: PretrainConfig) -> tuple[Dat
     dataset = spec.dataset or pcfg.dataset
     split = load_split(dataset, True, pcfg.image_size, spec.data_root or pcfg.data_root, spec.allow_download,
                        spec.max_samples, spec.seed)
-    plain = Transformed(split.data, test_transform(pcfg.image_size, split.stats_key))
-    loader = calibration_set(spec.method, split.data, plain, pcfg.image_size, split.stats_key, spec.images, spec.seed,
+    stats_key = stats_key_for(split.stats_key, spec.normalization or pcfg.normalization)
+    plain = Transformed(split.data, test_transform(pcfg.image_size, stats_key, spec.interpolation))
+    loader = calibration_set(spec.method, split.data, plain, pcfg.image_size, stats_key, spec.images, spec.seed,
                              spec.batch_size)
-    transform = (f"linear_train_transform({pcfg.image_size}, {split.stats_key!r}), seeded per (seed, 0, index)"
-                 if spec.method == "reference" else f"test_transform({pcfg.image_size}, {split.stats_key!r})")
+    transform = (f"linear_train_transform({pcfg.image_size}, {stats_key!r}), seeded per (seed, 0, index)"
+                 if spec.method == "reference" else f"test_transform({pcfg.image_size}, {stats_key!r}, {spec.interpolation!r})")
     details = {"source": "dataset", "dataset": dataset, "split": "train", "images": len(loader.dataset), "seed": spec.seed,
                "max_samples": spec.max_samples, "image_size": pcfg.image_size, "transform": transform,
                "selection": "torch.randperm(len(split), Generator().manual_seed(seed))[:images]",

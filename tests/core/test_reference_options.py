@@ -89,3 +89,100 @@ def test_reference_preset_reaches_the_method_and_trains() -> None:
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+# -- the reference's data, schedule and evaluation behaviours (issue 17) -----------------------
+def test_reference_preset_sets_the_training_behaviours_and_old_checkpoints_keep_ours(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ssql_core import checkpoint as ckpt
+    from ssql_core.train import load_pretrained
+
+    ours = PretrainConfig().validate()
+    assert (ours.normalization, ours.drop_last, ours.lr_step) == ("standard", True, "step")
+    ref = PretrainConfig(preset="reference").validate()
+    assert (ref.normalization, ref.drop_last, ref.lr_step) == ("reference", False, "epoch")
+    assert PretrainConfig(preset="reference", drop_last=True).validate().drop_last is True
+    for field, bad in (("normalization", "imagenet"), ("drop_last", "no"), ("drop_last", 0), ("lr_step", "batch")):
+        with pytest.raises(ConfigError) as e:
+            PretrainConfig(**{field: bad}).validate()
+        assert e.value.field == field
+    # a checkpoint written before these fields existed was trained with ours, even under the preset
+    cfg = PretrainConfig(method="simsiam", dataset="synthetic", width=0.0625, image_size=16, preset="reference").validate()
+    d = cfg.to_dict()
+    for k in ("normalization", "drop_last", "lr_step"):
+        del d[k]
+    ckpt.save_atomic({"kind": "pretrain", "format_version": ckpt.FORMAT_VERSION, "config": d,
+                      "model": build_method(cfg).state_dict()}, tmp_path / "last.pt")
+    old, _ = load_pretrained(tmp_path / "last.pt")
+    assert (old.normalization, old.drop_last, old.lr_step, old.rounding) == ("standard", True, "step", "divide")
+
+
+def test_epoch_batches_keep_the_last_partial_batch_only_when_asked() -> None:
+    from ssql_core.train import epoch_batches
+
+    dropped = epoch_batches(10, 4, 0, 0)
+    kept = epoch_batches(10, 4, 0, 0, drop_last=False)
+    assert [len(b) for b in dropped] == [4, 4] and [len(b) for b in kept] == [4, 4, 2]
+    assert sorted(i for b in kept for i in b) == list(range(10)) and kept[:2] == dropped
+    assert [len(b) for b in epoch_batches(9, 4, 0, 0, drop_last=False)] == [4, 4]  # one image: BatchNorm cannot train on it
+    # two devices: 5 left over -> 4 (2 per device); 3 left over -> 2, one per device: dropped
+    assert [len(b) for b in epoch_batches(13, 4, 0, 0, drop_last=False, multiple=2)] == [4, 4, 4]
+    assert [len(b) for b in epoch_batches(11, 4, 0, 0, drop_last=False, multiple=2)] == [4, 4]
+
+
+def test_lr_per_epoch_is_constant_within_an_epoch_and_drop_last_adds_the_step(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ssql_core.hooks import Hooks
+    from ssql_core.train import cosine_lr, pretrain
+
+    class Rec(Hooks):
+        every_n_steps = 1
+
+        def __init__(self) -> None:
+            self.events: list = []
+
+        def on_progress(self, p) -> None:  # type: ignore[no-untyped-def]
+            self.events.append(p)
+
+    base = dict(method="simsiam", dataset="synthetic", width=0.0625, image_size=16, batch_size=48, max_samples=100, epochs=2,
+                lr=0.05, channels_last=False, device="cpu")
+    runs = {}
+    for name, kw in {"ours": {}, "reference": {"lr_step": "epoch", "drop_last": False}}.items():
+        rec = Rec()
+        torch.manual_seed(0)
+        pretrain(PretrainConfig(**base, **kw), tmp_path / name, rec)
+        runs[name] = rec.events
+    ours, ref = runs["ours"], runs["reference"]
+    assert [e.step for e in ours] == [1, 2, 3, 4] and [e.step for e in ref] == [1, 2, 3, 4, 5, 6]  # 100 = 2 x 48 + 4
+    # each step reports the lr it used: per epoch, it moves only at an epoch's start
+    assert {round(e.lr, 8) for e in ref[:3]} == {0.05} and {round(e.lr, 8) for e in ref[3:]} == {round(cosine_lr(0.05, 1, 2), 8)}
+    assert len({round(e.lr, 8) for e in ours}) == 4
+
+
+def test_eval_presets_resolve_and_explicit_fields_win() -> None:
+    from ssql_core.config import EvalConfig
+
+    ours = EvalConfig(checkpoint="x").validate()
+    assert (ours.calibration, ours.probe, ours.lr, ours.calib_images, ours.interpolation) == ("mse", "bn", 0.1, 128, "bilinear")
+    assert ours.normalization is None and ours.rounding is None  # the checkpoint's own, resolved at evaluation
+    paper = EvalConfig(checkpoint="x", preset="paper").validate()
+    assert (paper.calibration, paper.probe, paper.lr, paper.calib_images) == ("minmax", "linear", 30.0, 128)
+    ref = EvalConfig(checkpoint="x", preset="reference", lr=1.0).validate()
+    assert (ref.calibration, ref.probe, ref.lr, ref.calib_images, ref.interpolation, ref.normalization) == (
+        "reference", "linear", 1.0, 512, "bicubic", "reference")
+    for field, bad in (("preset", "ours"), ("interpolation", "nearest"), ("normalization", "imagenet"), ("rounding", "floor")):
+        with pytest.raises(ConfigError) as e:
+            EvalConfig(checkpoint="x", **{field: bad}).validate()
+        assert e.value.field == field
+
+
+def test_reference_normalization_is_cifar10s_and_bicubic_resize_differs() -> None:
+    from ssql_core.data import _STATS, stats_key_for, test_transform
+
+    assert stats_key_for("cifar10", "reference") == "cifar10@reference"
+    assert _STATS["cifar10@reference"][1] == (0.2023, 0.1994, 0.2010) and _STATS["cifar10"][1] == (0.2470, 0.2435, 0.2616)
+    assert stats_key_for("digits", "reference") == "digits" and stats_key_for("cifar10", "standard") == "cifar10"
+    img = (torch.arange(3 * 28 * 28) % 251).to(torch.uint8).reshape(3, 28, 28)
+    lin, cub = test_transform(32, "cifar10", "bilinear")(img), test_transform(32, "cifar10", "bicubic")(img)
+    assert lin.shape == cub.shape == (3, 32, 32) and not torch.equal(lin, cub)
+    ref = test_transform(32, "cifar10@reference", "bilinear")(img)
+    std_ratio = torch.tensor([0.2470, 0.2435, 0.2616]) / torch.tensor([0.2023, 0.1994, 0.2010])
+    torch.testing.assert_close(ref, lin * std_ratio[:, None, None])

@@ -33,6 +33,18 @@ def test_fashion_mnist_reference_preset_calibrations_and_bn_probe(client: httpx.
     for r in rows:
         assert (r["dataset"], r["calibration"], r["calib_weights"], r["probe"]) == ("fashion_mnist", "mse", "quantized", "bn")
         assert r["test_images"] == 10000 and 0 <= r["top1"] <= 100
+        # rounding and normalization default to the checkpoint's own (the reference preset's)
+        assert (r["rounding"], r["normalization"], r["interpolation"], r["preset"]) == ("divide", "reference", "bilinear", None)
+    # the reference's evaluation as a preset, one field overridden: both show in the rows
+    ref = client.post("/v1/jobs", json={"kind": "eval", "source_job": job["id"], "bits": ["4w4a"], "epochs": 2, "batch_size": 64,
+                                        "max_samples": 128, "preset": "reference", "calib_images": 16, "rounding": "reciprocal"})
+    assert ref.status_code == 201, ref.text
+    assert ref.json()["spec"]["config"]["interpolation"] == "bicubic"
+    ref_job = wait_for(client, ref.json()["id"], lambda j: j["status"] in DONE, timeout=180)
+    assert ref_job["status"] == "succeeded", ref_job
+    (row,) = client.get(f"/v1/jobs/{ref_job['id']}/results").json()["rows"]
+    assert (row["preset"], row["calibration"], row["probe"], row["lr"], row["interpolation"], row["rounding"], row["calib_images"]) == (
+        "reference", "reference", "linear", 30.0, "bicubic", "reciprocal", 16)
     ex = client.post(f"/v1/jobs/{job['id']}/exports", json={"bits": ["3w3a"], "calibration": "percentile", "calib_percentile": 99.9})
     assert ex.status_code in (201, 202), ex.text
     ex_job = wait_for(client, ex.json()["id"], lambda j: j["status"] in DONE, timeout=180)
@@ -44,6 +56,9 @@ def test_fashion_mnist_reference_preset_calibrations_and_bn_probe(client: httpx.
     ({"preset": "paper"}, ["body", "preset"], ""),
     ({"rounding": "floor"}, ["body", "rounding"], ""),
     ({"init": "xavier"}, ["body", "init"], ""),
+    ({"normalization": "imagenet"}, ["body", "normalization"], ""),
+    ({"drop_last": "sometimes"}, ["body", "drop_last"], ""),
+    ({"lr_step": "batch"}, ["body", "lr_step"], ""),
 ])
 def test_pretrain_422s(client: httpx.Client, patch: dict, loc: list, needle: str) -> None:
     if patch.get("dataset") == "mnist" and Path("/usr/share/datasets/mnist").exists():
@@ -59,6 +74,10 @@ def test_pretrain_422s(client: httpx.Client, patch: dict, loc: list, needle: str
     ({"probe": "mlp"}, ["body", "probe"]),
     ({"calib_weights": "int8"}, ["body", "calib_weights"]),
     ({"calib_percentile": 20.0}, ["body", "calib_percentile"]),
+    ({"preset": "ours"}, ["body", "preset"]),
+    ({"interpolation": "nearest"}, ["body", "interpolation"]),
+    ({"normalization": "imagenet"}, ["body", "normalization"]),
+    ({"rounding": "floor"}, ["body", "rounding"]),
 ])
 def test_eval_422s(client: httpx.Client, finished_pretrain: str, patch: dict, loc: list) -> None:
     resp = client.post("/v1/jobs", json={"kind": "eval", "source_job": finished_pretrain, **patch})
