@@ -17,8 +17,13 @@ from fastapi.staticfiles import StaticFiles
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SWAGGER = "/static/vendor/swagger-ui"
 
-#: the dashboard's page must not be cached across upgrades, nor framed by another site
-_PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+#: the dashboard's page must not be cached across upgrades, nor framed by another site; it runs
+#: only its own scripts (the API key lives in the browser's localStorage: no injected or
+#: third-party script may run beside it; docs/decisions/015)
+_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+_PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+                 "Content-Security-Policy": _CSP}
 
 
 def install(app: FastAPI) -> None:

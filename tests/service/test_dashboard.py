@@ -1,6 +1,7 @@
 """The dashboard in a real browser: Debian's Chromium (/usr/bin/chromium, installed by .ci/run)
 driven by Playwright's Python package (no browser of Playwright's own is downloaded), against the
-real service in embedded mode.
+real service in embedded mode. The page's Content-Security-Policy forbids eval, so every
+``wait_for_function`` is given a function, not an expression (which Playwright would eval).
 
 Screenshots of each page go to a temporary folder; to update the README's copies in
 docs/screenshots/:  SSQL_UPDATE_SCREENSHOTS=1 .venv/bin/python -m pytest -q tests/service/test_dashboard.py
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ssql_cli.stack import Stack, free_port
@@ -107,7 +109,7 @@ def test_sign_in_rejects_a_bad_key_and_keeps_the_key_out_of_urls(service, browse
     s.page.screenshot(path=str(shots / "signin.png"))
     s.page.fill("#api-key", "not-a-key")
     s.page.click("#signin-form button[type=submit]")
-    s.page.wait_for_function("document.querySelector('#signin-error').textContent.length > 0")
+    s.page.wait_for_function("() => document.querySelector('#signin-error').textContent.length > 0")
     s.key = key
     s.sign_in()
     assert s.page.evaluate("localStorage.getItem('ssql.apiKey')") == key  # kept per browser (issue 18), not per tab
@@ -158,7 +160,7 @@ def test_submit_from_the_form_and_watch_it_finish(service, browser, shots) -> No
     page.wait_for_selector("#job-head .status.succeeded", timeout=T)  # (then the exports, and the end)
     assert page.get_attribute("#job-head .progress .bar", "aria-valuenow") == "100"
     assert fractions and fractions[-1] == 1.0  # it got there live, without a reload
-    page.wait_for_function("document.querySelector('#log').textContent.includes('==> attempt 1 <==')", timeout=30_000)
+    page.wait_for_function("() => document.querySelector('#log').textContent.includes('==> attempt 1 <==')", timeout=30_000)
     page.wait_for_selector("#chart-loss canvas")
     # the page loaded the job while it was queued: the times came with the event stream
     assert re.fullmatch(r"\d\d:\d\d", page.text_content("#job-duration")), page.text_content("#job-duration")
@@ -219,7 +221,7 @@ def test_download_a_checkpoint_with_its_sha256(service, finished, browser, tmp_p
     dest = tmp_path / "4w4a.safetensors"
     info.value.save_as(str(dest))
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == expected
-    page.wait_for_function("[...document.querySelectorAll('#checkpoints button.dl')].some(b => b.textContent.includes('verified'))")
+    page.wait_for_function("() => [...document.querySelectorAll('#checkpoints button.dl')].some(b => b.textContent.includes('verified'))")
     assert not [u for u in s.urls if key in u]  # fetched with the header, saved from a blob: URL
     s.close()
 
@@ -368,7 +370,7 @@ def test_jobs_page_shows_the_quota_and_its_usage(service, browser) -> None:  # t
     s = Session(browser, stack.url, other)
     try:
         s.sign_in()
-        s.page.wait_for_function("document.querySelector('#usage').textContent.length > 0")
+        s.page.wait_for_function("() => document.querySelector('#usage').textContent.length > 0")
         text = s.page.text_content("#usage") or ""
         assert "0 of 0 queued + running jobs" in text and "no limit" in text, text
         assert "refused now" in text and "max_active_jobs" in text, text
@@ -399,11 +401,11 @@ def test_names_and_tags_are_text_and_the_filter_lives_in_the_url(service, finish
     # change the filter on the page: the URL follows, and the rows
     page.fill("#filter-tag", "paper")
     page.press("#filter-tag", "Enter")
-    page.wait_for_function("location.hash.includes('tag=paper')")
+    page.wait_for_function("() => location.hash.includes('tag=paper')")
     page.wait_for_selector(f"#jobs-body tr[data-job-id='{ev1}']")
     page.select_option("#filter-sort", "name")
-    page.wait_for_function("location.hash.includes('sort=name')")
-    page.wait_for_function(f"document.querySelector('#jobs-body tr')?.dataset.jobId === '{pre}'")  # '<' sorts before 'p'
+    page.wait_for_function("() => location.hash.includes('sort=name')")
+    page.wait_for_selector(f"#jobs-body tr:first-child[data-job-id='{pre}']")  # '<' sorts before 'p'
     page.screenshot(path=str(shots / "jobs.png"), full_page=True)
     # the job page, and editing the labels there (a bad tag: 422 shown as text)
     page.goto(f"{stack.url}/#/job/{pre}")
@@ -413,12 +415,14 @@ def test_names_and_tags_are_text_and_the_filter_lives_in_the_url(service, finish
     page.click("#labels summary")
     page.fill("#edit-tags", "xss, <b>")
     page.click("#labels-form button[type=submit]")
-    page.wait_for_function("document.querySelector('#labels-error').textContent.includes('tags')")
+    page.wait_for_function("() => document.querySelector('#labels-error').textContent.includes('tags')")
     assert page.query_selector_all("#labels-error b") == []
     page.fill("#edit-tags", "xss, renamed")
     page.fill("#edit-name", "a name")
     page.click("#labels-form button[type=submit]")
-    page.wait_for_function("document.querySelector('#job-name').textContent === 'a name'")
+    page.wait_for_function("() => document.querySelector('#job-name').textContent === 'a name'")
     assert c.job(pre)["tags"] == ["xss", "renamed"]
     assert page.evaluate("window.__pwned") is None
+    csp = httpx.get(stack.url + "/").headers["content-security-policy"]  # and had one slipped through: only our own scripts run
+    assert "script-src 'self';" in csp and "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
     s.close()
