@@ -318,3 +318,12 @@ def test_learn_act_needs_brecq() -> None:
         EvalConfig(checkpoint="x", ptq="adaround", brecq_learn_act=True).validate()
     assert e.value.field == "brecq_learn_act"
     EvalConfig(checkpoint="x", ptq="brecq", brecq_learn_act=True).validate()
+
+
+def test_cli_names_the_bad_ptq_field(capsys: pytest.CaptureFixture[str]) -> None:
+    from ssql_core.cli import main
+
+    assert main(["eval", "--checkpoint", "missing.pt", "--ptq", "gptq"]) == 2
+    assert "ptq: must be one of ['calibrate', 'adaround', 'brecq']" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", "missing.pt", "--ptq", "adaround", "--ptq-iters", "0"]) == 2
+    assert "ptq_iters: must be between 1 and 100000" in capsys.readouterr().err
