@@ -50,6 +50,14 @@ class Settings(BaseSettings):
     quota_device_hours: float | None = Field(None, ge=0)
     quota_period_hours: float = Field(168.0, gt=0)
 
+    # Admission by cost (ssql_core.cost; decision 014). None: no limit.
+    #: a job estimated above this many device-hours is refused (422)
+    max_job_device_hours: float | None = Field(None, gt=0)
+    #: the largest device's memory (GB): a job estimated to need more per device is refused (422)
+    max_device_memory_gb: float | None = Field(None, gt=0)
+    #: sustained TFLOP/s of one device, what estimates divide by (a prior: set it to your devices')
+    device_tflops: float = Field(10.0, gt=0)
+
     # Job execution.
     queue: str = "gpu"
     max_attempts: int = 3

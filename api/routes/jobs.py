@@ -87,9 +87,11 @@ def _request_hash(raw: dict[str, Any]) -> str:
     status_code=201,
     response_model=JobOut,
     responses={
-        200: {"description": "Replay of an earlier submission with the same Idempotency-Key", "model": JobOut},
+        200: {"description": "Replay of an earlier submission with the same Idempotency-Key (a job), or the answer "
+              "of `?dry_run=1` (`{dry_run, kind, spec, estimate, quota}`)"},
         409: {"description": "The Idempotency-Key was used with a different body"},
-        422: {"description": "Invalid field: `detail[].loc` names it, `detail[].msg` says why"},
+        422: {"description": "Invalid field: `detail[].loc` names it, `detail[].msg` says why; also a job whose "
+              "estimate exceeds the server's limits (device-hours per job, device memory)"},
         **TOO_LARGE_RESPONSE,
         **QUOTA_RESPONSES,
     },
@@ -100,8 +102,12 @@ async def submit_job(
     conn: Conn,
     state: StateDep,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+    dry_run: Annotated[bool, Query(description="validate and estimate only: 200 with `{dry_run, kind, spec, estimate, "
+                                   "quota}` (quota: the refusal a submission would get now, or null); nothing is queued")] = False,
 ) -> JSONResponse:
-    """Create a job (status ``queued``). It is committed before it is published to the queue."""
+    """Create a job (status ``queued``). It is committed before it is published to the queue.
+    Its ``spec.estimate`` is the cost estimated from the spec (``device_hours``, ``peak_memory_gb``,
+    ``pflops``); a job over the server's ``SSQL_MAX_JOB_DEVICE_HOURS`` or device memory is a 422."""
     # an explicit null of a declared field is its default, as the schema states (``"method": null``
     # was refused as "unknown method None"); method options (extra fields) keep their null
     declared = type(body).model_fields
@@ -132,6 +138,14 @@ async def submit_job(
         source = await _succeeded_source(conn, owner, source_job_id, "eval")
         spec = distill_spec(raw, settings, source)
         await _pin_inputs(conn, spec, spec["pretrain_job"], source_job_id)
+    arch = None if raw["kind"] == "pretrain" else await _pretrain_config(conn, owner, raw["kind"], source)
+    estimate = await _estimate_or_refuse(settings, raw["kind"], spec, arch)
+    if dry_run:
+        refusal = await quotas.submission_check(conn, owner, settings, quotas.job_devices(raw["kind"], spec))
+        return JSONResponse({"dry_run": True, "kind": raw["kind"], "spec": spec, "estimate": estimate,
+                             "quota": None if refusal is None else refusal.body()})  # fmt: skip
+    if estimate is not None:
+        spec["estimate"] = estimate
     return await _create_and_publish(conn, state, owner, raw["kind"], spec, source_job_id, idempotency_key, request_hash,
                                      labels=labels)
 
@@ -146,6 +160,44 @@ def _labels(raw: dict[str, Any]) -> dict[str, Any]:
     if labels.get("tags") is not None:
         labels["tags"] = list(dict.fromkeys(labels["tags"]))
     return labels
+
+
+async def _pretrain_config(conn: Any, owner: int, kind: str, source: Any) -> dict[str, Any] | None:
+    """The pretrain config whose backbone a job of ``kind`` runs (its source, or its source's source)."""
+    if kind in ("eval", "finetune"):
+        return source["spec"]["config"]
+    pretrain = await api_store.source_job(conn, owner, source["source_job_id"]) if source["source_job_id"] else None
+    return None if pretrain is None else pretrain["spec"]["config"]
+
+
+async def _estimate_or_refuse(settings: Any, kind: str, spec: dict[str, Any], arch: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The job's cost estimate (``ssql_core.cost``) as stored on the job; a 422 when it is over the
+    server's ``SSQL_MAX_JOB_DEVICE_HOURS`` or ``SSQL_MAX_DEVICE_MEMORY_GB`` (decision 014)."""
+    from ssql_core.cost import estimate as cost_estimate
+    from ssql_core.methods import METHODS
+
+    config = spec["config"]
+    if kind != "pretrain" and arch is None:
+        return None
+    method = METHODS.get(config.get("method", "")) if kind == "pretrain" else None
+    quantized = bool(getattr(method, "quantized", True))
+    try:
+        est = await anyio.to_thread.run_sync(lambda: cost_estimate(kind, config, settings.device_tflops, arch, quantized))
+    except Exception:  # noqa: BLE001 - an estimate must never turn a valid job into a 500
+        log.warning("no cost estimate for a %s job", kind, exc_info=True)
+        return None
+    if est is None:
+        return None
+    if settings.max_job_device_hours is not None and est.device_hours > settings.max_job_device_hours:
+        raise FieldError(("body", "epochs"), f"this job is estimated at {est.device_hours:.1f} device-hours "
+                         f"({est.pflops:.1f} PFLOP at {est.device_tflops:g} TFLOP/s per device), above this server's "
+                         f"limit of {settings.max_job_device_hours:g} per job: fewer epochs, images, a smaller image "
+                         "size or backbone")  # fmt: skip
+    if settings.max_device_memory_gb is not None and est.peak_memory_gb > settings.max_device_memory_gb:
+        raise FieldError(("body", "batch_size"), f"this job needs about {est.peak_memory_gb:.1f} GB per device, above "
+                         f"the largest device's {settings.max_device_memory_gb:g} GB: a smaller batch_size (per device), "
+                         "image size or backbone, or more devices")  # fmt: skip
+    return est.as_dict()
 
 
 async def _succeeded_source(conn: Any, owner: int, job_id: str, kind: str) -> Any:
