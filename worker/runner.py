@@ -218,10 +218,13 @@ def _run_export(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
             written = export_checkpoints(paths["checkpoint"], config["bits"], workdir / "exports", fmt=fmt, heads=heads,
                                          source_job=job.get("pretrain_job"), device=config.get("device", "cpu"),
                                          calibration=config.get("calibration"), calib_percentile=config.get("calib_percentile"),
+                                         ptq_state_dir=workdir,
                                          **{k: config[k] for k in ("ptq", "ptq_images", "ptq_iters", "brecq_learn_act") if config.get(k) is not None})
         for p, b in zip(written, config["bits"], strict=True):
             outputs.append(_output(p, workdir, b, fmt, owner="source"))
             files.append({"bits": b, "format": fmt, "file": p.name})
+    for state in workdir.glob("ptq-*.pt"):  # reconstruction states: every format is written
+        state.unlink(missing_ok=True)
     return {"summary": {"source_job": job.get("source_job"), "files": files}, "outputs": outputs}
 
 
@@ -286,6 +289,9 @@ def _run(job: dict[str, Any], hooks: EventHooks) -> dict[str, Any]:
             if isinstance(summary.get(key), str):
                 summary[key] = Path(summary[key]).name
         summary["exports"] = [{"bits": o["bits"], "format": o["format"]} for o in outputs]
+        from ssql_core.runtime import device_kind
+
+        summary["device_kind"] = device_kind(str(config.get("device") or "auto"))  # throughput records (decision 014)
         return {"summary": summary, "outputs": outputs}
     if kind == "eval":
         from ssql_core.config import EvalConfig

@@ -80,7 +80,7 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
                        calib: Calibration = None, heads: str | Path | None = None, source_job: str | None = None,
                        device: str = "cpu", calibration: str | None = None, calib_percentile: float | None = None,
                        ptq: str | None = None, ptq_images: int = 1024, ptq_iters: int = 2000,
-                       brecq_learn_act: bool = False) -> list[Path]:
+                       brecq_learn_act: bool = False, ptq_state_dir: str | Path | None = None) -> list[Path]:
     """:func:`export_checkpoint` for several bit-widths, loading and calibrating once.
 
     Min-max and percentile ranges recorded in FP do not depend on the bit-width, so one calibration
@@ -89,6 +89,9 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
     ``ptq="adaround"`` / ``"brecq"`` reconstructs every quantized file's rounding
     (:mod:`ssql_core.ptq`) on ``ptq_images`` images of the calibration source before any file is
     written; with ``heads`` the evaluation's own reconstruction (kept in its ``heads.pt``) is used.
+    ``ptq_state_dir``: where each reconstruction keeps its per-unit state (``ptq-{bits}.pt``), so a
+    rerun after a crash continues it and a second call (another format) reuses it; the caller
+    removes the states when it has every file.
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
@@ -120,7 +123,7 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
     if any(not b.is_fp for b in parsed) and not per_bits:
         info["calibration"] = run_calibration(backbone, ctx, calib, pcfg, dev)
     recons, recon_calib = _reconstructions(backbone, ctx, parsed, calib, pcfg, dev, heads, heads_state, ptq, ptq_images,
-                                           ptq_iters, brecq_learn_act, per_bits)
+                                           ptq_iters, brecq_learn_act, per_bits, ptq_state_dir)
     backbone = backbone.cpu()
     info["source"] = {"job": source_job, "checkpoint": Path(source).name, "method": pcfg.method, "dataset": pcfg.dataset,
                       "image_size": pcfg.image_size, "pretrain_config": pcfg.to_dict()}
@@ -145,7 +148,8 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
         saved = current_ranges(backbone)
         if recon is not None:
             apply_reconstruction(backbone, recon)
-            file_info["ptq"] = {**recon.summary(), **({"source": "evaluation"} if heads_state is not None else {})}
+            file_info["ptq"] = {**recon.summary(), **({"source": "evaluation"} if heads_state is not None else {}),
+                                "per_unit": recon.units}
         elif not b.is_fp:
             file_info["ptq"] = {"method": "calibrate"}
         try:
@@ -171,7 +175,8 @@ def _set_ranges(backbone: nn.Module, ranges: dict[str, Tensor]) -> None:
 
 def _reconstructions(backbone: nn.Module, ctx: Any, parsed: list[Any], calib: Calibration, pcfg: PretrainConfig,
                      dev: torch.device, heads: Any, heads_state: dict[str, Any] | None, ptq: str | None, ptq_images: int,
-                     ptq_iters: int, learn_act: bool, per_bits: bool) -> tuple[dict[str, Reconstruction], dict[str, Any]]:
+                     ptq_iters: int, learn_act: bool, per_bits: bool,
+                     state_dir: str | Path | None = None) -> tuple[dict[str, Reconstruction], dict[str, Any]]:
     """Each quantized file's reconstruction: the evaluation's (from ``heads``) or one run now, all
     before any file is written (a reconstruction that fails leaves no file behind); and, where
     the ranges depend on the bits, the calibration each was run on."""
@@ -201,7 +206,8 @@ def _reconstructions(backbone: nn.Module, ctx: Any, parsed: list[Any], calib: Ca
     for b in quantized:
         if per_bits:
             calib_info[str(b)] = run_calibration(backbone, ctx, calib, pcfg, dev, str(b))
-        recons[str(b)] = reconstruct(backbone, ctx, images, dev, b, cfg)
+        state = Path(state_dir) / f"ptq-{b}.pt" if state_dir is not None else None
+        recons[str(b)] = reconstruct(backbone, ctx, images, dev, b, cfg, checkpoint=state)
     return recons, calib_info
 
 

@@ -327,3 +327,23 @@ def test_cli_names_the_bad_ptq_field(capsys: pytest.CaptureFixture[str]) -> None
     assert "ptq: must be one of ['calibrate', 'adaround', 'brecq']" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", "missing.pt", "--ptq", "adaround", "--ptq-iters", "0"]) == 2
     assert "ptq_iters: must be between 1 and 100000" in capsys.readouterr().err
+
+
+def test_export_formats_share_one_reconstruction_through_its_state(run: Path, tmp_path: Path) -> None:
+    import json
+
+    import onnx
+
+    from ssql_core.export.onnx_graph import read_onnx
+
+    calib = [images(8, 9)]
+    st = export_checkpoints(run / "last.pt", ["3w4a"], tmp_path, calib=calib, ptq="adaround", ptq_iters=5, ptq_state_dir=tmp_path)[0]
+    assert (tmp_path / "ptq-3w4a.pt").is_file()
+    ox = export_checkpoints(run / "last.pt", ["3w4a"], tmp_path, fmt="onnx", calib=calib, ptq="adaround", ptq_iters=5,
+                            ptq_state_dir=tmp_path)[0]
+    units_st = load_quantized(st).manifest["ptq"]["per_unit"]
+    units_ox = read_onnx(ox)[1]["ptq"]["per_unit"]
+    # the ONNX file's reconstruction is the state the first call left, per-unit timings included
+    assert len(units_st) == 20 and all(u["seconds"] > 0 for u in units_st)
+    assert json.dumps(units_st, sort_keys=True) == json.dumps(units_ox, sort_keys=True)
+    assert isinstance(onnx.load(str(ox)), onnx.ModelProto)
