@@ -82,6 +82,19 @@ class OwnerQuota(Base):
     updated_at: Mapped[datetime]
 
 
+class DeviceThroughput(Base):
+    """Sustained training TFLOP/s of one device kind, measured from finished pretrain jobs (their
+    estimated FLOPs per image x the images/s they ran at); what cost estimates divide by."""
+
+    __tablename__ = "device_throughput"
+
+    device_kind: Mapped[str] = mapped_column(String(200), primary_key=True)
+    #: exponential moving average over the runs (weight 1/2 for the newest after the first)
+    tflops: Mapped[float] = mapped_column(Float)
+    runs: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime]
+
+
 def _claims_default(context: Any) -> int:
     """A row inserted with attempts already made has had as many claims (its lease token)."""
     return int(context.get_current_parameters().get("attempts") or 0)

@@ -20,6 +20,14 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def device_kind(name: str) -> str:
+    """What a run's device is, for throughput records: the GPU's model name, or ``cpu: <model>``."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {cpu_name()}"
+
+
 def cpu_name() -> str:
     """The CPU's model name (``/proc/cpuinfo``), for benchmark reports; ``platform`` otherwise."""
     import platform

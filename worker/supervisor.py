@@ -37,7 +37,7 @@ from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError,
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
-from persistence import job_store
+from persistence import job_store, throughput
 from persistence.job_store import ClaimedJob
 from persistence.models import READS_PRETRAIN_CHECKPOINT
 from persistence.settings import Settings
@@ -519,18 +519,26 @@ def _record_outcome(
             for src, dst in _tree(workdir, job_dir):
                 _snapshot(src, dst)
             progress = dict(state.progress or {}, fraction=1.0, eta_s=0.0)
+            summary = final.get("summary")
+            if cost := throughput.cost_summary(s, job.id, job.kind, job.spec, summary):  # estimate vs actual
+                summary = {**(summary or {}), "cost": cost}
             done = job_store.finish(
                 s,
                 job.id,
                 job.attempt,
                 "succeeded",
-                summary=final.get("summary"),
+                summary=summary,
                 results=final.get("results"),
                 artifacts=collect_artifacts(
                     job.kind, job_dir, settings.resolved_artifacts_dir(), final.get("outputs"), job.source_job_id
                 ),
                 progress=progress,
             )
+            if done and cost:
+                try:
+                    throughput.record_throughput(s, cost)
+                except SQLAlchemyError:  # a record lost is no reason to doubt the job's outcome
+                    log.warning("job %s: could not record the device's throughput", job.id, exc_info=True)
             return "succeeded" if done else "lease_lost"
         cancel_requested, max_attempts = job_store.job_flags(s, job.id)
         if kind == "cancelled" or (rc < 0 and cancel_requested and not state.handback_sent):

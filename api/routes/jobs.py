@@ -50,7 +50,7 @@ from api.specs import (
 )
 from api.state import AppState
 from api.views import job_view, metric_view
-from persistence import api_store, quotas
+from persistence import api_store, quotas, throughput
 from persistence.models import JOB_KINDS, JOB_STATUSES, TERMINAL_STATUSES
 from persistence.queue import publish_job
 
@@ -139,7 +139,7 @@ async def submit_job(
         spec = distill_spec(raw, settings, source)
         await _pin_inputs(conn, spec, spec["pretrain_job"], source_job_id)
     arch = None if raw["kind"] == "pretrain" else await _pretrain_config(conn, owner, raw["kind"], source)
-    estimate = await _estimate_or_refuse(settings, raw["kind"], spec, arch)
+    estimate = await _estimate_or_refuse(conn, settings, raw["kind"], spec, arch)
     if dry_run:
         refusal = await quotas.submission_check(conn, owner, settings, quotas.job_devices(raw["kind"], spec))
         return JSONResponse({"dry_run": True, "kind": raw["kind"], "spec": spec, "estimate": estimate,
@@ -170,9 +170,12 @@ async def _pretrain_config(conn: Any, owner: int, kind: str, source: Any) -> dic
     return None if pretrain is None else pretrain["spec"]["config"]
 
 
-async def _estimate_or_refuse(settings: Any, kind: str, spec: dict[str, Any], arch: dict[str, Any] | None) -> dict[str, Any] | None:
+async def _estimate_or_refuse(conn: Any, settings: Any, kind: str, spec: dict[str, Any],
+                              arch: dict[str, Any] | None) -> dict[str, Any] | None:
     """The job's cost estimate (``ssql_core.cost``) as stored on the job; a 422 when it is over the
-    server's ``SSQL_MAX_JOB_DEVICE_HOURS`` or ``SSQL_MAX_DEVICE_MEMORY_GB`` (decision 014)."""
+    server's ``SSQL_MAX_JOB_DEVICE_HOURS`` or ``SSQL_MAX_DEVICE_MEMORY_GB`` (decision 014). The
+    device throughput is the slowest kind the service measured (``device_throughput``), else the
+    ``SSQL_DEVICE_TFLOPS`` prior."""
     from ssql_core.cost import estimate as cost_estimate
     from ssql_core.methods import METHODS
 
@@ -181,8 +184,10 @@ async def _estimate_or_refuse(settings: Any, kind: str, spec: dict[str, Any], ar
         return None
     method = METHODS.get(config.get("method", "")) if kind == "pretrain" else None
     quantized = bool(getattr(method, "quantized", True))
+    slowest = await throughput.slowest_measured(conn)
+    device_kind, tflops = slowest if slowest is not None else ("prior (SSQL_DEVICE_TFLOPS)", settings.device_tflops)
     try:
-        est = await anyio.to_thread.run_sync(lambda: cost_estimate(kind, config, settings.device_tflops, arch, quantized))
+        est = await anyio.to_thread.run_sync(lambda: cost_estimate(kind, config, tflops, arch, quantized))
     except Exception:  # noqa: BLE001 - an estimate must never turn a valid job into a 500
         log.warning("no cost estimate for a %s job", kind, exc_info=True)
         return None
@@ -197,7 +202,7 @@ async def _estimate_or_refuse(settings: Any, kind: str, spec: dict[str, Any], ar
         raise FieldError(("body", "batch_size"), f"this job needs about {est.peak_memory_gb:.1f} GB per device, above "
                          f"the largest device's {settings.max_device_memory_gb:g} GB: a smaller batch_size (per device), "
                          "image size or backbone, or more devices")  # fmt: skip
-    return est.as_dict()
+    return {**est.as_dict(), "device_kind": device_kind}
 
 
 async def _succeeded_source(conn: Any, owner: int, job_id: str, kind: str) -> Any:

@@ -98,3 +98,24 @@ def test_profile_counts_by_construction() -> None:
     one, two = estimate("pretrain", cfg, 10.0), estimate("pretrain", cfg, 20.0)
     assert one is not None and two is not None and abs(one.device_hours / two.device_hours - 2) < 1e-9
     assert estimate("pretrain", {**cfg, "dataset": "imagefolder:x"}, 10.0) is None  # unknown image count
+
+
+def test_a_finished_job_records_estimate_vs_actual_and_the_devices_throughput(client: httpx.Client, finished_pretrain: str,
+                                                                               sessions) -> None:  # type: ignore[no-untyped-def]
+    """A pretrain job that ran (real worker): its summary puts the estimate next to the device-time
+    its attempts took; the device kind's measured TFLOP/s is recorded and later estimates use it."""
+    from sqlalchemy import select
+
+    from persistence.models import DeviceThroughput
+
+    job = client.get(f"/v1/jobs/{finished_pretrain}").json()
+    cost = job["summary"]["cost"]
+    assert cost["estimated_device_hours"] == job["spec"]["estimate"]["device_hours"] > 0
+    assert cost["actual_device_hours"] > 0 and cost["actual_over_estimate"] > 0
+    assert cost["device_kind"].startswith("cpu: ") and cost["measured_tflops"] > 0
+    with sessions() as s:
+        kinds = {r.device_kind: r.tflops for r in s.scalars(select(DeviceThroughput))}
+    assert cost["device_kind"] in kinds
+    est = client.post("/v1/jobs?dry_run=1", json={**TINY, "epochs": 1}).json()["estimate"]
+    slowest = min(kinds, key=kinds.__getitem__)
+    assert est["device_kind"] == slowest and abs(est["device_tflops"] - kinds[slowest]) <= 1e-3 * kinds[slowest]
