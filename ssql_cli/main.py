@@ -274,6 +274,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.ptq:
         body["ptq"] = args.ptq
     client = _client(args)
+    if args.dry_run:  # validate and estimate, queue nothing
+        answer = client.estimate(body)
+        est, quota = answer.get("estimate"), answer.get("quota")
+        if est:
+            print(f"estimate: {est['device_hours']:.4g} device-hours ({est['pflops']:.4g} PFLOP at {est['device_tflops']:g} "
+                  f"TFLOP/s per device, {est['device_kind']}), peak memory {est['peak_memory_gb']:.3g} GB per device")
+        else:
+            print("estimate: none (the image count is unknown: give max_samples)")
+        print("would be accepted" if quota is None else f"would be refused now: {quota['detail']}")
+        return 0
     job = client.submit(body, args.idempotency_key or str(uuid.uuid4()))
     return _print_and_wait(client, job, args.wait)
 
@@ -534,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("kind", choices=["pretrain", "eval", "distill", "finetune"])
     sb.add_argument("--set", action="append", metavar="FIELD=VALUE", help="a spec field (JSON value), repeatable")
     sb.add_argument("--json", help="file with the job body")
+    sb.add_argument("--dry-run", action="store_true", help="validate and print the cost estimate and the quota answer; queue nothing")
     sb.add_argument("--source-job", help="eval / finetune: the pretrain job; distill: the eval job (with an fp head)")
     sb.add_argument("--bits", help="eval: comma-separated bit-widths, e.g. fp,8w8a,4w4a,2w4a; distill / finetune: one, e.g. 4w4a")
     sb.add_argument("--quantizer", help="distill / finetune: psq, pact, lsq, dorefa or ewgs")

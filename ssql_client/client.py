@@ -171,6 +171,12 @@ class Client:
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
         return self._request("POST", "/v1/jobs", json=body, headers=headers).json()
 
+    def estimate(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A dry run (``POST /v1/jobs?dry_run=1``): the validated ``spec``, the cost ``estimate``
+        (device_hours, peak_memory_gb, pflops, device_kind) and the ``quota`` refusal a submission
+        would get now (None: accepted); nothing is queued."""
+        return self._request("POST", "/v1/jobs", params={"dry_run": "1"}, json=body).json()
+
     def pretrain(self, **fields: Any) -> Job:
         """``pretrain(method="ssql", dataset="digits", epochs=20, ...)``: see ``GET /v1/catalog``."""
         return self.submit({"kind": "pretrain", **fields})

@@ -25,7 +25,7 @@ from api.deps import (
     authenticate,
     bearer_key,
 )
-from api.errors import FieldError
+from api.errors import FieldError, FieldErrors
 from api.head import is_head
 from api.json_body import Utf8JsonRoute
 from api.limits import TOO_LARGE_RESPONSE
@@ -193,15 +193,18 @@ async def _estimate_or_refuse(conn: Any, settings: Any, kind: str, spec: dict[st
         return None
     if est is None:
         return None
+    problems = []  # both limits named at once when both are passed
     if settings.max_job_device_hours is not None and est.device_hours > settings.max_job_device_hours:
-        raise FieldError(("body", "epochs"), f"this job is estimated at {est.device_hours:.1f} device-hours "
-                         f"({est.pflops:.1f} PFLOP at {est.device_tflops:g} TFLOP/s per device), above this server's "
-                         f"limit of {settings.max_job_device_hours:g} per job: fewer epochs, images, a smaller image "
-                         "size or backbone")  # fmt: skip
+        problems.append(FieldError(("body", "epochs"), f"this job is estimated at {est.device_hours:.1f} device-hours "
+                        f"({est.pflops:.1f} PFLOP at {est.device_tflops:g} TFLOP/s per device), above this server's "
+                        f"limit of {settings.max_job_device_hours:g} per job: fewer epochs, images, a smaller image "
+                        "size or backbone"))  # fmt: skip
     if settings.max_device_memory_gb is not None and est.peak_memory_gb > settings.max_device_memory_gb:
-        raise FieldError(("body", "batch_size"), f"this job needs about {est.peak_memory_gb:.1f} GB per device, above "
-                         f"the largest device's {settings.max_device_memory_gb:g} GB: a smaller batch_size (per device), "
-                         "image size or backbone, or more devices")  # fmt: skip
+        problems.append(FieldError(("body", "batch_size"), f"this job needs about {est.peak_memory_gb:.1f} GB per "
+                        f"device, above the largest device's {settings.max_device_memory_gb:g} GB: a smaller "
+                        "batch_size (per device), image size or backbone, or more devices"))  # fmt: skip
+    if problems:
+        raise problems[0] if len(problems) == 1 else FieldErrors(problems)
     return {**est.as_dict(), "device_kind": device_kind}
 
 

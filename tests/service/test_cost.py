@@ -119,3 +119,25 @@ def test_a_finished_job_records_estimate_vs_actual_and_the_devices_throughput(cl
     est = client.post("/v1/jobs?dry_run=1", json={**TINY, "epochs": 1}).json()["estimate"]
     slowest = min(kinds, key=kinds.__getitem__)
     assert est["device_kind"] == slowest and abs(est["device_tflops"] - kinds[slowest]) <= 1e-3 * kinds[slowest]
+
+
+def test_cli_dry_run_prints_the_estimate_and_queues_nothing(limited_api) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    url, key = limited_api
+    env = clean_env(SSQL_URL=url, SSQL_API_KEY=key)
+    args = [sys.executable, "-m", "ssql_cli.main", "submit", "pretrain", "--dry-run"]
+    for k, v in TINY.items():
+        if k != "kind":
+            args += ["--set", f"{k}={v}"]
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+        before = len(c.get("/v1/jobs").json()["items"])
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "device-hours" in done.stdout and "peak memory" in done.stdout and "would be accepted" in done.stdout
+        assert len(c.get("/v1/jobs").json()["items"]) == before
+        huge = [a for k, v in HUGE.items() if k != "kind" for a in ("--set", f"{k}={v}")]
+        bad = subprocess.run([*args[:5], *huge, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and "422" in bad.stderr, bad.stderr
+        assert "epochs: this job is estimated" in bad.stderr and "batch_size: this job needs" in bad.stderr, bad.stderr
