@@ -168,6 +168,12 @@ function duration(job) {
 const cfg = (job) => (job.spec && job.spec.config) || {};
 
 // -- jobs list -------------------------------------------------------------------------------------
+/** A job's cost estimate (spec.estimate, or a dry run's) in words. */
+function estimateText(est) {
+  if (!est) return "No estimate (the number of images is unknown: set max_samples).";
+  return `Estimate: ${est.device_hours.toPrecision(3)} device-hours (${est.pflops.toPrecision(3)} PFLOP at ${est.device_tflops} ` +
+    `TFLOP/s per device, ${est.device_kind}), about ${est.peak_memory_gb.toPrecision(3)} GB per device.`;
+}
 /** One line of the caller's quotas and usage (GET /v1/usage); why a submission would be refused now. */
 function usageText(u) {
   const of = (v) => (v === null || v === undefined ? "no limit" : String(v));
@@ -292,6 +298,8 @@ async function renderJob(id) {
   const extra = h("div", { id: "job-extra" });
   main.replaceChildren(
     h("h1", {}, `${job.kind} `, h("span", { class: "mono" }, id), c.method ? h("span", { class: "muted" }, ` · ${c.method} · ${c.backbone || ""} · ${c.dataset || ""}`) : null),
+    job.spec && job.spec.estimate ? h("p", { class: "muted", id: "cost" }, estimateText(job.spec.estimate) +
+      (job.summary && job.summary.cost ? ` Actual: ${job.summary.cost.actual_device_hours.toPrecision(3)} device-hours.` : "")) : null,
     h("div", { class: "card" }, head, actions, h("details", { id: "labels" }, h("summary", {}, "Name, tags and notes"), labelsForm)),
     ...(job.kind === "export" ? [] : [h("h2", {}, "Training curves"), curvesNote, charts]),
     extra,
@@ -645,7 +653,9 @@ async function renderSubmit(params) {
     h("div", { class: "kinds actions" }, ...["pretrain", "eval", "distill", "finetune", "export"].map((k) => h("a", { class: "button" + (k === kind ? "" : " secondary"), href: `#/submit?kind=${k}${source && k !== "pretrain" ? "&source_job=" + source : ""}` }, k))),
     ...first, options, more.length ? h("details", {}, h("summary", {}, "more options"), ...more) : null,
     h("p", { class: "error", id: "form-error", role: "alert" }),
-    h("button", { type: "submit", id: "submit" }, `Submit ${kind} job`));
+    h("p", { class: "muted", id: "estimate" }),
+    h("button", { type: "submit", id: "submit" }, `Submit ${kind} job`),
+    kind === "export" ? null : h("button", { type: "button", id: "estimate-button", class: "secondary" }, "Estimate cost"));
   const method = $("#f-method", form);
   const drawOptions = () => {
     const m = method && method.value ? cat.methods[method.value] : null;
@@ -653,6 +663,15 @@ async function renderSubmit(params) {
       fieldRow(name, h("input", { id: `f-${name}`, name, placeholder: def === null ? "(default)" : String(def), "data-type": typeof def === "number" ? (Number.isInteger(def) ? "integer" : "number") : typeof def === "boolean" ? "boolean" : "number" }), `${method.value} option`)) : []));
   };
   if (method) method.addEventListener("change", drawOptions);
+  $("#estimate-button", form)?.addEventListener("click", async () => {  // POST /v1/jobs?dry_run=1: nothing queued
+    form.querySelectorAll(".field.invalid").forEach((r) => r.classList.remove("invalid"));
+    form.querySelectorAll(".field-error").forEach((r) => (r.textContent = ""));
+    $("#form-error", form).textContent = ""; $("#estimate", form).textContent = "";
+    try {
+      const answer = await getJSON("/v1/jobs?dry_run=1", { method: "POST", json: { kind, ...readForm(form) } });
+      $("#estimate", form).textContent = estimateText(answer.estimate) + (answer.quota ? ` It would be refused now: ${answer.quota.detail}` : "");
+    } catch (err) { if (!(err instanceof ApiError) || err.status !== 401) showErrors(form, err); }
+  });
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     form.querySelectorAll(".field.invalid").forEach((r) => r.classList.remove("invalid"));

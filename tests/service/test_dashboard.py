@@ -426,3 +426,28 @@ def test_names_and_tags_are_text_and_the_filter_lives_in_the_url(service, finish
     csp = httpx.get(stack.url + "/").headers["content-security-policy"]  # and had one slipped through: only our own scripts run
     assert "script-src 'self';" in csp and "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
     s.close()
+
+
+def test_submit_form_estimates_the_cost_without_queueing(service, browser) -> None:  # type: ignore[no-untyped-def]
+    """Issue 19: the form's "Estimate cost" is a dry run (POST /v1/jobs?dry_run=1): an estimate, no job."""
+    stack, key, _other = service
+    before = len(Client(stack.url, key).jobs(limit=1000)["items"])
+    s = Session(browser, stack.url, key)
+    try:
+        s.sign_in()
+        page = s.page
+        page.goto(stack.url + "/#/submit?kind=pretrain")
+        page.wait_for_selector("#submit-form")
+        page.select_option("#f-dataset", "synthetic")
+        for name in ("batch_size", "image_size", "width", "max_samples"):
+            page.fill(f"#f-{name}", str(TINY[name]))
+        page.click("#estimate-button")
+        page.wait_for_selector("#estimate:not(:empty)")
+        text = page.text_content("#estimate") or ""
+        assert "device-hours" in text and "GB per device" in text, text
+        page.fill("#f-batch_size", "1")  # a bad field: marked at the field, no estimate
+        page.click("#estimate-button")
+        page.wait_for_selector(".field.invalid")
+    finally:
+        s.close()
+    assert len(Client(stack.url, key).jobs(limit=1000)["items"]) == before
