@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from persistence.db import utcnow
 from persistence.json_safe import finite_float, finite_json
-from persistence.models import Artifact, Job, JobAttempt, JobMetric, JobResult
+from persistence.models import TERMINAL_STATUSES, Artifact, Job, JobAttempt, JobMetric, JobResult
 
 
 @dataclass(frozen=True)
@@ -330,6 +330,14 @@ def reap_expired(session: Session, now: datetime | None = None) -> tuple[list[st
     )
     session.commit()
     return list(requeued), list(failed)
+
+
+def recently_finished(session: Session, within_seconds: float, limit: int = 1000) -> list[str]:
+    """Jobs that ended in the last ``within_seconds`` after at least one claim (their attempt
+    folders, if any were left, can go: no attempt follows a terminal status)."""
+    since = utcnow() - timedelta(seconds=within_seconds)
+    return list(session.scalars(
+        select(Job.id).where(Job.status.in_(TERMINAL_STATUSES), Job.finished_at >= since, Job.claims > 0).limit(limit)))
 
 
 def stale_queued(session: Session, older_than_seconds: float, limit: int = 500) -> list[str]:

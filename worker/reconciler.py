@@ -128,7 +128,10 @@ def reconcile_once(
     broker = broker if broker is not None else BrokerQueue(settings)
     with Sessions() as s:
         requeued, failed = job_store.reap_expired(s)
-    for job_id in failed:  # no attempt follows: the lost attempts' folders go (decision 010)
+        # ended jobs whose lost attempts left folders (a job failed here, or requeued then
+        # cancelled): no attempt follows a terminal status, so the folders go (decisions 010, 014)
+        ended = job_store.recently_finished(s, max(60.0, 3 * settings.reconcile_seconds))
+    for job_id in dict.fromkeys([*failed, *ended]):
         remove_attempt_folders(settings, job_id)
     with Sessions() as s:
         stale = job_store.stale_queued(s, settings.stale_queued_seconds)

@@ -338,15 +338,22 @@ def test_reaper_removes_the_folders_of_a_job_it_fails(tmp_path: Path) -> None:
                       max_attempts=3, cancel_requested=False, created_at=now, updated_at=now,
                       lease_until=now - timedelta(seconds=5)))  # fmt: skip
             s.add(JobAttempt(job_id=job_id, attempt=3, worker="dead:1", started_at=now))
+            # requeued after its worker died, then cancelled while it waited: no attempt follows
+            cancelled = str(uuid.uuid4())
+            s.add(Job(id=cancelled, owner_id=owner, kind="pretrain", status="cancelled", spec={"config": {}},
+                      attempts=1, claims=1, max_attempts=3, cancel_requested=True, created_at=now, updated_at=now,
+                      finished_at=now))  # fmt: skip
             s.commit()
-        attempts = settings.resolved_artifacts_dir() / "jobs" / job_id / "attempts"
-        for n in (2, 3):  # a worker killed with -9 left its attempts' folders
-            (attempts / str(n)).mkdir(parents=True)
-            (attempts / str(n) / "last.pt").write_bytes(b"x")
+        folders = [settings.resolved_artifacts_dir() / "jobs" / j / "attempts" for j in (job_id, cancelled)]
+        for folder, numbers in zip(folders, ((2, 3), (1,)), strict=True):  # kill -9 left the attempts' folders
+            for n in numbers:
+                (folder / str(n)).mkdir(parents=True)
+                (folder / str(n) / "last.pt").write_bytes(b"x")
         out = reconcile_once(settings, Sessions, publish=lambda _j: None)
         assert out["failed"] == [job_id]
-        assert not attempts.exists(), sorted(attempts.rglob("*"))
-        assert (attempts.parent).is_dir()  # the job's published files stay
+        for folder in folders:
+            assert not folder.exists(), sorted(folder.rglob("*"))
+            assert folder.parent.is_dir()  # the job's published files stay
     finally:
         engine.dispose()
         drop()
