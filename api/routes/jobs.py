@@ -31,7 +31,6 @@ from api.json_body import Utf8JsonRoute
 from api.limits import TOO_LARGE_RESPONSE
 from api.schemas import (
     MAX_TAGS,
-    TAG_PATTERN,
     ExportRequest,
     JobOut,
     JobPage,
@@ -39,6 +38,7 @@ from api.schemas import (
     JobRequest,
     MetricPage,
     ResultsOut,
+    Tag,
 )
 from api.specs import (
     check_json_values,
@@ -394,11 +394,15 @@ SORT_HELP = ("a column: created_at (default, newest first), updated_at, started_
              "status, or top1:<bits> (a result's top-1, e.g. top1:4w4a); '-' before it: descending "
              "(created_at and top1 are descending unless prefixed '+')")
 _TOP1_SORT = re.compile(r"^top1:(fp|[2-8]w[2-8]a)$")
+#: what ``sort`` may be, as the schema states it (so a schema-valid value is never refused)
+SORT_PATTERN = (r"^[+-]?(created_at|updated_at|started_at|finished_at|name|kind|status|top1:(fp|[2-8]w[2-8]a))$")
+#: filter text: no control characters
+TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 
 
 def _parse_sort(sort: str) -> tuple[str, bool, str | None]:
     """``sort=`` -> (column, descending, bits of a top-1 sort or None); 422 naming ``sort`` otherwise."""
-    sign, name = (sort[0], sort[1:]) if sort[:1] in "+-" else ("", sort)
+    sign, name = (sort[0], sort[1:]) if sort[:1] in ("+", "-") else ("", sort)
     descending = sign == "-" or (sign == "" and (name == "created_at" or name.startswith("top1:")))
     if m := _TOP1_SORT.match(name):
         return "created_at", descending, m[1]
@@ -417,11 +421,12 @@ async def list_jobs(
                                         json_schema_extra={"enum": list(JOB_STATUSES)})] = None,
     state: Annotated[str | None, Query(description="the same as status", json_schema_extra={"enum": list(JOB_STATUSES)})] = None,
     kind: Annotated[str | None, Query(description=f"one of {', '.join(_KINDS)}", json_schema_extra={"enum": list(_KINDS)})] = None,
-    method: Annotated[str | None, Query(max_length=64, description="the spec's method (pretrain jobs), e.g. ssql")] = None,
-    dataset: Annotated[str | None, Query(max_length=200, description="the spec's dataset")] = None,
-    tag: Annotated[list[str] | None, Query(description="jobs with this tag; repeat for jobs with all of them")] = None,
-    q: Annotated[str | None, Query(max_length=200, description="text in the name or notes, or the id's start (case-insensitive)")] = None,
-    sort: Annotated[str, Query(max_length=40, description=SORT_HELP)] = "created_at",
+    method: Annotated[str | None, Query(max_length=64, pattern=TEXT_PATTERN, description="the spec's method (pretrain jobs), e.g. ssql")] = None,
+    dataset: Annotated[str | None, Query(max_length=200, pattern=TEXT_PATTERN, description="the spec's dataset")] = None,
+    tag: Annotated[list[Tag] | None, Query(description="jobs with this tag; repeat for jobs with all of them")] = None,
+    q: Annotated[str | None, Query(max_length=200, pattern=TEXT_PATTERN,
+                                   description="text in the name or notes, or the id's start (case-insensitive)")] = None,
+    sort: Annotated[str, Query(max_length=40, pattern=SORT_PATTERN, description=SORT_HELP)] = "created_at",
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_BIGINT)] = 0,
 ) -> JSONResponse:
@@ -430,8 +435,8 @@ async def list_jobs(
     unknown = sorted(set(request.query_params) - LIST_PARAMS)
     if unknown:
         raise FieldError(("query", unknown[0]), f"unknown parameter; accepted: {sorted(LIST_PARAMS)}")
-    if status is not None and state is not None and status != state:
-        raise FieldError(("query", "state"), f"status {status!r} and state {state!r} disagree (they are the same filter)")
+    if status is not None and state is not None and status != state:  # both apply: no job is in two states
+        return JSONResponse({"items": [], "next_offset": None})
     status = status if status is not None else state
     if status is not None and status not in JOB_STATUSES:
         raise FieldError(("query", "status" if state is None else "state"), f"must be one of {list(JOB_STATUSES)}, got {status!r}")
@@ -439,12 +444,6 @@ async def list_jobs(
         raise FieldError(("query", "kind"), f"must be one of {list(_KINDS)}, got {kind!r}")
     if len(tag or []) > MAX_TAGS:
         raise FieldError(("query", "tag"), f"at most {MAX_TAGS} tags, got {len(tag or [])}")
-    for i, t in enumerate(tag or []):
-        if not re.match(TAG_PATTERN, t):
-            raise FieldError(("query", "tag", i), f"not a tag (letters, digits and _ . : / = + - @ #, at most 64): {t!r}")
-    for name, value in (("method", method), ("dataset", dataset), ("q", q)):
-        if value is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-            raise FieldError(("query", name), "must not contain control characters")
     column, descending, metric_bits = _parse_sort(sort)
     limit = min(limit, settings.page_size_max)
     rows = await api_store.list_jobs(conn, owner, status, kind, limit + 1, offset, method=method, dataset=dataset,
