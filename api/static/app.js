@@ -210,7 +210,16 @@ async function renderJobs(params) {
       text("method", "method", 8), text("dataset", "dataset", 10), text("tag", "tag", 10), text("q", "search name, notes, id", 22), sortSel,
       h("a", { class: "button", href: "#/submit?kind=pretrain" }, "New pretrain job")),
     h("table", { id: "jobs-table" }, h("thead", {}, h("tr", {}, ...["id", "name", "kind", "method", "backbone", "dataset", "status", "progress", "tags", "created", "duration"].map((c) => h("th", {}, c)))), tbody),
-    h("p", { id: "jobs-empty", class: "muted", hidden: true }, LIST_FILTERS.some((f) => want[f]) ? "No jobs match these filters." : "No jobs yet."));
+    h("p", { id: "jobs-empty", class: "muted", hidden: true }, LIST_FILTERS.some((f) => want[f]) ? "No jobs match these filters." : "No jobs yet."),
+    h("div", { class: "actions", id: "pager" }));
+  const offset = Math.max(0, parseInt(params.get("offset") || "0", 10) || 0);
+  const PAGE = Math.min(1000, Math.max(1, parseInt(params.get("limit") || "100", 10) || 100));  // jobs per page
+  const pageLink = (to, text, id) => {  // the same filters, another page
+    const p = new URLSearchParams(); for (const f of LIST_FILTERS) if (want[f]) p.set(f, want[f]);
+    if (PAGE !== 100) p.set("limit", String(PAGE));
+    if (to > 0) p.set("offset", String(to));
+    return h("a", { class: "button secondary", id, href: "#/jobs" + (String(p) ? "?" + p : "") }, text);
+  };
   const watched = new Set();
   const rowOf = (job) => {
     const c = cfg(job);
@@ -232,12 +241,14 @@ async function renderJobs(params) {
     tr.querySelector(".du").textContent = duration(full);
   };
   const load = async () => {
-    const q = new URLSearchParams({ limit: "100" });
+    const q = new URLSearchParams({ limit: String(PAGE), offset: String(offset) });
     for (const f of LIST_FILTERS) if (want[f]) q.set(f, want[f]);
     getJSON("/v1/usage").then((u) => { $("#usage").textContent = usageText(u); }).catch(() => {});
     const page = await getJSON("/v1/jobs?" + q);
     tbody.replaceChildren(...page.items.map((j) => { const tr = rowOf(j); tr.dataset.job = JSON.stringify(j); return tr; }));
     $("#jobs-empty").hidden = page.items.length > 0;
+    $("#pager").replaceChildren(...[offset > 0 ? pageLink(Math.max(0, offset - PAGE), "← previous page", "page-prev") : null,
+      page.next_offset !== null ? pageLink(page.next_offset, "next page →", "page-next") : null].filter(Boolean));
     for (const j of page.items) {
       if (!TERMINAL.includes(j.status) && !watched.has(j.id)) { watched.add(j.id); watchJob(j.id, update); }
     }

@@ -407,6 +407,14 @@ def test_names_and_tags_are_text_and_the_filter_lives_in_the_url(service, finish
     page.wait_for_function("() => location.hash.includes('sort=name')")
     page.wait_for_selector(f"#jobs-body tr:first-child[data-job-id='{pre}']")  # '<' sorts before 'p'
     page.screenshot(path=str(shots / "jobs.png"), full_page=True)
+    # pages, with the filters kept
+    page.goto(f"{stack.url}/#/jobs?tag=paper&sort=name&limit=1")
+    page.wait_for_selector(f"#jobs-body tr[data-job-id='{pre}']")
+    assert page.query_selector("#page-prev") is None
+    page.click("#page-next")
+    page.wait_for_selector(f"#jobs-body tr[data-job-id='{ev1}']")
+    assert "tag=paper" in page.evaluate("() => location.hash") and len(page.query_selector_all("#jobs-body tr")) == 1
+    assert page.query_selector("#page-next") is None and page.query_selector("#page-prev") is not None
     # the job page, and editing the labels there (a bad tag: 422 shown as text)
     page.goto(f"{stack.url}/#/job/{pre}")
     page.wait_for_selector("#job-name")
