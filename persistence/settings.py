@@ -23,6 +23,29 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Celery broker URL; default a filesystem transport under home")
     artifacts_dir: Path | None = Field(None, description="job workdirs and checkpoints; default home/artifacts")
     data_root: Path | None = Field(None, description="datasets and imagefolder roots; default home/data")
+    #: the object store (storage/): ``file:///path`` or ``s3://bucket/prefix``; default home/store
+    storage_url: str | None = None
+    #: S3 endpoint, region and credentials; None: boto3's own chain (AWS_ENDPOINT_URL, AWS_REGION,
+    #: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, profiles)
+    aws_endpoint_url: str | None = None
+    aws_region: str | None = None
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    #: files above this many bytes go to S3 as a multipart upload (parts of this size, at least 5 MiB)
+    storage_multipart_bytes: int = Field(8 << 20, ge=5 << 20)
+    #: a worker's local cache of datasets fetched from the store (content-addressed, LRU); default home/cache
+    cache_dir: Path | None = None
+    cache_max_bytes: int = Field(20 << 30, ge=0)
+
+    # Uploaded datasets (POST /v1/datasets; decision 018).
+    #: the largest archive one upload may send (413 above it)
+    max_upload_bytes: int = Field(2 << 30, ge=1)
+    #: bytes of archives one owner may keep (ready or validating datasets); None: no limit
+    max_dataset_bytes_per_owner: int | None = Field(None, ge=0)
+    #: zip-bomb limits of an archive: entries, bytes once unpacked, unpacked / packed ratio
+    dataset_max_entries: int = Field(200_000, ge=1)
+    dataset_max_unpacked_bytes: int = Field(16 << 30, ge=1)
+    dataset_max_ratio: float = Field(100.0, gt=1)
 
     # What the server accepts (also shown by GET /v1/catalog).
     max_epochs: int = 1000
@@ -114,6 +137,17 @@ class Settings(BaseSettings):
 
     def resolved_artifacts_dir(self) -> Path:
         return (self.artifacts_dir or self.resolved_home() / "artifacts").expanduser().resolve()
+
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"file://{self.resolved_home() / 'store'}"
+
+    def storage_options(self) -> dict[str, object]:
+        """Keyword arguments of the S3 backend (only the overrides that are set)."""
+        return {"endpoint_url": self.aws_endpoint_url, "region": self.aws_region, "access_key_id": self.aws_access_key_id,
+                "secret_access_key": self.aws_secret_access_key, "multipart_bytes": self.storage_multipart_bytes}
+
+    def resolved_cache_dir(self) -> Path:
+        return (self.cache_dir or self.resolved_home() / "cache").expanduser().resolve()
 
     def resolved_data_root(self) -> Path:
         return (self.data_root or self.resolved_home() / "data").expanduser().resolve()
