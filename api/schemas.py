@@ -6,10 +6,11 @@ ssql_core's, applied in :mod:`api.specs`. Extra keys on a pretrain request are m
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 #: request numbers are strict: a bool is not a number, "3" is not an integer, and neither is 3.0
@@ -74,16 +75,36 @@ MAX_TAGS = 20
 #: a name or notes: printable text (no control characters except, in notes, newlines and tabs)
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 NOTES_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
-Tag = Annotated[str, Field(pattern=TAG_PATTERN)]
+
+
+def _matching(pattern: str, what: str) -> AfterValidator:
+    """The schema states ``pattern``; a value off it gets a readable 422 (not the regex itself)."""
+    rule = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not rule.match(value):
+            raise PydanticCustomError("label_pattern", what)
+        return value
+
+    return AfterValidator(check)
+
+
+Tag = Annotated[str, Field(json_schema_extra={"pattern": TAG_PATTERN}),
+                _matching(TAG_PATTERN, "a tag is 1 to 64 of letters, digits and _ . : / = + - @ #, starting with a letter "
+                          "or digit (no spaces, no markup)")]
+Name = Annotated[str, Field(max_length=200, json_schema_extra={"pattern": NAME_PATTERN}),
+                 _matching(NAME_PATTERN, "a name must not contain control characters (newlines, tabs, NUL)")]
+Notes = Annotated[str, Field(max_length=10_000, json_schema_extra={"pattern": NOTES_PATTERN}),
+                  _matching(NOTES_PATTERN, "notes must not contain control characters other than newlines and tabs")]
 
 
 class JobLabels(BaseModel):
     """The owner's words for a job, on every kind: set at submit, edited with ``PATCH /v1/jobs/{id}``."""
 
-    name: str | None = Field(None, max_length=200, pattern=NAME_PATTERN, description="a name for the job, up to 200 characters")
+    name: Name | None = Field(None, description="a name for the job, up to 200 characters")
     tags: list[Tag] | None = Field(None, max_length=MAX_TAGS, description=f"up to {MAX_TAGS} tags, each up to 64 "
                                    "characters: letters, digits and _ . : / = + - @ # (e.g. 'sweep:lr', 'paper')")
-    notes: str | None = Field(None, max_length=10_000, pattern=NOTES_PATTERN, description="free text, up to 10,000 characters")
+    notes: Notes | None = Field(None, description="free text, up to 10,000 characters")
 
 
 class JobPatch(JobLabels):
