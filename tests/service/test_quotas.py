@@ -152,7 +152,7 @@ def test_running_jobs_quota_is_enforced_where_a_worker_claims(stack, live_worker
         while not any(name.startswith("quota-extra@") for reply in app.control.ping(timeout=1.0) for name in reply):
             assert time.monotonic() < deadline, "the extra worker did not start"
         with httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
-            first = c.post("/v1/jobs", json={**TINY, "epochs": 20}).json()["id"]
+            first = c.post("/v1/jobs", json={**TINY, "epochs": 10}).json()["id"]
             wait_for(c, first, lambda j: j["status"] != "queued", timeout=90)
             second = c.post("/v1/jobs", json={**TINY, "epochs": 1}).json()["id"]
             # a worker takes the second job's message and leaves the job queued for the quota
