@@ -22,25 +22,30 @@ class BodyTooLarge(HTTPException):
     """Raised from ``receive`` once a streamed body passes the limit (FastAPI re-raises HTTPExceptions
     of its body reader as they are, so the route answers 413)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body larger than {limit} bytes (the server's SSQL_MAX_BODY_BYTES)")
+    def __init__(self, limit: int, setting: str = "SSQL_MAX_BODY_BYTES") -> None:
+        super().__init__(413, f"request body larger than {limit} bytes (the server's {setting})")
 
 
 class BodySizeLimit:
-    """Refuse request bodies above ``max_bytes`` with 413 (``max_bytes <= 0``: no limit)."""
+    """Refuse request bodies above ``max_bytes`` with 413 (``max_bytes <= 0``: no limit).
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    ``uploads`` maps (method, path) of a route that streams a large body (a dataset archive) to
+    its own (limit, setting name), e.g. ``SSQL_MAX_UPLOAD_BYTES``."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, uploads: dict[tuple[str, str], tuple[int, str]] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.uploads = uploads or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.max_bytes <= 0:
+        upload = self.uploads.get((scope.get("method", ""), scope.get("path", ""))) if scope["type"] == "http" else None
+        limit, setting = upload if upload is not None else (self.max_bytes, "SSQL_MAX_BODY_BYTES")
+        if scope["type"] != "http" or limit <= 0:
             await self.app(scope, receive, send)
             return
-        limit = self.max_bytes
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_413(send, limit)
+            await _send_413(send, limit, setting)
             return
         received = 0
         started = False
@@ -51,7 +56,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(limit, setting)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -65,7 +70,7 @@ class BodySizeLimit:
         except BodyTooLarge:
             if started:
                 raise
-            await _send_413(send, limit)
+            await _send_413(send, limit, setting)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -78,8 +83,8 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body: dict[str, Any] = {"detail": BodyTooLarge(limit).detail}
+async def _send_413(send: Send, limit: int, setting: str = "SSQL_MAX_BODY_BYTES") -> None:
+    body: dict[str, Any] = {"detail": BodyTooLarge(limit, setting).detail}
     payload = json.dumps(body).encode()
     await send({
         "type": "http.response.start",

@@ -226,3 +226,36 @@ class Artifact(Base):
     created_at: Mapped[datetime]
 
     __table_args__ = (UniqueConstraint("job_id", "bits", "format", name="uq_artifacts_job_bits_format"),)
+
+
+DATASET_STATUSES = ("validating", "ready", "invalid")
+
+
+class Dataset(Base):
+    """An image-folder archive an owner uploaded (decision 018). Content-addressed per owner: the
+    archive's sha256 is unique per owner, so the same archive sent twice is one dataset. Its
+    object is in the store under ``storage_key`` once it is ``ready`` (never while validating or
+    when invalid)."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    sha256: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    #: "zip", "tar" or "tar.gz"
+    format: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    storage_key: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    classes: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    train_images: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    val_images: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (
+        UniqueConstraint("owner_id", "sha256", name="uq_datasets_owner_sha256"),
+        Index("ix_datasets_owner_created", "owner_id", "created_at"),
+    )

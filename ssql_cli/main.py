@@ -480,6 +480,88 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_datasets_upload(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ssql_client.client import archive_content_type
+
+    path = Path(args.path)
+    if not path.exists():
+        print(f"error: {path} does not exist; give an image folder (train/<class>/*, val/<class>/*) or an archive of one",
+              file=sys.stderr)
+        return 2
+    if path.is_file():
+        try:
+            archive_content_type(path)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if path.is_dir():
+        print(f"packing {path} into a .tar.gz ...", file=sys.stderr)
+    bars: list[Any] = []  # made at the first part, once the size (of the packed folder) is known
+
+    def progress(sent: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"upload {args.name}",
+                             file=sys.stderr, disable=args.json, mininterval=0.2))  # tqdm's rate column: bytes/s
+        bars[0].update(sent - bars[0].n)
+
+    try:
+        d = _client(args).upload_dataset(path, args.name, wait=not args.no_wait, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    if not args.json and not args.no_wait and d["status"] != "validating":
+        print(f"validated by the server: {d['status']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0 if d["status"] != "invalid" else 1
+    _print_dataset(d)
+    if d["status"] == "invalid":
+        return 1
+    if d["status"] == "ready":
+        print(f'use it as a job\'s dataset: "dataset": "{d["dataset"]}"  (e.g. ssql submit pretrain --set dataset={d["dataset"]})')
+    return 0
+
+
+def _print_dataset(d: dict) -> None:
+    print(f"{d['id']}  {d['name']}  {d['status']}  {d['bytes']} bytes  sha256 {d['sha256']}")
+    if d.get("classes") is not None:
+        print(f"  {len(d['classes'])} classes ({', '.join(d['classes'][:10])}{', ...' if len(d['classes']) > 10 else ''}), "
+              f"{d['train_images']} train / {d['val_images']} val images")
+    if d.get("error"):
+        print(f"  error: {d['error']}")
+
+
+def cmd_datasets_list(args: argparse.Namespace) -> int:
+    page = _client(args).datasets(args.status, args.limit, args.offset)
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    rows = [{"id": d["id"], "name": d["name"], "status": d["status"], "bytes": d["bytes"],
+             "classes": "" if d["classes"] is None else len(d["classes"]), "train": d["train_images"] or "",
+             "val": d["val_images"] or "", "created": (d["created_at"] or "")[:19]} for d in page["items"]]
+    print(table(rows, ["id", "name", "status", "bytes", "classes", "train", "val", "created"]))
+    if page.get("next_offset") is not None:
+        print(f"(more: --offset {page['next_offset']})")
+    return 0
+
+
+def cmd_datasets_show(args: argparse.Namespace) -> int:
+    d = _client(args).dataset(args.dataset_id)
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        _print_dataset(d)
+    return 0
+
+
+def cmd_datasets_rm(args: argparse.Namespace) -> int:
+    _client(args).delete_dataset(args.dataset_id)
+    print(f"deleted {args.dataset_id}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ssql_cli.demo import run_demo
 
@@ -487,7 +569,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ssql", description=__doc__)
+    p = argparse.ArgumentParser(prog="ssql", description=(__doc__ or "").replace("``", ""))  # reST markup is for the source
     p.add_argument("--url", help="server URL (default SSQL_URL or http://127.0.0.1:8000)")
     p.add_argument("--key", help="API key (default SSQL_API_KEY)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -613,6 +695,29 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("job_id")
     ck.add_argument("--json", action="store_true")
     ck.set_defaults(func=cmd_checkpoints)
+
+    ds = sub.add_parser("datasets", help="your own image folders: upload, list, show, rm").add_subparsers(
+        dest="datasets_command", required=True)
+    du = ds.add_parser("upload", parents=[conn], help="upload an image folder (train/<class>/*, val/<class>/*) or a "
+                       ".zip/.tar/.tar.gz of one; waits for the server's validation")
+    du.add_argument("path", help="a folder (packed for you) or an archive")
+    du.add_argument("--name", required=True, help="your name for the dataset")
+    du.add_argument("--no-wait", action="store_true", help="return once uploaded (status: validating)")
+    du.add_argument("--json", action="store_true")
+    du.set_defaults(func=cmd_datasets_upload)
+    dli = ds.add_parser("list", parents=[conn], help="your datasets, newest first")
+    dli.add_argument("--status", choices=["validating", "ready", "invalid"])
+    dli.add_argument("--limit", type=int, default=50)
+    dli.add_argument("--offset", type=int, default=0)
+    dli.add_argument("--json", action="store_true")
+    dli.set_defaults(func=cmd_datasets_list)
+    dsh = ds.add_parser("show", parents=[conn], help="one dataset (status, classes, image counts, error)")
+    dsh.add_argument("dataset_id")
+    dsh.add_argument("--json", action="store_true")
+    dsh.set_defaults(func=cmd_datasets_show)
+    drm = ds.add_parser("rm", parents=[conn], help="delete a dataset and its stored archive")
+    drm.add_argument("dataset_id")
+    drm.set_defaults(func=cmd_datasets_rm)
 
     dl = sub.add_parser("download", parents=[conn], help="download a checkpoint and verify its sha256")
     dl.add_argument("job_id")

@@ -250,6 +250,61 @@ class Client:
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
         return self._request("GET", f"/v1/jobs/{job_id}/checkpoints").json()
 
+    # -- datasets -------------------------------------------------------------------------------
+
+    def upload_dataset(self, path: str | Path, name: str, wait: bool = True, timeout: float = 3600.0,
+                       progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Upload an image folder (``train/<class>/*``, ``val/<class>/*``) or an archive of one
+        (.zip, .tar, .tar.gz/.tgz); a folder is packed into a .tar.gz first. The body is streamed
+        from disk; ``progress(sent, total)`` is called as it goes. With ``wait`` the call returns
+        once the server has validated it (``status`` ``ready`` or ``invalid``); use
+        ``dataset["dataset"]`` (``"upload:<id>"``) as a job's dataset."""
+        import tempfile
+
+        from storage.archives import pack_folder
+
+        path = Path(path)
+        with tempfile.TemporaryDirectory(prefix="ssql-upload-") as tmp:
+            if path.is_dir():
+                path = pack_folder(path, Path(tmp) / f"{path.name or 'dataset'}.tar.gz")
+            ctype = archive_content_type(path)
+            total = path.stat().st_size
+
+            def chunks() -> Iterator[bytes]:
+                sent = 0
+                with path.open("rb") as f:
+                    while block := f.read(1 << 20):
+                        sent += len(block)
+                        yield block
+                        if progress is not None:
+                            progress(sent, total)
+
+            r = self._request("POST", "/v1/datasets", params={"name": name}, content=chunks(),
+                              headers={"Content-Type": ctype, "Content-Length": str(total)}, timeout=None)
+        dataset = r.json()
+        return self.wait_dataset(dataset["id"], timeout) if wait else dataset
+
+    def dataset(self, dataset_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/datasets/{dataset_id}").json()
+
+    def datasets(self, status: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        """A page of your datasets: ``{"items": [...], "next_offset"}``."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset, **({"status": status} if status else {})}
+        return self._request("GET", "/v1/datasets", params=params).json()
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete a dataset and its stored archive (409 while a queued or running job uses it)."""
+        self._request("DELETE", f"/v1/datasets/{dataset_id}")
+
+    def wait_dataset(self, dataset_id: str, timeout: float = 3600.0, poll: float = 0.5) -> dict[str, Any]:
+        """Poll until the dataset is no longer ``validating``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            d = self.dataset(dataset_id)
+            if d["status"] != "validating" or time.monotonic() > deadline:
+                return d
+            time.sleep(poll)
+
     def catalog(self) -> dict[str, Any]:
         return self._request("GET", "/v1/catalog").json()
 
@@ -373,3 +428,16 @@ class _TqdmBar:
 
     def close(self) -> None:
         self.bar.close()
+
+
+#: an archive's Content-Type by its file name
+ARCHIVE_SUFFIXES = {".zip": "application/zip", ".tar": "application/x-tar", ".tar.gz": "application/gzip", ".tgz": "application/gzip"}
+
+
+def archive_content_type(path: Path) -> str:
+    name = path.name.lower()
+    for suffix, ctype in ARCHIVE_SUFFIXES.items():
+        if name.endswith(suffix):
+            return ctype
+    raise ValueError(f"{path}: not a folder nor a .zip, .tar, .tar.gz or .tgz archive; pass the image folder "
+                     "itself (train/<class>/*, val/<class>/*) and it is packed for you")

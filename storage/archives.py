@@ -22,13 +22,26 @@ from pathlib import Path, PurePosixPath
 
 #: the archive formats, by the Content-Type of the upload
 CONTENT_TYPES = {"application/zip": "zip", "application/x-zip-compressed": "zip", "application/x-tar": "tar",
-                 "application/gzip": "tar.gz", "application/x-gzip": "tar.gz"}
+                 "application/gzip": "tar.gz", "application/x-gzip": "tar.gz", "application/octet-stream": "auto"}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SPLITS = ("train", "val")
 #: offending files named in an error, at most
 MAX_NAMED = 20
 #: one image file above this is refused (it is read whole to be decoded)
 MAX_IMAGE_BYTES = 64 << 20
+
+
+def sniff(path: Path) -> str | None:
+    """The format of an archive sent as ``application/octet-stream``, by its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "zip"
+    if head.startswith(b"\x1f\x8b"):
+        return "tar.gz"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return None
 
 
 @dataclass(frozen=True)

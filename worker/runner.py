@@ -401,7 +401,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_term)
     signal.signal(signal.SIGUSR1, _on_handback)
     job = json.loads(Path(argv[0]).read_text())
+    source = job.get("dataset_source")
     try:
+        if source:
+            from storage import DigestMismatch
+            from worker.datasets import fetch
+
+            try:
+                downloaded = fetch(source, job["config"])
+            except DigestMismatch as e:
+                hooks.emit("error", code="corrupt_artifact", field="dataset", message=f"dataset {source['name']}: {e}", retryable=False)
+                return EXIT_ERROR
+            log_event("dataset", {"name": source["name"], "sha256": source["sha256"], "cache": "miss" if downloaded else "hit"})
         out = _run(job, hooks)
     except Cancelled as e:
         if hooks.handback_at is not None and not hooks.stop_requested:
@@ -431,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         hooks.emit("error", **classify_crash(e, job))
         return EXIT_ERROR
+    if source:
+        from worker.datasets import rename_back
+
+        rename_back(out, source)
     hooks.emit("result", **out)
     return EXIT_OK
 

@@ -42,6 +42,7 @@ from persistence.job_store import ClaimedJob
 from persistence.models import READS_PRETRAIN_CHECKPOINT
 from persistence.settings import Settings
 from worker.artifacts import collect_artifacts
+from worker.datasets import dataset_input
 
 log = logging.getLogger("ssql.worker")
 
@@ -276,6 +277,8 @@ def supervise(
     config = run_config(settings, job)
     paths = input_paths(settings, job)
     problem = _preflight(job, config, paths)
+    dataset_source, dataset_problem = dataset_input(Sessions, job, config)
+    problem = problem or dataset_problem
     if problem is not None:
         with Sessions() as s:
             job_store.start_attempt(s, job, worker_name(), None, None)
@@ -296,6 +299,7 @@ def supervise(
                 "config": config,
                 "paths": paths,
                 "export_bits": job.spec.get("export_bits", []),
+                "dataset_source": dataset_source,
             }
         )
     )

@@ -34,7 +34,10 @@ async def get_catalog(settings: SettingsDep) -> dict[str, Any]:
         max_attempts=settings.max_attempts,
         allow_download=settings.allow_download,
     )
+    limits.update(max_upload_bytes=settings.max_upload_bytes, max_dataset_bytes_per_owner=settings.max_dataset_bytes_per_owner)
     cat["limits"] = limits
+    # your own uploads (POST /v1/datasets, `ssql datasets upload`): the id that answer gives
+    cat["datasets"] = [*cat.get("datasets", []), "upload:<id>"]
     cat["job_kinds"] = list(JOB_KINDS)
     cat["quantizers"] = list(QUANTIZER_NAMES)
     cat["packed_quantizers"] = list(INT_WEIGHT_FAMILIES)  # distilled students exported as packed files

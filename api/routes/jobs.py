@@ -14,6 +14,7 @@ import anyio
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from api import uploads
 from api.deps import (
     BEARER_SECURITY,
     UNAUTHORIZED_RESPONSE,
@@ -121,6 +122,7 @@ async def submit_job(
     labels = _labels(raw)
     settings = state.settings
     source_job_id = None
+    swapped = await uploads.stand_in(conn, owner, raw)
     if raw["kind"] == "pretrain":
         spec = pretrain_spec(raw, settings)
     elif raw["kind"] == "eval":
@@ -138,6 +140,7 @@ async def submit_job(
         source = await _succeeded_source(conn, owner, source_job_id, "eval")
         spec = distill_spec(raw, settings, source)
         await _pin_inputs(conn, spec, spec["pretrain_job"], source_job_id)
+    await uploads.restore(conn, owner, spec, swapped)
     arch = None if raw["kind"] == "pretrain" else await _pretrain_config(conn, owner, raw["kind"], source)
     estimate = await _estimate_or_refuse(conn, settings, raw["kind"], spec, arch)
     if dry_run:

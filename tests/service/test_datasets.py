@@ -1,0 +1,265 @@
+"""Uploaded datasets end to end: a real API, Celery worker, Postgres and Redis, with the object
+store on S3 (moto's server over HTTP on 127.0.0.1) and only the store shared between the API
+and the worker's cache (decision 018).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+
+from persistence.db import make_engine, make_sessionmaker
+from persistence.keys import create_key
+from persistence.migrate import upgrade_head
+from persistence.settings import Settings
+from ssql_cli.stack import Stack, free_port
+from storage.archives import pack_folder
+from tests.service.conftest import REDIS_URL, TINY, clean_env, create_database, wait_for
+from tests.service.s3 import CREDENTIALS, moto_endpoint
+from tests.service.test_storage import good_entries, make_folder, png
+
+pytestmark = pytest.mark.service
+BUCKET = "ssql-datasets"
+PREFIX = "svc"
+MAX_UPLOAD = 1_000_000
+QUOTA = 600_000
+
+
+@pytest.fixture(scope="module")
+def ds_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str, dict[str, str], object]]:
+    home = tmp_path_factory.mktemp("ds_home")
+    url, drop = create_database("ssql_ds")
+    queue = f"gpu-ds-{uuid.uuid4().hex[:8]}"
+    with moto_endpoint(BUCKET) as endpoint:
+        env = clean_env(
+            SSQL_HOME=str(home), SSQL_DATABASE_URL=url, SSQL_BROKER_URL=REDIS_URL, SSQL_QUEUE=queue, SSQL_DEVICE="cpu",
+            SSQL_LEASE_SECONDS="6", SSQL_HEARTBEAT_SECONDS="0.5", SSQL_RECONCILE_SECONDS="1", SSQL_TORCH_THREADS="1",
+            SSQL_STORAGE_URL=f"s3://{BUCKET}/{PREFIX}", AWS_ENDPOINT_URL=endpoint, **CREDENTIALS,
+            SSQL_MAX_UPLOAD_BYTES=str(MAX_UPLOAD), SSQL_MAX_DATASET_BYTES_PER_OWNER=str(QUOTA),
+        )
+        settings = Settings(home=home, database_url=url, broker_url=REDIS_URL, queue=queue)
+        upgrade_head(settings)
+        engine = make_engine(settings)
+        sessions = make_sessionmaker(engine)
+        stack = Stack(env, free_port(), log_dir=home / "logs")
+        stack.start(timeout=90)
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+        try:
+            yield stack, endpoint, env, (sessions, s3)
+        finally:
+            stack.stop()
+            engine.dispose()
+            drop()
+
+
+def _key(ds_stack, name: str) -> str:  # type: ignore[no-untyped-def]
+    with ds_stack[3][0]() as s:
+        return create_key(s, name)
+
+
+def _client(ds_stack, name: str) -> httpx.Client:  # type: ignore[no-untyped-def]
+    return httpx.Client(base_url=ds_stack[0].url, headers={"Authorization": f"Bearer {_key(ds_stack, name)}"}, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def alice(ds_stack) -> Iterator[httpx.Client]:  # type: ignore[no-untyped-def]
+    with _client(ds_stack, "alice") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def mallory(ds_stack) -> Iterator[httpx.Client]:  # type: ignore[no-untyped-def]
+    with _client(ds_stack, "mallory") as c:
+        yield c
+
+
+def upload(client: httpx.Client, data: bytes, name: str = "pets", ctype: str = "application/zip") -> httpx.Response:
+    return client.post("/v1/datasets", params={"name": name}, content=data, headers={"Content-Type": ctype})
+
+
+def settled(client: httpx.Client, dataset_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        d = client.get(f"/v1/datasets/{dataset_id}").json()
+        if d["status"] != "validating":
+            return d
+        time.sleep(0.1)
+    raise AssertionError(f"dataset {dataset_id} still validating")
+
+
+def zip_bytes(entries: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def stored_keys(ds_stack) -> list[str]:  # type: ignore[no-untyped-def]
+    s3 = ds_stack[3][1]
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=PREFIX + "/").get("Contents", [])]
+
+
+def test_upload_validates_stores_and_dedups(ds_stack, alice: httpx.Client, mallory: httpx.Client) -> None:  # type: ignore[no-untyped-def]
+    data = zip_bytes({**good_entries("pets/"), "pets/README.txt": b"about"})
+    r = upload(alice, data)
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "validating"
+    d = settled(alice, r.json()["id"])
+    assert d["status"] == "ready", d
+    assert d["sha256"] == hashlib.sha256(data).hexdigest() and d["bytes"] == len(data)
+    assert (d["classes"], d["train_images"], d["val_images"], d["dataset"]) == (["a", "b"], 4, 4, f"upload:{d['id']}")
+    key = f"{PREFIX}/datasets/"
+    assert any(k.startswith(key) and d["sha256"] in k for k in stored_keys(ds_stack))
+    again = upload(alice, data, name="other name")
+    assert again.status_code == 200 and again.json()["id"] == d["id"]
+    assert [x["id"] for x in alice.get("/v1/datasets").json()["items"]].count(d["id"]) == 1
+    # another owner sees nothing of it, and may not train on it
+    assert mallory.get(f"/v1/datasets/{d['id']}").status_code == 404
+    assert mallory.delete(f"/v1/datasets/{d['id']}").status_code == 404
+    assert d["id"] not in [x["id"] for x in mallory.get("/v1/datasets").json()["items"]]
+    r = mallory.post("/v1/jobs", json={**TINY, "dataset": f"upload:{d['id']}"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "dataset"], r.text
+    # mallory's own upload of the same archive is a dataset of hers (content-addressed per owner)
+    m = upload(mallory, data)
+    assert m.status_code == 202 and m.json()["id"] != d["id"]
+
+
+def test_concurrent_uploads_of_one_archive_make_one_dataset(alice: httpx.Client) -> None:
+    data = zip_bytes({**good_entries(), "train/a/extra.png": png(99)})
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: upload(alice, data, name="race"), range(4)))
+    assert all(a.status_code in (200, 202) for a in answers), [a.text for a in answers]
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert sum(a.status_code == 202 for a in answers) == 1
+    sha = hashlib.sha256(data).hexdigest()
+    assert [x["sha256"] for x in alice.get("/v1/datasets", params={"limit": 200}).json()["items"]].count(sha) == 1
+
+
+@pytest.mark.parametrize("case", ["traversal", "absolute", "zip_bomb", "truncated", "single_class", "undecodable", "not_an_archive"])
+def test_bad_archives_are_invalid_and_store_nothing(ds_stack, alice: httpx.Client, case: str) -> None:  # type: ignore[no-untyped-def]
+    good = good_entries()
+    body, expect = {
+        "traversal": (lambda: zip_bytes({**good, "../../etc/evil.png": png()}), "../../etc/evil.png: unsafe path"),
+        "absolute": (lambda: zip_bytes({**good, "/tmp/abs.png": png()}), "/tmp/abs.png: unsafe path"),
+        "zip_bomb": (lambda: zip_bytes({**good, "train/a/z.png": b"\0" * (30 << 20)}), "zip bomb"),
+        "truncated": (lambda: zip_bytes(good)[:-200], "not a readable zip archive"),
+        "single_class": (lambda: zip_bytes({k: v for k, v in good.items() if "/b/" not in k}), "only one class"),
+        "undecodable": (lambda: zip_bytes({**good, "val/b/bad.jpg": b"\xff\xd8garbage"}), "val/b/bad.jpg: does not decode"),
+        "not_an_archive": (lambda: b"hello, this is text" * 10, "not a readable zip archive"),
+    }[case]
+    data = body()
+    r = upload(alice, data, name=case)
+    assert r.status_code == 202, r.text
+    d = settled(alice, r.json()["id"])
+    assert d["status"] == "invalid" and expect in d["error"], d
+    assert not any(d["sha256"] in k for k in stored_keys(ds_stack))
+    job = alice.post("/v1/jobs", json={**TINY, "dataset": f"upload:{d['id']}"})
+    assert job.status_code == 422 and job.json()["detail"][0]["loc"] == ["body", "dataset"]
+    assert "invalid" in job.json()["detail"][0]["msg"]
+
+
+def test_wrong_content_type_and_oversize_body(alice: httpx.Client) -> None:
+    r = upload(alice, zip_bytes(good_entries()), ctype="application/json")
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["header", "content-type"], r.text
+    big = b"\0" * (MAX_UPLOAD + 1)
+    r = upload(alice, big)
+    assert r.status_code == 413 and "SSQL_MAX_UPLOAD_BYTES" in r.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it streams
+        for _ in range(MAX_UPLOAD // 65536 + 2):
+            yield b"\0" * 65536
+
+    r = alice.post("/v1/datasets", params={"name": "chunked"}, content=chunks(), headers={"Content-Type": "application/zip"})
+    assert r.status_code == 413
+    # application/octet-stream: the format is read from the archive's first bytes
+    tar = zip_bytes({**good_entries(), "val/a/sniffed.png": png(7)})
+    r = upload(alice, tar, name="sniffed", ctype="application/octet-stream")
+    assert r.status_code == 202
+    d = settled(alice, r.json()["id"])
+    assert (d["status"], d["format"]) == ("ready", "zip"), d
+    # an ordinary JSON route keeps its own, smaller limit
+    assert alice.post("/v1/jobs", content=b"{" + b" " * (2 << 20) + b"}", headers={"Content-Type": "application/json"}).status_code == 413
+
+
+def test_quota_per_owner(ds_stack) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    with _client(ds_stack, "carol") as carol:
+        first = zip_bytes({**good_entries(), "README.bin": os.urandom(400_000)})
+        r = upload(carol, first)
+        assert r.status_code == 202
+        second = zip_bytes({**good_entries(), "README.bin": os.urandom(400_000)})
+        r = upload(carol, second)
+        assert r.status_code == 413, r.text
+        body = r.json()
+        assert body["quota"] == "max_dataset_bytes_per_owner" and body["limit"] == QUOTA and body["usage"] == len(first)
+        assert upload(carol, first).status_code == 200  # the same archive again takes no more room
+
+
+def test_pretrain_on_uploaded_folder_then_delete(ds_stack, alice: httpx.Client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = make_folder(tmp_path / "shapes", classes=("red", "blue"), per_split=8)
+    archive = pack_folder(folder, tmp_path / "shapes.tar.gz")
+    r = upload(alice, archive.read_bytes(), name="shapes", ctype="application/gzip")
+    assert r.status_code == 202, r.text
+    d = settled(alice, r.json()["id"])
+    assert d["status"] == "ready" and d["train_images"] == 16 and d["val_images"] == 16, d
+    job = alice.post("/v1/jobs", json={**TINY, "dataset": d["dataset"], "epochs": 1, "export_bits": []})
+    assert job.status_code == 201, job.text
+    assert job.json()["spec"]["config"]["dataset"] == d["dataset"]
+    blocked = alice.delete(f"/v1/datasets/{d['id']}")  # queued or running: in use
+    assert blocked.status_code == 409 and job.json()["id"] in blocked.json()["jobs"]
+    done = wait_for(alice, job.json()["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout=180)
+    assert done["status"] == "succeeded", done
+    log = alice.get(f"/v1/jobs/{done['id']}/logs").text
+    assert "cache=miss" in log
+    assert alice.delete(f"/v1/datasets/{d['id']}").status_code == 204
+    assert alice.get(f"/v1/datasets/{d['id']}").status_code == 404
+    assert not any(d["sha256"] in k for k in stored_keys(ds_stack))
+    gone = alice.post("/v1/jobs", json={**TINY, "dataset": d["dataset"]})
+    assert gone.status_code == 422 and gone.json()["detail"][0]["loc"] == ["body", "dataset"]
+
+
+def test_cli_upload_folder_list_show_rm(ds_stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    make_folder(tmp_path / "flowers" / "inner", classes=("rose", "tulip", "iris"), per_split=1)
+    env = {**clean_env(SSQL_URL=ds_stack[0].url, SSQL_API_KEY=_key(ds_stack, "dave")), "COLUMNS": "120"}
+
+    def ssql(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ssql_cli.main", *argv], env=env, capture_output=True, text=True, timeout=120)
+
+    up = ssql("datasets", "upload", str(tmp_path / "flowers"), "--name", "flowers")
+    assert up.returncode == 0, up.stderr
+    assert "ready" in up.stdout and "3 classes (iris, rose, tulip), 3 train / 3 val images" in up.stdout
+    assert "B/s" in up.stderr  # the progress bar's rate
+    dataset_id = up.stdout.split()[0]
+    assert f"upload:{dataset_id}" in up.stdout
+    listed = ssql("datasets", "list")
+    assert listed.returncode == 0 and dataset_id in listed.stdout and "flowers" in listed.stdout
+    shown = ssql("datasets", "show", dataset_id, "--json")
+    assert shown.returncode == 0 and '"status": "ready"' in shown.stdout
+    bad = tmp_path / "notes.txt"
+    bad.write_text("x")
+    refused = ssql("datasets", "upload", str(bad), "--name", "x")
+    assert refused.returncode == 2 and "pass the image folder" in refused.stderr
+    assert ssql("datasets", "rm", dataset_id).returncode == 0
+    gone = ssql("datasets", "show", dataset_id)
+    assert gone.returncode == 2 and "not found" in gone.stderr
+
+
+def test_catalog_names_the_upload_form(ds_stack) -> None:  # type: ignore[no-untyped-def]
+    cat = httpx.get(f"{ds_stack[0].url}/v1/catalog").json()
+    assert "upload:<id>" in cat["datasets"] and cat["limits"]["max_upload_bytes"] == MAX_UPLOAD
