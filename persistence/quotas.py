@@ -88,7 +88,8 @@ def quota_stmt(owner_id: int, lock: bool = False) -> Select:
     submissions and claims of one owner are decided one at a time (no two pass one free slot)."""
     cols = [getattr(OwnerQuota, f) for f in QUOTA_FIELDS]
     stmt = select(User.id, *cols).outerjoin(OwnerQuota, OwnerQuota.owner_id == User.id).where(User.id == owner_id)
-    return stmt.with_for_update(of=User) if lock else stmt
+    # FOR NO KEY UPDATE: serialises these decisions without blocking inserts that reference the user
+    return stmt.with_for_update(of=User, key_share=True) if lock else stmt
 
 
 def active_stmt(owner_id: int, exclude: str | None = None) -> Select:
