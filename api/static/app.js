@@ -35,6 +35,9 @@ function h(tag, attrs = {}, ...children) {
   for (const c of children.flat()) if (c !== null && c !== undefined && c !== false) el.append(c instanceof Node ? c : String(c));
   return el;
 }
+/** ``el.replaceChildren`` without the trap: it writes a null child as the text "null"; here
+ * null, undefined and false children are left out (as ``h`` does). */
+function fill(el, ...children) { el.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false)); }
 const fmtNum = (v, d = 2) => (v === null || v === undefined ? "" : Number(v).toFixed(d));
 function fmtDuration(s) {
   if (s === null || s === undefined || !isFinite(s)) return "--:--";
@@ -225,7 +228,7 @@ async function renderJobs(params) {
     const c = cfg(job);
     return h("tr", { dataset: { jobId: job.id } },
       h("td", {}, h("a", { class: "mono", href: `#/job/${job.id}` }, job.id.slice(0, 8))),
-      h("td", { class: "name" }, job.name || ""),  // user-written text: always a text node, never markup
+      h("td", { class: "name", title: job.name || null }, job.name || ""),  // user-written text: always a text node, never markup
       h("td", {}, job.kind), h("td", {}, c.method || ""), h("td", {}, c.backbone || ""), h("td", {}, c.dataset || ""),
       h("td", { class: "st" }, statusCell(job)), h("td", { class: "pg" }, progressCell(job)),
       h("td", { class: "tags" }, ...(job.tags || []).map((t) => h("a", { class: "tag", href: `#/jobs?tag=${encodeURIComponent(t)}` }, t))),
@@ -307,7 +310,7 @@ async function renderJob(id) {
   const curvesNote = h("p", { class: "muted", id: "curves-note" });
   const logs = h("pre", { id: "log" }, "");
   const extra = h("div", { id: "job-extra" });
-  main.replaceChildren(
+  fill(main,
     h("h1", {}, `${job.kind} `, h("span", { class: "mono" }, id), c.method ? h("span", { class: "muted" }, ` · ${c.method} · ${c.backbone || ""} · ${c.dataset || ""}`) : null),
     job.spec && job.spec.estimate ? h("p", { class: "muted", id: "cost" }, estimateText(job.spec.estimate) +
       (job.summary && job.summary.cost ? ` Actual: ${job.summary.cost.actual_device_hours.toPrecision(3)} device-hours.` : "")) : null,
