@@ -72,6 +72,7 @@ from ssql_core.runtime import resolve_device, seed_everything, to_input
 from ssql_core.train import epoch_batches, load_pretrained
 
 LAST, FINETUNED = "finetune_last.pt", "finetuned.pt"
+HEAD_INITS = ("probe", "random")
 ACT_RANGES = ("frozen", "update")
 
 
@@ -89,6 +90,10 @@ class FinetuneConfig:
     lr: float = 0.01
     #: the new head's lr (default: ``lr``)
     head_lr: float | None = None
+    #: "probe" (default): the head starts as the PTQ + linear probe trained for the baseline
+    #: (linear probing, then fine-tuning: a random head's first gradients distort the pretrained
+    #: features, docs/decisions/017); "random": a freshly initialised head (the reference code)
+    head_init: str = "probe"
     quantizer_lr: float = 1e-5
     weight_decay: float = 1e-4
     momentum: float = 0.9
@@ -138,6 +143,11 @@ class FinetuneConfig:
             raise ConfigError("crop_scale", f"needs low <= high, got {list(self.crop_scale)}")
         _check_range("calib_images", self.calib_images, 1, 10**6)
         _check_range("baseline_epochs", self.baseline_epochs, 0, 1000)
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError("head_init", f"must be one of {list(HEAD_INITS)}, got {self.head_init!r}")
+        if self.head_init == "probe" and self.baseline_epochs == 0:
+            raise ConfigError("head_init", "'probe' starts the head from the PTQ + linear baseline: give baseline_epochs >= 1, "
+                              "or head_init 'random'")
         _check_range("test_every_epochs", self.test_every_epochs, 1, MAX_EPOCHS)
         _check_range("ewgs_delta", self.ewgs_delta, 0.0, 10.0, float)
         if self.max_samples is not None:
@@ -227,12 +237,16 @@ class _Finetuner:
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
         self.curve: list[dict[str, Any]] = []
         self.result: dict[str, Any] = {}
+        self.probe_head: nn.Linear | None = None
         self.last_loss: float | None = None
 
     def build_model(self) -> FinetuneModel:
-        """The backbone with the quantizers attached and a new head (seeded)."""
+        """The backbone with the quantizers attached and a head: the baseline's probe
+        (``head_init="probe"``) or a new seeded one."""
         torch.manual_seed(self.cfg.seed)
         head = nn.Linear(int(self.backbone.feat_dim), self.num_classes).to(self.device)
+        if self.cfg.head_init == "probe" and self.probe_head is not None:
+            head.load_state_dict(self.probe_head.state_dict())
         model = FinetuneModel(self.backbone, head, self.cfg.quantizer, self.bits, {"delta": self.cfg.ewgs_delta}).to(self.device)
         for p in model.parameters():
             p.requires_grad_(True)
@@ -259,6 +273,7 @@ class _Finetuner:
         with torch.enable_grad():
             head = train_linear_cached(tr_f, tr_y, self.num_classes, ecfg, lambda e, loss: None)
         bb.train(was)
+        self.probe_head = head
         return {"ptq_linear_top1": round(accuracy(head, te_f, te_y), 3), "ptq_linear_probe": "bn, lr 0.1",
                 "ptq_linear_epochs": self.cfg.baseline_epochs}
 
@@ -342,7 +357,8 @@ class _Finetuner:
             self.result = {**self.ptq_linear_baseline()}
             self.model = self.build_model()
             self.result["calib_images"] = self.calibrate()
-            self.result["start_top1"] = self.test_top1()  # quantized backbone + untrained head
+            self.result["start_top1"] = self.test_top1()  # quantized backbone + the starting head
+            self.result["head_init"] = cfg.head_init
             opt = self.optimizer()
         self.model.train()
         t0, seen = time.perf_counter(), 0

@@ -34,12 +34,13 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def small(source: Path, **kw: object) -> FinetuneConfig:
     base = dict(checkpoint=str(source), bits="4w4a", epochs=2, batch_size=16, lr=0.05, max_samples=64, calib_images=32,
-                baseline_epochs=0, device="cpu", checkpoint_every_steps=3)
+                baseline_epochs=0, head_init="random", device="cpu", checkpoint_every_steps=3)
     return FinetuneConfig(**{**base, **kw})  # type: ignore[arg-type]
 
 
 def test_finetuning_beats_the_ptq_linear_start_and_exports(source: Path, tmp_path: Path) -> None:
-    r = finetune(small(source, epochs=6, batch_size=32, max_samples=256, head_lr=0.5, baseline_epochs=10, calib_images=64), tmp_path)
+    r = finetune(small(source, epochs=6, batch_size=32, max_samples=256, head_lr=0.5, baseline_epochs=10, calib_images=64,
+                       head_init="random"), tmp_path)
     assert r["top1"] > r["ptq_linear_top1"] + 5, r
     assert r["top1"] > r["start_top1"]
     assert [c["epoch"] for c in r["curve"]] == list(range(1, 7)) and r["curve"][-1]["test_top1"] == r["top1"]
@@ -140,8 +141,18 @@ def test_nan_and_cancel_stop_the_run(source: Path, tmp_path: Path, monkeypatch: 
         finetune(small(source), tmp_path / "cancel", Stop())
 
 
+def test_probe_head_init_starts_where_the_ptq_linear_baseline_ends(source: Path, tmp_path: Path) -> None:
+    # the starting model is the baseline's: the same PSQ min-max ranges on the same calibration
+    # images and the baseline's own (BN-folded) probe as the head
+    r = finetune(small(source, epochs=1, max_samples=128, baseline_epochs=5, head_init="probe"), tmp_path)
+    assert r["head_init"] == "probe" and abs(r["start_top1"] - r["ptq_linear_top1"]) < 1e-6, r
+    with pytest.raises(ConfigError) as e:
+        FinetuneConfig(checkpoint=str(source), head_init="probe", baseline_epochs=0).validate()
+    assert e.value.field == "head_init"
+
+
 @pytest.mark.parametrize(("field", "bad"), [("bits", "9w4a"), ("quantizer", "int8"), ("act_ranges", "ema"), ("lr", float("nan")),
-                                            ("crop_scale", [0.9, 0.1]), ("epochs", 0), ("checkpoint", "")])
+                                            ("crop_scale", [0.9, 0.1]), ("epochs", 0), ("checkpoint", ""), ("head_init", "zeros")])
 def test_bad_config_names_the_field(source: Path, field: str, bad: object) -> None:
     with pytest.raises(ConfigError) as e:
         FinetuneConfig(**{"checkpoint": str(source), field: bad}).validate()  # type: ignore[arg-type]

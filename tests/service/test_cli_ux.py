@@ -406,3 +406,11 @@ def test_ctrl_c_of_ssql_up_stops_quietly(tmp_path: Path) -> None:
     assert proc.returncode == 0, out
     assert "Ctrl-C stops it" in out, out  # it did start
     assert "ERROR" not in out and "Traceback" not in out, out
+
+
+def test_help_shows_no_rest_markup() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "ssql_cli.main", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "ssql: run the service" in out.stdout and "``" not in out.stdout, out.stdout
