@@ -303,6 +303,8 @@ class FinetuneRequest(JobLabels):
     batch_size: Int | None = None
     lr: Number | None = None
     head_lr: Number | None = None
+    head_init: Literal["probe", "random"] | None = Field(
+        None, description="probe (default): the head starts as the PTQ + linear baseline's probe; random: a new head")
     quantizer_lr: Number | None = None
     weight_decay: Number | None = None
     momentum: Number | None = None

@@ -31,6 +31,7 @@ def test_finetune_results_and_packed_classifier(client: httpx.Client, finetuned:
     (row,) = rows
     assert row["protocol"] == "finetune" and row["bits"] == "4w4a" and row["quantizer"] == "psq"
     assert 0 <= row["top1"] <= 100 and "ptq_linear_top1" in row and [c["epoch"] for c in row["curve"]] == [1, 2]
+    assert row["head_init"] == "probe" and abs(row["start_top1"] - row["ptq_linear_top1"]) < 1e-6  # starts at its baseline
     files = {(c["bits"], c["format"]): c for c in client.get(f"/v1/jobs/{finetuned['id']}/checkpoints").json()}
     assert ("4w4a", "safetensors") in files and ("4w4a", "torch") in files
     resp = client.get(f"/v1/jobs/{finetuned['id']}/checkpoints/4w4a", params={"format": "safetensors"})
@@ -60,6 +61,8 @@ def test_onnx_through_the_export_route(client: httpx.Client, finetuned: dict) ->
     ({"epochs": 0}, ["body", "epochs"]),
     ({"dataset": "mnist"}, ["body", "dataset"]),
     ({"checkpoint": "/etc/passwd"}, ["body", "checkpoint"]),
+    ({"head_init": "zeros"}, ["body", "head_init"]),
+    ({"head_init": "probe", "baseline_epochs": 0}, ["body", "head_init"]),
 ])
 def test_finetune_422s(client: httpx.Client, finished_pretrain: str, patch: dict, loc: list) -> None:
     if patch.get("dataset") == "mnist" and Path("/usr/share/datasets/mnist").exists():
