@@ -137,6 +137,10 @@ class Job(Base):
     name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     tags: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     notes: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: sha256 of the job's ``last.pt`` as mirrored in the object store (``jobs/<id>/last-<sha256>.pt``)
+    #: when ``SSQL_STORAGE_URL`` is set: an attempt on a host without the file resumes from it
+    #: (decision 018)
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (
         UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_idempotency_key"),

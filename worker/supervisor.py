@@ -41,6 +41,7 @@ from persistence import job_store, throughput
 from persistence.job_store import ClaimedJob
 from persistence.models import READS_PRETRAIN_CHECKPOINT
 from persistence.settings import Settings
+from worker import checkpoint_store
 from worker.artifacts import collect_artifacts
 from worker.datasets import dataset_input
 
@@ -131,11 +132,16 @@ def publish_files(Sessions: sessionmaker[Session], job: ClaimedJob, files: list[
     with Sessions() as s:
         if not job_store.lock_fenced(s, job.id, job.attempt):
             return False
+        previous = None
         for src, dst in files:
             if src.is_file():
                 _snapshot(src, dst)
+                if dst.name == checkpoint_store.LAST and dst.parent.name == job.id:  # the job's own, not a copy below
+                    previous = checkpoint_store.mirror_locked(s, job.id, dst)
         s.commit()
+    checkpoint_store.drop(job.id, previous)
     return True
+
 
 
 def _tree(attempt_dir: Path, job_dir: Path) -> list[tuple[Path, Path]]:
@@ -273,9 +279,12 @@ def supervise(
     # the folders of attempts this claim superseded (their worker died or stalled): decision 010
     if lost := remove_attempt_folders(settings, job.id, below=job.attempt):
         log.info("job %s: removed the folders of lost attempts %s", job.id, lost)
+    checkpoint_store.fetch(Sessions, job.id, job_dir)  # another host's checkpoint (decision 018)
     resumed_from = _seed(job_dir, workdir)
     config = run_config(settings, job)
     paths = input_paths(settings, job)
+    for source in {job.source_job_id if job.kind in READS_PRETRAIN_CHECKPOINT else None, job.spec.get("pretrain_job")} - {None}:
+        checkpoint_store.fetch(Sessions, source, job_workdir(settings, source))  # the source's last.pt, likewise
     problem = _preflight(job, config, paths)
     dataset_source, dataset_problem = dataset_input(Sessions, job, config)
     problem = problem or dataset_problem
@@ -522,6 +531,7 @@ def _record_outcome(
                 return "lease_lost"
             for src, dst in _tree(workdir, job_dir):
                 _snapshot(src, dst)
+            previous = checkpoint_store.mirror_locked(s, job.id, job_dir / checkpoint_store.LAST)
             progress = dict(state.progress or {}, fraction=1.0, eta_s=0.0)
             summary = final.get("summary")
             if cost := throughput.cost_summary(s, job.id, job.kind, job.spec, summary):  # estimate vs actual
@@ -538,6 +548,8 @@ def _record_outcome(
                 ),
                 progress=progress,
             )
+            if done:
+                checkpoint_store.drop(job.id, previous)
             if done and cost:
                 try:
                     throughput.record_throughput(s, cost)

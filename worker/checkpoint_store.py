@@ -1,0 +1,82 @@
+"""A job's ``last.pt`` mirrored in the object store, so that an attempt on another host resumes
+from it (decision 018). Only with an explicit ``SSQL_STORAGE_URL``: the embedded default keeps the
+store and the artifacts on one disk, where the published file itself is what a retry reads.
+
+Content-addressed (``jobs/<id>/last-<sha256>.pt``): an object is never overwritten, so a reader
+cannot see a half-replaced one; its digest is recorded in ``jobs.checkpoint_sha256`` in the same
+fenced transaction that publishes the file locally (only the lease holder writes it), and the
+previous object is removed after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from persistence.models import Job
+from persistence.settings import Settings, get_settings
+from storage import DigestMismatch, StoreUnavailable, sha256_file, store_for
+
+log = logging.getLogger("ssql.worker")
+LAST = "last.pt"
+
+
+def mirroring(settings: Settings | None = None) -> bool:
+    return (settings or get_settings()).storage_url is not None
+
+
+def object_key(job_id: str, sha256: str) -> str:
+    return f"jobs/{job_id}/last-{sha256}.pt"
+
+
+def mirror_locked(session: Session, job_id: str, path: Path) -> str | None:
+    """Put ``path`` (the job's just-published last.pt) in the store and record its digest, inside
+    the caller's fenced transaction; returns the previous digest (to delete after the commit). A
+    store that cannot be reached costs the mirror, never the local publish."""
+    if not mirroring() or not path.is_file():
+        return None
+    previous = session.execute(select(Job.checkpoint_sha256).where(Job.id == job_id)).scalar_one_or_none()
+    digest = sha256_file(path)
+    if digest == previous:
+        return None
+    try:
+        written = store_for(get_settings()).put_file(object_key(job_id, digest), path)
+    except StoreUnavailable as e:
+        log.warning("job %s: last.pt not mirrored to the store (%s)", job_id, e)
+        return None
+    if written != digest:  # the file changed under us: record nothing
+        return None
+    session.execute(update(Job).where(Job.id == job_id).values(checkpoint_sha256=digest))
+    return previous
+
+
+def drop(job_id: str, digest: str | None) -> None:
+    if not digest:
+        return
+    try:
+        store_for(get_settings()).delete(object_key(job_id, digest))
+    except StoreUnavailable as e:
+        log.warning("job %s: old checkpoint object not removed (%s)", job_id, e)
+
+
+def fetch(Sessions: sessionmaker[Session], job_id: str, job_dir: Path) -> bool:
+    """Make ``job_dir/last.pt`` the job's latest mirrored checkpoint: before seeding an attempt of
+    the job, or before a job reads its source's. A host that lacks the file, or holds an older one
+    (an earlier attempt ran there), downloads it, verified against its recorded digest; True when
+    it did. A mismatching object is refused (the local file, if any, stays)."""
+    if not mirroring():
+        return False
+    with Sessions() as s:
+        digest = s.execute(select(Job.checkpoint_sha256).where(Job.id == job_id)).scalar_one_or_none()
+    if not digest or ((job_dir / LAST).is_file() and sha256_file(job_dir / LAST) == digest):
+        return False
+    try:
+        store_for(get_settings()).get_file(object_key(job_id, digest), job_dir / LAST, digest)
+    except DigestMismatch as e:
+        log.error("job %s: refused the stored checkpoint: %s", job_id, e)
+        return False
+    log.info("job %s: fetched last.pt (sha256 %s) from the store", job_id, digest)
+    return True
