@@ -583,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.set_defaults(func=cmd_up)
 
-    demo = sub.add_parser("demo", help="end to end: pretrain SSQL on digits, evaluate at 4 bit-widths, download")
+    demo = sub.add_parser("demo", help="end to end: pretrain SSQL on digits, evaluate at 6 bit-widths, download")
     demo.add_argument("--port", type=int, default=0, help="0: any free port")
     demo.add_argument("--epochs", type=int, default=20)
     demo.add_argument("--eval-epochs", type=int, default=50)
