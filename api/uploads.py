@@ -27,23 +27,26 @@ async def ready_dataset(conn: Any, owner: int, name: str, given: bool = True) ->
     return row
 
 
-async def stand_in(conn: Any, owner: int, raw: dict[str, Any]) -> dict[str, str]:
+async def stand_in(conn: Any, owner: int, raw: dict[str, Any]) -> dict[str, Any]:
     """Replace an ``upload:<id>`` dataset in ``raw`` by its image-folder stand-in (in place);
-    returns {stand-in: upload name} for :func:`restore`."""
+    returns {stand-in: (upload name, train images)} for :func:`restore`."""
     name = raw.get("dataset")
     if dataset_store.upload_id(name) is None:
         return {}
     row = await ready_dataset(conn, owner, name)
     raw["dataset"] = f"imagefolder:{row['sha256']}"
-    return {raw["dataset"]: name}
+    return {raw["dataset"]: (name, row["train_images"])}
 
 
-async def restore(conn: Any, owner: int, spec: dict[str, Any], swapped: dict[str, str]) -> None:
+async def restore(conn: Any, owner: int, spec: dict[str, Any], swapped: dict[str, Any]) -> int | None:
     """Put the ``upload:<id>`` name back into the spec; check a dataset taken over from the source
-    job (eval, finetune, distill default to their pretrain's) is still ready."""
+    job (eval, finetune, distill default to their pretrain's) is still ready. Returns the upload's
+    train image count (what a cost estimate needs), None for other datasets."""
     config = spec.get("config") or {}
     name = config.get("dataset")
     if name in swapped:
-        config["dataset"] = swapped[name]
-    elif dataset_store.upload_id(name) is not None:
-        await ready_dataset(conn, owner, name, given=False)
+        config["dataset"], images = swapped[name]
+        return images
+    if dataset_store.upload_id(name) is not None:
+        return (await ready_dataset(conn, owner, name, given=False))["train_images"]
+    return None

@@ -6,6 +6,7 @@ Ownership is a filter, as for jobs: another owner's dataset is indistinguishable
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import RowMapping, delete, func, select, update
@@ -79,6 +80,20 @@ async def finish_validation(conn: AsyncConnection, dataset_id: str, **values: An
     done = (await conn.execute(stmt)).first() is not None
     await conn.commit()
     return done
+
+
+async def expire_stale(conn: AsyncConnection, owner_id: int, timeout_s: float) -> None:
+    """Datasets of the owner ``validating`` for longer than ``timeout_s`` become ``invalid``: their
+    validation (a background step of an API process) was lost with that process."""
+    cutoff = utcnow() - timedelta(seconds=timeout_s)
+    stmt = (update(Dataset).where(Dataset.owner_id == owner_id, Dataset.status == "validating", Dataset.updated_at < cutoff)
+            .values(status="invalid", updated_at=utcnow(),
+                    error=f"the validation did not finish within {timeout_s:g} s (the API process that ran it stopped?): "
+                          "upload the archive again"))
+    if (await conn.execute(stmt)).rowcount:
+        await conn.commit()
+    else:
+        await conn.rollback()
 
 
 async def list_for(conn: AsyncConnection, owner_id: int, status: str | None, limit: int, offset: int) -> list[RowMapping]:

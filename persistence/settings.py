@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     dataset_max_entries: int = Field(200_000, ge=1)
     dataset_max_unpacked_bytes: int = Field(16 << 30, ge=1)
     dataset_max_ratio: float = Field(100.0, gt=1)
+    #: a dataset still ``validating`` this long after its upload is reported ``invalid`` (its
+    #: validation was lost with an API process); the same archive may then be uploaded again
+    dataset_validation_timeout_seconds: float = Field(3600.0, gt=0)
 
     # What the server accepts (also shown by GET /v1/catalog).
     max_epochs: int = 1000

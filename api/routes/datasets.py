@@ -104,6 +104,7 @@ async def upload_dataset(
                                      f"above the quota max_dataset_bytes_per_owner of {quota} bytes: delete a dataset first",
                                      "code": "quota_exceeded", "quota": "max_dataset_bytes_per_owner", "limit": quota,
                                      "usage": usage}, status_code=413)  # fmt: skip
+        await dataset_store.expire_stale(conn, owner, settings.dataset_validation_timeout_seconds)
         row, created = await dataset_store.create_or_existing(conn, owner, name, digest, size, fmt)
         if not created:
             return JSONResponse(dataset_view(row), status_code=200)
@@ -191,12 +192,14 @@ async def list_datasets(
     if status is not None and status not in DATASET_STATUSES:
         raise FieldError(("query", "status"), f"must be one of {list(DATASET_STATUSES)}, got {status!r}")
     limit = min(limit, settings.page_size_max)
+    await dataset_store.expire_stale(conn, owner, settings.dataset_validation_timeout_seconds)
     rows = await dataset_store.list_for(conn, owner, status, limit + 1, offset)
     return JSONResponse({"items": [dataset_view(r) for r in rows[:limit]], "next_offset": offset + limit if len(rows) > limit else None})
 
 
 @router.get("/{dataset_id}", responses={404: {"description": "No such dataset of yours"}})
-async def get_dataset(dataset_id: str, owner: Owner, conn: Conn) -> JSONResponse:
+async def get_dataset(dataset_id: str, owner: Owner, conn: Conn, settings: SettingsDep) -> JSONResponse:
+    await dataset_store.expire_stale(conn, owner, settings.dataset_validation_timeout_seconds)
     row = await dataset_store.get(conn, owner, dataset_id)
     if row is None:
         raise HTTPException(404, NOT_FOUND)

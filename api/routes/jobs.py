@@ -140,9 +140,9 @@ async def submit_job(
         source = await _succeeded_source(conn, owner, source_job_id, "eval")
         spec = distill_spec(raw, settings, source)
         await _pin_inputs(conn, spec, spec["pretrain_job"], source_job_id)
-    await uploads.restore(conn, owner, spec, swapped)
+    upload_images = await uploads.restore(conn, owner, spec, swapped)
     arch = None if raw["kind"] == "pretrain" else await _pretrain_config(conn, owner, raw["kind"], source)
-    estimate = await _estimate_or_refuse(conn, settings, raw["kind"], spec, arch)
+    estimate = await _estimate_or_refuse(conn, settings, raw["kind"], spec, arch, upload_images)
     if dry_run:
         refusal = await quotas.submission_check(conn, owner, settings, quotas.job_devices(raw["kind"], spec))
         return JSONResponse({"dry_run": True, "kind": raw["kind"], "spec": spec, "estimate": estimate,
@@ -174,7 +174,7 @@ async def _pretrain_config(conn: Any, owner: int, kind: str, source: Any) -> dic
 
 
 async def _estimate_or_refuse(conn: Any, settings: Any, kind: str, spec: dict[str, Any],
-                              arch: dict[str, Any] | None) -> dict[str, Any] | None:
+                              arch: dict[str, Any] | None, upload_images: int | None = None) -> dict[str, Any] | None:
     """The job's cost estimate (``ssql_core.cost``) as stored on the job; a 422 when it is over the
     server's ``SSQL_MAX_JOB_DEVICE_HOURS`` or ``SSQL_MAX_DEVICE_MEMORY_GB`` (decision 014). The
     device throughput is the slowest kind the service measured (``device_throughput``), else the
@@ -183,6 +183,8 @@ async def _estimate_or_refuse(conn: Any, settings: Any, kind: str, spec: dict[st
     from ssql_core.methods import METHODS
 
     config = spec["config"]
+    if upload_images:  # an uploaded dataset: its image count is known (decision 018)
+        config = {**config, "max_samples": min(config.get("max_samples") or upload_images, upload_images)}
     if kind != "pretrain" and arch is None:
         return None
     method = METHODS.get(config.get("method", "")) if kind == "pretrain" else None

@@ -215,6 +215,10 @@ def test_pretrain_on_uploaded_folder_then_delete(ds_stack, alice: httpx.Client, 
     assert r.status_code == 202, r.text
     d = settled(alice, r.json()["id"])
     assert d["status"] == "ready" and d["train_images"] == 16 and d["val_images"] == 16, d
+    # the image count is known, so the job has a cost estimate without max_samples
+    whole = {k: v for k, v in TINY.items() if k != "max_samples"}
+    dry = alice.post("/v1/jobs", params={"dry_run": 1}, json={**whole, "dataset": d["dataset"], "epochs": 1})
+    assert dry.status_code == 200 and dry.json()["estimate"]["device_hours"] > 0, dry.text
     job = alice.post("/v1/jobs", json={**TINY, "dataset": d["dataset"], "epochs": 1, "export_bits": []})
     assert job.status_code == 201, job.text
     assert job.json()["spec"]["config"]["dataset"] == d["dataset"]
@@ -224,6 +228,19 @@ def test_pretrain_on_uploaded_folder_then_delete(ds_stack, alice: httpx.Client, 
     assert done["status"] == "succeeded", done
     log = alice.get(f"/v1/jobs/{done['id']}/logs").text
     assert "cache=miss" in log
+    # the jobs that read the pretrain default to its dataset: evaluated and fine-tuned on the upload
+    follow = [alice.post("/v1/jobs", json=b) for b in (
+        {"kind": "eval", "source_job": done["id"], "bits": ["fp"], "protocol": "knn", "batch_size": 16},
+        {"kind": "finetune", "source_job": done["id"], "bits": "4w4a", "epochs": 1, "batch_size": 16, "calib_images": 16,
+         "baseline_epochs": 1})]
+    assert [r.status_code for r in follow] == [201, 201], [r.text for r in follow]
+    for r in follow:
+        assert r.json()["spec"]["config"]["dataset"] == d["dataset"]
+        j = wait_for(alice, r.json()["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout=180)
+        assert j["status"] == "succeeded", j
+        assert "cache=hit" in alice.get(f"/v1/jobs/{j['id']}/logs").text  # fetched once per host
+    rows = alice.get(f"/v1/jobs/{follow[0].json()['id']}/results").json()["rows"]
+    assert rows and all(row["dataset"] == d["dataset"] for row in rows)
     assert alice.delete(f"/v1/datasets/{d['id']}").status_code == 204
     assert alice.get(f"/v1/datasets/{d['id']}").status_code == 404
     assert not any(d["sha256"] in k for k in stored_keys(ds_stack))
@@ -263,3 +280,24 @@ def test_cli_upload_folder_list_show_rm(ds_stack, tmp_path: Path) -> None:  # ty
 def test_catalog_names_the_upload_form(ds_stack) -> None:  # type: ignore[no-untyped-def]
     cat = httpx.get(f"{ds_stack[0].url}/v1/catalog").json()
     assert "upload:<id>" in cat["datasets"] and cat["limits"]["max_upload_bytes"] == MAX_UPLOAD
+
+
+def test_a_lost_validation_ends_invalid_and_the_archive_can_be_sent_again(ds_stack) -> None:  # type: ignore[no-untyped-def]
+    from datetime import datetime, timedelta, timezone
+
+    from persistence.models import Dataset, User
+
+    data = zip_bytes({**good_entries(), "train/b/lost.png": png(5)})
+    sha = hashlib.sha256(data).hexdigest()
+    with _client(ds_stack, "erin") as erin:
+        with ds_stack[3][0]() as s:  # what an API process that died mid-validation leaves behind
+            owner = s.query(User).filter_by(name="erin").one().id
+            old = datetime.now(timezone.utc) - timedelta(hours=2)
+            s.add(Dataset(id=str(uuid.uuid4()), owner_id=owner, name="lost", sha256=sha, bytes=len(data), format="zip",
+                          status="validating", created_at=old, updated_at=old))
+            s.commit()
+        (d,) = erin.get("/v1/datasets").json()["items"]
+        assert d["status"] == "invalid" and "did not finish" in d["error"]
+        again = upload(erin, data, name="again")
+        assert again.status_code == 202 and again.json()["id"] == d["id"]
+        assert settled(erin, d["id"])["status"] == "ready"
