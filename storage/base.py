@@ -49,9 +49,10 @@ class ObjectStore(ABC):
     url: str
 
     @abstractmethod
-    def put_file(self, key: str, path: Path) -> str:
+    def put_file(self, key: str, path: Path, sha256: str | None = None) -> str:
         """Store the local file ``path`` under ``key`` (atomically: readers see the old object or
-        the whole new one); returns its sha256."""
+        the whole new one); returns its sha256 (``sha256``: the caller hashed the file already,
+        e.g. as it streamed in; a backend that copies locally still hashes the copy)."""
 
     @abstractmethod
     def _download(self, key: str, dest: Path) -> None:

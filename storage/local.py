@@ -19,7 +19,7 @@ class LocalStore(ObjectStore):
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def put_file(self, key: str, path: Path) -> str:
+    def put_file(self, key: str, path: Path, sha256: str | None = None) -> str:
         dest = self.path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")

@@ -45,8 +45,8 @@ class S3Store(ObjectStore):
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def put_file(self, key: str, path: Path) -> str:
-        digest = sha256_file(path)
+    def put_file(self, key: str, path: Path, sha256: str | None = None) -> str:
+        digest = sha256 or sha256_file(path)
         try:
             self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer,
                                     ExtraArgs={"Metadata": {"sha256": digest}})

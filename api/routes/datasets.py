@@ -155,7 +155,7 @@ async def _validate(state: AppState, dataset_id: str, owner: int, digest: str, f
         if report.error():
             values = {"status": "invalid", "error": report.error()}
         else:
-            written = await anyio.to_thread.run_sync(store.put_file, key, tmp)
+            written = await anyio.to_thread.run_sync(store.put_file, key, tmp, digest)
             stored = True
             if written != digest:
                 values = {"status": "invalid", "error": f"the archive changed while it was stored (sha256 {written}, received {digest}): upload it again"}
