@@ -65,6 +65,11 @@ class ObjectStore(ABC):
     @abstractmethod
     def exists(self, key: str) -> bool: ...
 
+    @abstractmethod
+    def check(self) -> None:
+        """Raise :class:`StoreUnavailable` when the store cannot take writes now (a cheap probe,
+        made before an upload is accepted)."""
+
     def get_file(self, key: str, dest: Path, sha256: str) -> Path:
         """Download ``key`` to ``dest``, verified: a mismatching object raises :class:`DigestMismatch`
         and leaves nothing at ``dest``."""

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from storage.base import ObjectStore, check_key, sha256_file
+from storage.base import ObjectStore, StoreUnavailable, check_key, sha256_file
 
 
 class LocalStore(ObjectStore):
@@ -42,3 +42,11 @@ class LocalStore(ObjectStore):
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreUnavailable(f"store folder {self.root} cannot be created: {e}") from e
+        if not os.access(self.root, os.W_OK):
+            raise StoreUnavailable(f"store folder {self.root} is not writable")

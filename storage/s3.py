@@ -83,6 +83,13 @@ class S3Store(ObjectStore):
             raise _translate(e) from e
         return True
 
+    def check(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as e:
+            translated = _translate(e)
+            raise translated if isinstance(translated, StoreUnavailable) else StoreUnavailable(f"bucket {self.bucket}: {e}") from e
+
     def etag(self, key: str) -> str:
         """The store's ETag of an object (a multipart upload's ends in ``-<parts>``)."""
         return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ETag"].strip('"')

@@ -70,6 +70,7 @@ NAME_PATTERN = r"^[^\s\x00-\x1f\x7f](?:[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f])?$"
     413: {"description": "The body is above `SSQL_MAX_UPLOAD_BYTES`, or your datasets would pass "
           "`SSQL_MAX_DATASET_BYTES_PER_OWNER` (body names the quota, limit and usage)"},
     422: {"description": "A wrong Content-Type (`application/zip`, `application/x-tar`, `application/gzip`), a bad name"},
+    503: {"description": "The object store is unreachable (`Retry-After`): nothing was kept"},
 })
 async def upload_dataset(
     request: Request,
@@ -88,6 +89,11 @@ async def upload_dataset(
     if fmt is None:
         raise FieldError(("header", "content-type"), "must be application/zip, application/x-tar, application/gzip (a .tar.gz) or "
                          f"application/octet-stream (the format read from the first bytes), got {content_type!r}")
+    try:  # a store that cannot take the archive now: say so before the body is sent (nothing is kept)
+        await anyio.to_thread.run_sync(store_for(settings).check)
+    except StoreUnavailable as e:
+        return JSONResponse({"detail": f"{e}; try again later", "code": "store_unavailable"}, status_code=503,
+                            headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
     spool = settings.resolved_home() / "uploads"
     spool.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=spool, prefix="upload-", suffix=".part")

@@ -301,3 +301,21 @@ def test_a_lost_validation_ends_invalid_and_the_archive_can_be_sent_again(ds_sta
         again = upload(erin, data, name="again")
         assert again.status_code == 202 and again.json()["id"] == d["id"]
         assert settled(erin, d["id"])["status"] == "ready"
+
+
+def test_store_unreachable_at_upload_is_503_and_keeps_nothing(ds_stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from ssql_cli.stack import api_command
+
+    env = {**ds_stack[2], "SSQL_HOME": str(tmp_path), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}  # nothing listens
+    api = Stack(env, free_port(), log_dir=tmp_path / "logs")
+    api.api = api._spawn(api_command(api.host, api.port), "api")  # the API alone: same database, a dead store
+    try:
+        api.wait_ready(90)
+        key = _key(ds_stack, "frank")
+        with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as frank:
+            r = upload(frank, zip_bytes(good_entries()), name="outage")
+            assert r.status_code == 503 and r.headers["Retry-After"] and r.json()["code"] == "store_unavailable", r.text
+            assert frank.get("/v1/datasets").json()["items"] == []
+        assert not list(tmp_path.glob("uploads/*"))  # nothing spooled
+    finally:
+        api.stop()

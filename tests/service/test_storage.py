@@ -56,6 +56,7 @@ def test_roundtrip_digest_and_delete(store: ObjectStore, tmp_path: Path) -> None
     assert not (tmp_path / "bad.bin").exists()  # a refused object leaves nothing behind
     store.delete("x/a.bin")
     assert not store.exists("x/a.bin")
+    store.check()  # reachable and writable: no error
     with pytest.raises(ValueError):
         store.put_file("../escape", src)
 
@@ -89,6 +90,8 @@ def test_s3_unreachable_is_store_unavailable(tmp_path: Path, monkeypatch: pytest
     f.write_bytes(b"1")
     with pytest.raises(StoreUnavailable):
         store.put_file("f", f)
+    with pytest.raises(StoreUnavailable):
+        store.check()
 
 
 def test_unknown_scheme() -> None:
