@@ -23,6 +23,7 @@ import signal
 import socket
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,13 @@ def _die_with_parent() -> None:
         pass
 
 
+#: what a rank runs: ``run(cfg, workdir, hooks, rank, world)`` -> the run's summary (a module-level
+#: function, so the spawned process can import it: ``ssql_core.train.run_rank``)
+RankRun = Callable[[PretrainConfig, Path, Hooks, int, int], dict[str, Any]]
+
+
 def _rank_main(rank: int, world: int, port: int, backend: str, cfg_dict: dict[str, Any], workdir: str,
-               every_n_steps: int, threads: int, conn: Connection) -> None:
+               every_n_steps: int, threads: int, conn: Connection, run: RankRun) -> None:
     """One rank: train, then send ("result", kind, payload) to the coordinator."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
@@ -106,8 +112,6 @@ def _rank_main(rank: int, world: int, port: int, backend: str, cfg_dict: dict[st
     import datetime
 
     import torch.distributed as dist
-
-    from ssql_core.train import LAST, _Trainer
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -119,10 +123,7 @@ def _rank_main(rank: int, world: int, port: int, backend: str, cfg_dict: dict[st
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(minutes=30))
         hooks: Hooks = _RankZeroHooks(conn, every_n_steps) if rank == 0 else _QuietHooks(every_n_steps)
-        trainer = _Trainer(cfg, Path(workdir), hooks, rank=rank, world=world)
-        if (Path(workdir) / LAST).exists():
-            trainer.restore(Path(workdir) / LAST)
-        result = ("ok", trainer.run())
+        result = ("ok", run(cfg, Path(workdir), hooks, rank, world))
     except Cancelled as e:
         result = ("cancelled", str(e))
     except NonFiniteLoss as e:
@@ -141,15 +142,12 @@ def _rank_main(rank: int, world: int, port: int, backend: str, cfg_dict: dict[st
         conn.close()
 
 
-def launch(cfg: PretrainConfig, workdir: Path, hooks: Hooks) -> dict[str, Any]:
-    """Run ``cfg`` on ``cfg.devices`` ranks (module docstring) and return rank 0's summary."""
+def launch(cfg: PretrainConfig, workdir: Path, hooks: Hooks, run: RankRun) -> dict[str, Any]:
+    """Run ``run`` for ``cfg`` on ``cfg.devices`` ranks (module docstring) and return rank 0's
+    summary. The caller (``ssql_core.train.pretrain``) checks a checkpoint to resume from first."""
     import torch.multiprocessing as mp
 
-    from ssql_core.train import LAST, read_resumable
-
     backend, kind = check_devices(cfg)
-    if (workdir / LAST).exists():  # a corrupt or foreign checkpoint fails here, with its own traceback
-        read_resumable(workdir / LAST, cfg)
     world = cfg.devices
     threads = max(1, torch.get_num_threads() // world) if kind == "cpu" else 0
     ctx = mp.get_context("spawn")
@@ -158,7 +156,7 @@ def launch(cfg: PretrainConfig, workdir: Path, hooks: Hooks) -> dict[str, Any]:
     for rank in range(world):
         parent, child = ctx.Pipe(duplex=True)
         p = ctx.Process(target=_rank_main, name=f"ssql-rank{rank}",
-                        args=(rank, world, port, backend, cfg.to_dict(), str(workdir), int(hooks.every_n_steps), threads, child))
+                        args=(rank, world, port, backend, cfg.to_dict(), str(workdir), int(hooks.every_n_steps), threads, child, run))
         p.start()
         child.close()
         conns.append(parent)

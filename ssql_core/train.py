@@ -406,8 +406,16 @@ def pretrain(cfg: PretrainConfig, workdir: str | Path, hooks: Hooks | None = Non
     if cfg.devices > 1:
         from ssql_core.distributed import launch
 
-        return launch(cfg, workdir, hooks or Hooks())
-    trainer = _Trainer(cfg, workdir, hooks or Hooks())
+        if (workdir / LAST).exists():  # a corrupt or foreign checkpoint fails here, with its own traceback
+            read_resumable(workdir / LAST, cfg)
+        return launch(cfg, workdir, hooks or Hooks(), run_rank)
+    return run_rank(cfg, workdir, hooks or Hooks(), 0, 1)
+
+
+def run_rank(cfg: PretrainConfig, workdir: Path, hooks: Hooks, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """One process's share of a run (all of it when ``world`` is 1): resume from ``last.pt`` if
+    there is one, train to the end, return the summary (rank 0's is the run's)."""
+    trainer = _Trainer(cfg, workdir, hooks, rank=rank, world=world)
     if (workdir / LAST).exists():
         trainer.restore(workdir / LAST)
     return trainer.run()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from ssql_core.config import PretrainConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the config's type only: config.validate() imports this package, not the reverse
+    from ssql_core.config import PretrainConfig
+
 from ssql_core.methods.base import Method, StepOutput
 from ssql_core.methods.byol import BYOL, SSQLBYOL
 from ssql_core.methods.moco import MoCoV2, SSQLMoCo

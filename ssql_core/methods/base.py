@@ -7,6 +7,11 @@ and ``training_step``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the config's type only: config.validate() imports this package, not the reverse
+    from ssql_core.config import PretrainConfig
+
 import contextlib
 import copy
 import math
@@ -16,7 +21,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ssql_core.config import PretrainConfig
 from ssql_core.errors import ConfigError
 from ssql_core.models import build_backbone
 from ssql_core.qnn import QuantContext, bind_context

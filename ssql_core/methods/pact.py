@@ -12,11 +12,15 @@ other bit-width.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the config's type only: config.validate() imports this package, not the reverse
+    from ssql_core.config import PretrainConfig
+
 import torch
 from torch import Tensor
 
 from ssql_core.bits import parse_bits
-from ssql_core.config import PretrainConfig
 from ssql_core.methods import register
 from ssql_core.methods.base import StepOutput
 from ssql_core.methods.simsiam import SimSiam
