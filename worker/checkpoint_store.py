@@ -53,6 +53,28 @@ def mirror_locked(session: Session, job_id: str, path: Path) -> str | None:
     return previous
 
 
+def artifact_key(sha256: str) -> str:
+    """Where a registered file of a finished job is kept: by content (identical files, one object)."""
+    return f"artifacts/{sha256}"
+
+
+def mirror_artifacts(records: list, artifacts_root: Path) -> int:
+    """Put every file a finished job registered (downloads and the inputs later jobs read) in the
+    store by its sha256, so an API on another host can serve it; returns how many were put. A
+    store that cannot be reached costs the mirror, never the outcome (logged)."""
+    if not mirroring():
+        return 0
+    store, put = store_for(get_settings()), 0
+    try:
+        for r in records:
+            if not store.exists(artifact_key(r.sha256)):
+                store.put_file(artifact_key(r.sha256), artifacts_root / r.path, r.sha256)
+                put += 1
+    except StoreUnavailable as e:
+        log.warning("finished job's files not all mirrored to the store (%s)", e)
+    return put
+
+
 def drop(job_id: str, digest: str | None) -> None:
     if not digest:
         return

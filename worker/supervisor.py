@@ -532,6 +532,8 @@ def _record_outcome(
             for src, dst in _tree(workdir, job_dir):
                 _snapshot(src, dst)
             previous = checkpoint_store.mirror_locked(s, job.id, job_dir / checkpoint_store.LAST)
+            records = collect_artifacts(job.kind, job_dir, settings.resolved_artifacts_dir(), final.get("outputs"), job.source_job_id)
+            checkpoint_store.mirror_artifacts(records, settings.resolved_artifacts_dir())
             progress = dict(state.progress or {}, fraction=1.0, eta_s=0.0)
             summary = final.get("summary")
             if cost := throughput.cost_summary(s, job.id, job.kind, job.spec, summary):  # estimate vs actual
@@ -543,9 +545,7 @@ def _record_outcome(
                 "succeeded",
                 summary=summary,
                 results=final.get("results"),
-                artifacts=collect_artifacts(
-                    job.kind, job_dir, settings.resolved_artifacts_dir(), final.get("outputs"), job.source_job_id
-                ),
+                artifacts=records,
                 progress=progress,
             )
             if done:

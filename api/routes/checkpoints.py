@@ -14,7 +14,7 @@ import logging
 import os
 import re
 from pathlib import Path as FilePath
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
@@ -27,6 +27,7 @@ from api.schemas import CheckpointOut
 from api.views import checkpoint_view
 from persistence import api_store
 from persistence.models import ARTIFACT_FORMATS
+from persistence.settings import Settings
 from ssql_core.bits import ACCEPTED_FORMS, parse_bits
 
 log = logging.getLogger("ssql.api")
@@ -62,6 +63,26 @@ async def file_digest(path: FilePath) -> str:
             _VERIFIED.clear()
         _VERIFIED[key] = digest
     return digest
+
+
+async def _from_store(settings: Settings, art: Any, path: FilePath) -> Response | None:
+    """Bring a registered file that this host lacks from the object store (``artifacts/<sha256>``,
+    verified) to its place in the artifacts folder, where it is then served like any other
+    (decision 018). None when it is there now; else the answer to give (404, 409, 503)."""
+    from storage import DigestMismatch, StoreUnavailable, store_for
+
+    try:
+        await anyio.to_thread.run_sync(store_for(settings).get_file, f"artifacts/{art['sha256']}", path, art["sha256"])
+    except FileNotFoundError:
+        return None
+    except DigestMismatch as e:
+        log.error("stored %s refused: %s", path.name, e)
+        return JSONResponse({"detail": f"the stored copy of this {art['bits']}/{art['format']} file does not match its sha256: "
+                             "it is corrupt and is not served; run the job again", "code": CORRUPT_CODE,
+                             "sha256": art["sha256"]}, status_code=409)
+    except StoreUnavailable as e:
+        return JSONResponse({"detail": f"{e}; try again later"}, status_code=503, headers={"Retry-After": "10"})
+    return None
 
 
 @router.get(
@@ -123,7 +144,13 @@ async def download_checkpoint(
     art = rows[0]
     root = settings.resolved_artifacts_dir()
     path = (root / art["path"]).resolve()
-    if root not in path.parents or not path.is_file():
+    if root not in path.parents:
+        raise HTTPException(404, "checkpoint file is missing on the server")
+    if not path.is_file() and settings.storage_url is not None:  # written on another host: from the store
+        missing = await _from_store(settings, art, path)
+        if missing is not None:
+            return missing
+    if not path.is_file():
         raise HTTPException(404, "checkpoint file is missing on the server")
     if await file_digest(path) != art["sha256"]:
         log.error("job %s: %s (%s/%s) does not match its sha256 %s; refused", job_id, path, bits, art["format"], art["sha256"])

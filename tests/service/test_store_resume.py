@@ -120,6 +120,14 @@ def test_second_host_resumes_from_the_stored_checkpoint(two_hosts: dict) -> None
     assert _fp_sha(client, job["id"]) == reference  # the same weights as the uninterrupted run
     assert (home_b / "artifacts" / "jobs" / job["id"] / "last.pt").is_file()
 
+    # the API runs on host a, which never had the finished files: it serves them from the store, verified
+    on_a = two_hosts["homes"]["a"] / "artifacts" / "jobs" / job["id"] / "backbone.pt"
+    assert not on_a.exists()
+    dl = client.get(f"/v1/jobs/{job['id']}/checkpoints/fp", params={"format": "torch"})
+    assert dl.status_code == 200 and _sha_bytes(dl.content) == reference == dl.headers["etag"].strip('"')
+    part = client.get(f"/v1/jobs/{job['id']}/checkpoints/fp", params={"format": "torch"}, headers={"Range": "bytes=0-9"})
+    assert part.status_code == 206 and part.content == dl.content[:10]
+
     # back on host a (its copy of the job's last.pt is attempt 1's, stale): an evaluation reads the
     # stored final checkpoint, verified against the digest pinned at submission
     two_hosts["other"][-1].kill()
@@ -137,6 +145,10 @@ def test_second_host_resumes_from_the_stored_checkpoint(two_hosts: dict) -> None
 
 
 def _sha(path: Path) -> str:
+    return _sha_bytes(path.read_bytes())
+
+
+def _sha_bytes(data: bytes) -> str:
     import hashlib
 
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(data).hexdigest()
