@@ -75,6 +75,32 @@ def mirror_artifacts(records: list, artifacts_root: Path) -> int:
     return put
 
 
+def fetch_inputs(Sessions: sessionmaker[Session], paths: dict[str, str]) -> list[str]:
+    """Make the files a job reads from other jobs (``input_paths``: a pretrain's ``last.pt``, an
+    eval's ``heads.pt``, a finetune's ``finetuned.pt``, each at ``.../jobs/<job>/<name>``) the ones
+    registered when their job succeeded: a host that lacks one, or holds another, downloads it from
+    ``artifacts/<sha256>`` (verified). Returns the names fetched."""
+    from persistence.api_store import INPUT_FORMAT
+    from persistence.models import Artifact
+
+    if not mirroring():
+        return []
+    fetched = []
+    for path in map(Path, paths.values()):
+        with Sessions() as s:
+            digest = s.execute(select(Artifact.sha256).where(Artifact.job_id == path.parent.name, Artifact.format == INPUT_FORMAT,
+                                                             Artifact.bits == path.name)).scalar_one_or_none()
+        if not digest or (path.is_file() and sha256_file(path) == digest):
+            continue
+        try:
+            store_for(get_settings()).get_file(artifact_key(digest), path, digest)
+        except (DigestMismatch, FileNotFoundError) as e:
+            log.error("input %s not fetched from the store: %s", path, e)
+            continue
+        fetched.append(path.name)
+    return fetched
+
+
 def drop(job_id: str, digest: str | None) -> None:
     if not digest:
         return

@@ -285,6 +285,7 @@ def supervise(
     paths = input_paths(settings, job)
     for source in {job.source_job_id if job.kind in READS_PRETRAIN_CHECKPOINT else None, job.spec.get("pretrain_job")} - {None}:
         checkpoint_store.fetch(Sessions, source, job_workdir(settings, source))  # the source's last.pt, likewise
+    checkpoint_store.fetch_inputs(Sessions, paths)  # an export's / distill's inputs (heads.pt, finetuned.pt, last.pt)
     problem = _preflight(job, config, paths)
     dataset_source, dataset_problem = dataset_input(Sessions, job, config)
     problem = problem or dataset_problem

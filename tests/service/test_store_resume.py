@@ -135,13 +135,25 @@ def test_second_host_resumes_from_the_stored_checkpoint(two_hosts: dict) -> None
     stale = two_hosts["homes"]["a"] / "artifacts" / "jobs" / job["id"] / "last.pt"
     assert stale.is_file()
     stack.start_worker()
-    ev = client.post("/v1/jobs", json={"kind": "eval", "source_job": job["id"], "bits": ["fp"], "protocol": "knn",
+    ev = client.post("/v1/jobs", json={"kind": "eval", "source_job": job["id"], "bits": ["fp"], "epochs": 1,
                                       "max_samples": 64, "batch_size": 32})
     assert ev.status_code == 201, ev.text
     ev_done = wait_for(client, ev.json()["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout=180)
     assert ev_done["status"] == "succeeded", ev_done
     with sessions() as s:
         assert s.scalar(select(Job.checkpoint_sha256).where(Job.id == job["id"])) == _sha(stale)
+
+    # and back on host b: an export of the evaluation reads its heads.pt, written on host a
+    stack.kill_worker()
+    heads_on_b = home_b / "artifacts" / "jobs" / ev.json()["id"] / "heads.pt"
+    assert not heads_on_b.exists()
+    two_hosts["other"].append(subprocess.Popen(worker_command(two_hosts["queue"], "ssql-b2"), env=two_hosts["env_b"],
+                                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    ex = client.post(f"/v1/jobs/{ev.json()['id']}/exports", json={"bits": ["fp"], "formats": ["safetensors"]})
+    assert ex.status_code == 202, ex.text
+    ex_done = wait_for(client, ex.json()["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout=180)
+    assert ex_done["status"] == "succeeded", ex_done
+    assert heads_on_b.is_file()
 
 
 def _sha(path: Path) -> str:
