@@ -25,18 +25,10 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 
 from ssql_core.models import BasicBlock, Bottleneck
 from ssql_core.quant import activation_qparams
+from ssql_core.quantizers.dorefa import round_ste
 
 BLOCK_TYPES: tuple[type[nn.Module], ...] = (BasicBlock, Bottleneck, InvertedResidual)
 
-
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
-        return g
 
 
 class LearnedStep(nn.Module):
@@ -53,7 +45,7 @@ class LearnedStep(nn.Module):
     def quantize(self, x: Tensor, bits: int | Tensor) -> Tensor:
         if int(bits) != self.bits:
             raise RuntimeError(f"activation step learned at {self.bits} bits used at {int(bits)}")
-        q = torch.clamp(_RoundSTE.apply(x.float() / self.step) + self.zero, 0.0, self.qmax)
+        q = torch.clamp(round_ste(x.float() / self.step) + self.zero, 0.0, self.qmax)
         return ((q - self.zero) * self.step).to(x.dtype)
 
     @torch.no_grad()
