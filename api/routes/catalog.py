@@ -52,7 +52,7 @@ async def get_catalog(settings: SettingsDep) -> dict[str, Any]:
 def _defaults() -> dict[str, dict[str, Any]]:
     """What each kind's request fields default to (what the server fills in for a field left out;
     ``null``: decided by the run, e.g. the dataset of the source job): the submit form shows them."""
-    from ssql_core.config import EvalConfig, PretrainConfig
+    from ssql_core.config import EVAL_PRESETS, PRESETS, EvalConfig, PretrainConfig
     from ssql_core.distill import DistillConfig
     from ssql_core.finetune import FinetuneConfig
 
@@ -61,7 +61,10 @@ def _defaults() -> dict[str, dict[str, Any]]:
            for kind, cls in (("pretrain", PretrainConfig), ("eval", EvalConfig), ("distill", DistillConfig),
                              ("finetune", FinetuneConfig))}
     out["pretrain"]["export_bits"] = list(DEFAULT_EXPORT_BITS)
-    out["export"] = {"formats": ["safetensors"], "calibration": None, "calib_percentile": 99.99,  # None: minmax, or the evaluation's
+    # fields a preset decides show ours (no preset); an eval's normalization/rounding stay null: the checkpoint's
+    out["pretrain"].update({k: v for k, v in PRESETS[None].items() if out["pretrain"].get(k) is None})
+    out["eval"].update({k: v for k, v in EVAL_PRESETS[None].items() if out["eval"].get(k) is None})
+    out["export"] = {"formats": ["safetensors"], "calibration": None, "calib_percentile": 99.99,  # None: mse, or the evaluation's
                      "ptq": None, "ptq_images": EvalConfig.ptq_images, "ptq_iters": EvalConfig.ptq_iters,  # None: calibrate, or the evaluation's
                      "brecq_learn_act": False}
     return out

@@ -320,6 +320,10 @@ def test_client_finetune_and_catalog_defaults(embedded, jobs) -> None:  # type: 
     defaults = c.catalog()["defaults"]
     assert set(defaults) == {"pretrain", "eval", "distill", "finetune", "export"}
     assert defaults["pretrain"]["method"] == "ssql" and "data_root" not in defaults["eval"] and "checkpoint" not in defaults["finetune"]
+    # what a preset decides shows as ours: MSE ranges and the BN probe; the checkpoint's rounding stays open
+    assert (defaults["eval"]["calibration"], defaults["eval"]["probe"], defaults["eval"]["lr"]) == ("mse", "bn", 0.1)
+    assert defaults["eval"]["rounding"] is None and defaults["pretrain"]["drop_last"] is True
+    assert defaults["finetune"]["head_init"] == "probe"
 
 
 def test_a_422_names_every_bad_field_with_this_servers_range(embedded, jobs) -> None:  # type: ignore[no-untyped-def]
