@@ -20,6 +20,7 @@ COPY api api
 COPY worker worker
 COPY ssql_cli ssql_cli
 COPY ssql_client ssql_client
+COPY storage storage
 RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install torch torchvision --index-url "$TORCH_INDEX_URL"; fi \
  && pip install . \
  && useradd --create-home --uid 1000 ssql \

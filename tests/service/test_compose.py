@@ -42,3 +42,14 @@ def test_compose_file_is_valid() -> None:
         assert env["SSQL_DATABASE_URL"].startswith("postgresql://")
         assert env["SSQL_BROKER_URL"].startswith("redis://")
         assert int(env["SSQL_VISIBILITY_TIMEOUT"]) >= 24 * 3600
+
+
+def test_the_image_copies_every_package_the_project_installs() -> None:
+    """The Dockerfile copies folder by folder: a package added to pyproject.toml but not copied
+    would build an image whose API cannot import it."""
+    import re
+
+    include = re.search(r'include = \[([^\]]*)\]', (ROOT / "pyproject.toml").read_text()).group(1)  # type: ignore[union-attr]
+    packages = {p.strip().strip('"').rstrip("*") for p in include.split(",") if p.strip()}
+    copied = set(re.findall(r"^COPY (\S+) \1$", (ROOT / "Dockerfile").read_text(), re.M))
+    assert packages and packages <= copied, f"not copied by the Dockerfile: {sorted(packages - copied)}"
