@@ -288,6 +288,15 @@ class EvalConfig:
     #: brecq only: also learn every activation point's step size (LSQ-style) in a second pass
     brecq_learn_act: bool = False
 
+    def fill_from_preset(self) -> EvalConfig:
+        """Give every field left None the preset's value (EVAL_PRESETS); the one place that does."""
+        if self.preset not in EVAL_PRESETS:
+            raise ConfigError("preset", f"must be one of {sorted(k for k in EVAL_PRESETS if k)} or null, got {self.preset!r}")
+        for name, value in EVAL_PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        return self
+
     def validate(self) -> EvalConfig:
         from ssql_core.data import check_dataset_name
 
@@ -298,11 +307,7 @@ class EvalConfig:
                 parse_bits(b)
             except ValueError as e:
                 raise ConfigError("bits", str(e)) from None
-        if self.preset not in EVAL_PRESETS:
-            raise ConfigError("preset", f"must be one of {sorted(k for k in EVAL_PRESETS if k)} or null, got {self.preset!r}")
-        for name, value in EVAL_PRESETS[self.preset].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+        self.fill_from_preset()
         if self.interpolation not in INTERPOLATIONS:
             raise ConfigError("interpolation", f"must be one of {list(INTERPOLATIONS)}, got {self.interpolation!r}")
         if self.normalization is not None and self.normalization not in TRAINING_BEHAVIOURS["normalization"]:

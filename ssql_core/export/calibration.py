@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ssql_core.calibration import calibrate_ranges
-from ssql_core.config import CALIBRATIONS, EVAL_PRESETS, INTERPOLATIONS, EvalConfig, PretrainConfig
+from ssql_core.config import CALIBRATIONS, INTERPOLATIONS, EvalConfig, PretrainConfig
 from ssql_core.data import Transformed, load_split, stats_key_for, test_transform
 from ssql_core.evaluate import calibrate, calibration_set
 from ssql_core.qnn import QuantContext
@@ -69,13 +69,11 @@ class CalibrationSpec:
     @classmethod
     def from_eval(cls, cfg: EvalConfig) -> CalibrationSpec:
         """The calibration :func:`ssql_core.evaluate.evaluate` ran with ``cfg``."""
-        preset = EVAL_PRESETS.get(getattr(cfg, "preset", None), EVAL_PRESETS[None])
-        return cls(dataset=cfg.dataset, images=cfg.calib_images or preset["calib_images"], seed=cfg.seed, max_samples=cfg.max_samples,
+        cfg = dataclasses.replace(cfg).fill_from_preset()
+        return cls(dataset=cfg.dataset, images=cfg.calib_images, seed=cfg.seed, max_samples=cfg.max_samples,
                    data_root=cfg.data_root, allow_download=cfg.allow_download, batch_size=min(cfg.batch_size, 256),
-                   method=getattr(cfg, "calibration", None) or preset["calibration"],
-                   percentile=getattr(cfg, "calib_percentile", 99.99), weights=getattr(cfg, "calib_weights", "fp"),
-                   interpolation=getattr(cfg, "interpolation", None) or preset["interpolation"],
-                   normalization=getattr(cfg, "normalization", None) or preset.get("normalization"))
+                   method=cfg.calibration, percentile=cfg.calib_percentile, weights=cfg.calib_weights,
+                   interpolation=cfg.interpolation, normalization=cfg.normalization)
 
 
 #: what ``export_checkpoint(calib=...)`` accepts: a spec, batches (``x`` or ``(x, y)``), or a
