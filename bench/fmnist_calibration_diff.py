@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 
-from scipy import stats
+from fmnist_repro import paired_ci  # this folder is on sys.path when the script runs
 
 BITS = ["fp", "8w8a", "4w4a", "3w3a", "2w8a", "2w4a"]
 
 
 def ci(d: list[float]) -> str:
-    m = statistics.mean(d)
-    if len(d) < 2:
-        return f"{m:+.1f}"
-    h = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
-    return f"{m:+.1f} [{m - h:+.1f}, {m + h:+.1f}]"
+    """Mean [95 % t-interval] of paired differences (``fmnist_repro.paired_ci`` against zeros)."""
+    m, lo, hi = paired_ci(d, [0.0] * len(d))
+    return f"{m:+.1f}" if len(d) < 2 else f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
 def main() -> None:

@@ -320,10 +320,11 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     settings = {k: vars(args)[k] for k in ("train_samples", "epochs", "width", "image_size", "batch_size", "lr", "linear_epochs")}
-    other = [f"{v} s{s}" for (v, s), r in _finished(args).items() if r.get("settings", settings) != settings]
+    finished = _finished(args)
+    other = {f"{v} s{s}": r.get("settings") for (v, s), r in finished.items() if r.get("settings", settings) != settings}
     if other:
         raise SystemExit(f"{args.results} holds runs made with other settings ({', '.join(other)}): give the same "
-                         f"--train-samples/--epochs/... as they had ({_finished(args)[next(iter(_finished(args)))].get('settings')}) or another --results file")
+                         f"--train-samples/--epochs/... as they had ({next(iter(other.values()))}) or another --results file")
     if not args.summary:
         a = vars(args)
         tasks = [(v, s, a) for s in args.seeds for v in args.variants]
