@@ -33,6 +33,16 @@ class Settings(BaseSettings):
     aws_secret_access_key: str | None = None
     #: files above this many bytes go to S3 as a multipart upload (parts of this size, at least 5 MiB)
     storage_multipart_bytes: int = Field(8 << 20, ge=5 << 20)
+    #: the S3 endpoint clients reach (presigned download URLs are signed for it, e.g. MinIO's published
+    #: port); default the endpoint the server itself uses
+    storage_public_endpoint_url: str | None = None
+    #: downloads answer 307 to a presigned URL of the stored object (an S3 store only), HEAD too
+    download_redirect: bool = False
+    #: how long such a URL reads the object
+    download_redirect_seconds: int = Field(300, ge=1, le=7 * 24 * 3600)
+    #: how often a running attempt's log is copied to the store (with SSQL_STORAGE_URL set): what an
+    #: API on another host shows of a job that is running
+    log_mirror_seconds: float = Field(5.0, gt=0)
     #: a worker's local cache of datasets fetched from the store (content-addressed, LRU); default home/cache
     cache_dir: Path | None = None
     cache_max_bytes: int = Field(20 << 30, ge=0)
@@ -46,6 +56,10 @@ class Settings(BaseSettings):
     dataset_max_entries: int = Field(200_000, ge=1)
     dataset_max_unpacked_bytes: int = Field(16 << 30, ge=1)
     dataset_max_ratio: float = Field(100.0, gt=1)
+    #: buckets users may register datasets from (``POST /v1/datasets`` with ``{"uri": "s3://bucket/..."}``),
+    #: comma-separated; ``*``: any bucket the server's credentials can read; empty: none. Read with the
+    #: store's endpoint and credentials; the service's own store prefix is never registrable.
+    dataset_uri_buckets: str = ""
     #: a dataset still ``validating`` this long after its upload is reported ``invalid`` (its
     #: validation was lost with an API process); the same archive may then be uploaded again
     dataset_validation_timeout_seconds: float = Field(3600.0, gt=0)
@@ -147,7 +161,12 @@ class Settings(BaseSettings):
     def storage_options(self) -> dict[str, object]:
         """Keyword arguments of the S3 backend (only the overrides that are set)."""
         return {"endpoint_url": self.aws_endpoint_url, "region": self.aws_region, "access_key_id": self.aws_access_key_id,
-                "secret_access_key": self.aws_secret_access_key, "multipart_bytes": self.storage_multipart_bytes}
+                "secret_access_key": self.aws_secret_access_key, "multipart_bytes": self.storage_multipart_bytes,
+                "public_endpoint_url": self.storage_public_endpoint_url}
+
+    def uri_buckets(self) -> set[str]:
+        """``SSQL_DATASET_URI_BUCKETS`` as a set (``{"*"}``: any)."""
+        return {b.strip() for b in self.dataset_uri_buckets.split(",") if b.strip()}
 
     def resolved_cache_dir(self) -> Path:
         return (self.cache_dir or self.resolved_home() / "cache").expanduser().resolve()

@@ -338,11 +338,13 @@ class Client:
         tmp = dest.with_name(dest.name + ".part")
         h = hashlib.sha256()
         try:
-            with self.http.stream("GET", f"/v1/jobs/{job_id}/checkpoints/{bits}", params=params) as r:
+            # a server may redirect to a presigned URL of its object store (SSQL_DOWNLOAD_REDIRECT): httpx
+            # does not send the API key to another origin; the digest is the API's answer's
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/checkpoints/{bits}", params=params, follow_redirects=True) as r:
                 if r.status_code >= 400:
                     r.read()
                     self._check(r)
-                expected = r.headers.get("etag", "").strip('"')
+                expected = (r.history[0] if r.history else r).headers.get("etag", "").strip('"')
                 with tmp.open("wb") as f:
                     for chunk in r.iter_bytes(1 << 20):
                         h.update(chunk)

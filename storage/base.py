@@ -70,6 +70,22 @@ class ObjectStore(ABC):
         """Raise :class:`StoreUnavailable` when the store cannot take writes now (a cheap probe,
         made before an upload is accepted)."""
 
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """The object's size in bytes; FileNotFoundError when there is none."""
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes of the object from ``start`` (b"" past its end); FileNotFoundError when there is none."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Replace a small object whole, atomically (logs: not content-addressed, no digest kept)."""
+
+    def presigned_url(self, key: str, expires_s: int, method: str = "GET", filename: str | None = None) -> str | None:
+        """A URL that reads the object without credentials for a while; None where the backend has none."""
+        return None
+
     def get_file(self, key: str, dest: Path, sha256: str) -> Path:
         """Download ``key`` to ``dest``, verified: a mismatching object raises :class:`DigestMismatch`
         and leaves nothing at ``dest``."""

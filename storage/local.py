@@ -43,6 +43,30 @@ class LocalStore(ObjectStore):
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
+    def size(self, key: str) -> int:
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no object {key!r} in {self.url}") from None
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            with open(self.path(key), "rb") as f:
+                f.seek(start)
+                return f.read(max(length, 0))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no object {key!r} in {self.url}") from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def check(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ async def _from_store(settings: Settings, art: Any, path: FilePath) -> Response 
     from storage import DigestMismatch, StoreUnavailable, store_for
 
     try:
-        await anyio.to_thread.run_sync(store_for(settings).get_file, f"artifacts/{art['sha256']}", path, art["sha256"])
+        await anyio.to_thread.run_sync(store_for(settings).get_file, artifact_key(art["sha256"]), path, art["sha256"])
     except FileNotFoundError:
         return None
     except DigestMismatch as e:
@@ -83,6 +83,35 @@ async def _from_store(settings: Settings, art: Any, path: FilePath) -> Response 
     except StoreUnavailable as e:
         return JSONResponse({"detail": f"{e}; try again later"}, status_code=503, headers={"Retry-After": "10"})
     return None
+
+
+def _digest_headers(sha256: str) -> dict[str, str]:
+    digest = base64.b64encode(bytes.fromhex(sha256)).decode()
+    return {"ETag": f'"{sha256}"', "Repr-Digest": f"sha-256=:{digest}:", "X-Checksum-Sha256": sha256}
+
+
+def artifact_key(sha256: str) -> str:
+    """Where a finished job's registered file is kept in the store (by content; worker/checkpoint_store.py writes it)."""
+    return f"artifacts/{sha256}"
+
+
+async def _redirect(settings: Settings, art: Any, filename: str, head: bool, headers: dict[str, str]) -> Response | None:
+    """``SSQL_DOWNLOAD_REDIRECT``: a 307 to a presigned URL of the stored object (GET, or HEAD for a
+    HEAD: the signature covers the method), valid ``SSQL_DOWNLOAD_REDIRECT_SECONDS``. None when
+    the store has no such URLs, lacks the object or cannot be reached: the file is then served here."""
+    from storage import StoreUnavailable, store_for
+
+    store, key = store_for(settings), artifact_key(art["sha256"])
+    try:
+        if not await anyio.to_thread.run_sync(store.exists, key):
+            return None
+        url = store.presigned_url(key, settings.download_redirect_seconds, "HEAD" if head else "GET", filename)
+    except StoreUnavailable as e:
+        log.warning("download redirect not possible (%s): serving the file", e)
+        return None
+    if url is None:
+        return None
+    return Response(status_code=307, headers={**headers, "Location": url, "Cache-Control": "private, no-store"})
 
 
 @router.get(
@@ -103,6 +132,8 @@ async def list_checkpoints(job_id: JobId, owner: Owner, conn: Conn) -> JSONRespo
     responses={
         200: {"description": "The file; ETag is its sha256", "content": {"application/octet-stream": {}}},
         206: {"description": "Partial content (Range request)"},
+        307: {"description": "With `SSQL_DOWNLOAD_REDIRECT=1` and an S3 store: `Location` is a presigned URL of the stored "
+              "file (short-lived; Range works there too); ETag and `X-Checksum-Sha256` here are its sha256, to verify the bytes"},
         304: {"description": "If-None-Match matched the sha256"},
         401: {"description": "missing or invalid API key"},
         404: {"description": "job or checkpoint not found"},
@@ -146,6 +177,14 @@ async def download_checkpoint(
     path = (root / art["path"]).resolve()
     if root not in path.parents:
         raise HTTPException(404, "checkpoint file is missing on the server")
+    filename = f"{job_id}-{art['bits']}{FILE_SUFFIXES.get(art['format'], path.suffix)}"
+    if settings.download_redirect and settings.storage_url is not None:
+        headers = _digest_headers(art["sha256"])
+        if request.headers.get("if-none-match") in (headers["ETag"], art["sha256"]):
+            return Response(status_code=304, headers=headers)
+        redirect = await _redirect(settings, art, filename, is_head(request), headers)
+        if redirect is not None:
+            return redirect
     if not path.is_file() and settings.storage_url is not None:  # written on another host: from the store
         missing = await _from_store(settings, art, path)
         if missing is not None:
@@ -163,12 +202,9 @@ async def download_checkpoint(
             },
             status_code=409,
         )
-    etag = f'"{art["sha256"]}"'
-    digest = base64.b64encode(bytes.fromhex(art["sha256"])).decode()
-    headers = {"ETag": etag, "Repr-Digest": f"sha-256=:{digest}:", "X-Checksum-Sha256": art["sha256"]}
-    if request.headers.get("if-none-match") in (etag, art["sha256"]):
+    headers = _digest_headers(art["sha256"])
+    if request.headers.get("if-none-match") in (headers["ETag"], art["sha256"]):
         return Response(status_code=304, headers=headers)
-    filename = f"{job_id}-{art['bits']}{FILE_SUFFIXES.get(art['format'], path.suffix)}"
     response = FileResponse(path, headers=headers, filename=filename, media_type="application/octet-stream")
     if is_head(request):  # the download's headers (size, ETag, digest, name) without reading the file
         response.headers["content-length"] = str(path.stat().st_size)
