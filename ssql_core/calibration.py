@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ssql_core.bits import BitWidth, parse_bits
-from ssql_core.qnn import FIXED8, ActQuant, Mode, QuantContext, act_points
+from ssql_core.bitconfig import MixedBits, as_bits, point_act_bits
+from ssql_core.bits import BitWidth
+from ssql_core.qnn import ActQuant, Mode, QuantContext, act_points
 from ssql_core.quant import quantize_activation
 from ssql_core.runtime import to_input
 
@@ -44,7 +45,7 @@ class PointStats:
 
 @torch.no_grad()
 def collect(backbone: nn.Module, ctx: QuantContext, images: Iterable[Any], device: torch.device,
-            bits: BitWidth | None = None, keep_samples: bool = True, seed: int = 0) -> tuple[dict[str, PointStats], int]:
+            bits: BitWidth | MixedBits | None = None, keep_samples: bool = True, seed: int = 0) -> tuple[dict[str, PointStats], int]:
     """Per-point statistics over ``images`` (batches ``(x, y)``); ``bits`` set: weights quantized."""
     backbone.eval()
     points = act_points(backbone)
@@ -111,15 +112,16 @@ def choose_range(s: PointStats, method: str, bits: int, percentile: float, round
     raise ValueError(f"unknown calibration method {method!r}")
 
 
-def calibrate_ranges(backbone: nn.Module, ctx: QuantContext, images: Iterable[Any], device: torch.device, bits: str | BitWidth,
+def calibrate_ranges(backbone: nn.Module, ctx: QuantContext, images: Iterable[Any], device: torch.device, bits: Any,
                      method: str = "minmax", percentile: float = 99.99, quantized_weights: bool = False,
                      seed: int = 0) -> int:
-    """Set every activation point's range for a quantized run at ``bits``; returns the image count."""
-    b = parse_bits(bits)
+    """Set every activation point's range for a quantized run at ``bits`` (a bit-width or a
+    per-layer configuration: each point's MSE range is chosen at its own bits); returns the image count."""
+    b = as_bits(bits, backbone)
     stats, n = collect(backbone, ctx, images, device, b if quantized_weights else None,
                        keep_samples=method in ("percentile", "mse"), seed=seed)
     for name, point in act_points(backbone).items():
-        point_bits = 8 if point.role == FIXED8 else (b.a or 8)
+        point_bits = point_act_bits(name, point, b)
         lo, hi = choose_range(stats[name], method, point_bits, percentile, ctx.rounding)
         _set(point, lo, hi)
     return n
@@ -132,11 +134,11 @@ def _set(point: ActQuant, lo: float, hi: float) -> None:
 
 @torch.no_grad()
 def zero_rounding(backbone: nn.Module, ctx: QuantContext, images: Iterable[Any], device: torch.device,
-                  bits: str | BitWidth) -> dict[str, dict[str, float]]:
+                  bits: Any) -> dict[str, dict[str, float]]:
     """Per activation point, with the ranges currently set: the share of non-zero FP activations
     that the ``bits`` grid rounds to zero, and the mean activation with the weights quantized at
     ``bits`` over the mean in FP (above 1: quantized weights inflate the activations)."""
-    b = parse_bits(bits)
+    b = as_bits(bits, backbone)
     points = act_points(backbone)
     fp_stats, _ = collect(backbone, ctx, images, device, None, seed=1)
     q_stats, _ = collect(backbone, ctx, images, device, b, seed=1)
@@ -145,7 +147,7 @@ def zero_rounding(backbone: nn.Module, ctx: QuantContext, images: Iterable[Any],
         v = fp_stats[name].values()
         qv = q_stats[name].values()
         nz = v[v != 0]
-        point_bits = 8 if point.role == FIXED8 else (b.a or 8)
+        point_bits = point_act_bits(name, point, b)
         zeroed = (quantize_activation(nz, point_bits, point.lo.cpu(), point.hi.cpu(), ctx.rounding) == 0).float().mean().item() if nz.numel() else 0.0
         out[name] = {"nonzero_to_zero": zeroed, "inflation": (qv.abs().mean() / v.abs().mean().clamp_min(1e-12)).item()}
     return out

@@ -238,7 +238,8 @@ class EvalConfig:
 
     checkpoint: str = ""  # path of a pretrain checkpoint (``last.pt``) or ``backbone.pt``
     dataset: str | None = None  # default: the pretrain run's dataset
-    bits: list[str] = field(default_factory=lambda: ["fp", "8w8a", "4w4a", "2w4a"])
+    #: bit-widths ("fp", "4w4a") and per-layer maps ({"layer1.0.conv1": "4w8a", ...}; ssql_core.bitconfig)
+    bits: list[Any] = field(default_factory=lambda: ["fp", "8w8a", "4w4a", "2w4a"])
     protocol: str = "linear"  # "linear" or "knn"
     #: "cached": classifier on frozen features computed once per bit-width (fast);
     #: "augmented": the paper's protocol, backbone forward on augmented images every epoch
@@ -287,6 +288,9 @@ class EvalConfig:
     ptq_iters: int = 2000
     #: brecq only: also learn every activation point's step size (LSQ-style) in a second pass
     brecq_learn_act: bool = False
+    #: per-layer bits for a budget (ssql_core.autobit.AutobitConfig, e.g. {"budget_bits": 4.0}):
+    #: the chosen configuration is evaluated as one more row
+    autobit: dict[str, Any] | None = None
 
     def fill_from_preset(self) -> EvalConfig:
         """Give every field left None the preset's value (EVAL_PRESETS); the one place that does."""
@@ -298,15 +302,20 @@ class EvalConfig:
         return self
 
     def validate(self) -> EvalConfig:
+        from ssql_core.bitconfig import parse_bits_spec
         from ssql_core.data import check_dataset_name
 
-        if not self.bits:
-            raise ConfigError("bits", "give at least one bit-width, e.g. ['fp', '4w4a']")
+        if not isinstance(self.bits, (list, tuple)) or not self.bits:
+            raise ConfigError("bits", "give at least one bit-width, e.g. ['fp', '4w4a'] (or a per-layer map)")
         for b in self.bits:
             try:
-                parse_bits(b)
+                parse_bits_spec(b)
             except ValueError as e:
                 raise ConfigError("bits", str(e)) from None
+        if self.autobit is not None:
+            from ssql_core.autobit import AutobitConfig
+
+            self.autobit = AutobitConfig.from_dict(self.autobit).validate().to_dict()
         self.fill_from_preset()
         if self.interpolation not in INTERPOLATIONS:
             raise ConfigError("interpolation", f"must be one of {list(INTERPOLATIONS)}, got {self.interpolation!r}")

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from ssql_core.bits import parse_bits
+from ssql_core.autobit import AutobitConfig, allocate, check_budget, costs_for
+from ssql_core.bitconfig import MixedBits, as_bits, footprint, layer_table, resolve
 from ssql_core.calibration import calibrate_ranges
 from ssql_core.config import EvalConfig
 from ssql_core.data import (
@@ -47,7 +48,7 @@ from ssql_core.data import (
     stats_key_for,
     test_transform,
 )
-from ssql_core.errors import Cancelled
+from ssql_core.errors import Cancelled, ConfigError
 from ssql_core.hooks import Hooks, Progress
 from ssql_core.ptq import (
     ReconConfig,
@@ -235,6 +236,7 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
     ctx = bind_context(backbone, QuantContext(rounding=rounding))
     dataset = cfg.dataset or pcfg.dataset
     size = pcfg.image_size
+    specs, table, autobit = _bit_specs(cfg, backbone, size)  # a map or budget this backbone cannot take: refused before any work
     train = load_split(dataset, True, size, cfg.data_root, cfg.allow_download, cfg.max_samples, cfg.seed)
     test = load_split(dataset, False, size, cfg.data_root, cfg.allow_download, None, cfg.seed)
     stats_key = stats_key_for(train.stats_key, normalization)
@@ -252,10 +254,11 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
 
     rows: list[dict[str, Any]] = []
     heads: dict[str, dict[str, Tensor]] = {}
-    n_bits = len(cfg.bits)
+    bit_configs: dict[str, dict[str, str]] = {}
+    n_bits = len(specs) + (autobit is not None)
     t0 = time.perf_counter()
-    for bi, bits_str in enumerate(cfg.bits):
-        bits = parse_bits(bits_str)
+
+    def run_bits(bi: int, bits: Any, extra: dict[str, Any]) -> None:
         calib_n = 0 if bits.is_fp else calibrate_ranges(
             backbone, ctx, calib_loader, device, bits, cfg.calibration, cfg.calib_percentile,
             quantized_weights=cfg.calib_weights == "quantized", seed=cfg.seed)
@@ -265,12 +268,12 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
             apply_reconstruction(backbone, recon)
         curve: list[float] = []
 
-        def on_epoch(epoch: int, loss: float, bi: int = bi, bits_str: str = bits_str, curve: list[float] = curve) -> None:
+        def on_epoch(epoch: int, loss: float) -> None:
             curve.append(loss)
             done = bi + (epoch + 1) / cfg.epochs
             _report(hooks, cfg, "linear", done, n_bits, t0, loss, {"bits_index": bi})
             if hooks.should_stop():
-                raise Cancelled(f"cancelled while evaluating {bits_str}")
+                raise Cancelled(f"cancelled while evaluating {bits}")
 
         with ctx.quantized(bits), _cleared(backbone):
             test_f, test_y = extract(backbone, loader(test_plain), device)
@@ -290,6 +293,8 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
             if head is not None:
                 top1 = accuracy(head, test_f, test_y)
                 heads[str(bits)] = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+        if isinstance(bits, MixedBits):
+            bit_configs[str(bits)] = bits.config.as_dict()
         rows.append({
             "bits": str(bits), "protocol": cfg.protocol,
             "path": "knn" if cfg.protocol == "knn" else cfg.path,
@@ -303,17 +308,79 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
             **({"knn_k": cfg.knn_k, "knn_t": cfg.knn_t} if cfg.protocol == "knn" else
                {"lr": cfg.lr, "probe": cfg.probe, "train_loss": round(curve[-1], 4) if curve else None,
                 "loss_curve": [round(v, 4) for v in curve]}),
+            **footprint(table, bits),
+            **({"bit_config": bits.config.as_dict()} if isinstance(bits, MixedBits) else {}),
+            **extra,
         })
+
+    for bi, bits in enumerate(specs):
+        run_bits(bi, bits, {})
+    if autobit is not None:
+        config, report = choose_bits(backbone, ctx, autobit, table, train_plain, train.num_classes, heads.get("fp"), cfg, device,
+                                     rounding, hooks, len(specs), n_bits, t0, loader)
+        run_bits(len(specs), resolve(config, backbone), {"autobit": report})
     if workdir is not None and heads:
         from ssql_core.checkpoint import save_atomic
 
         save_atomic({"kind": "linear_heads", "config": cfg.to_dict(), "pretrain_config": pcfg.to_dict(),
                      "num_classes": train.num_classes, "heads": heads, "rows": rows,
-                     "ptq": {k: r.to_state() for k, r in reconstructions.items()}}, Path(workdir) / HEADS)
+                     "ptq": {k: r.to_state() for k, r in reconstructions.items()}, "bit_configs": bit_configs},
+                    Path(workdir) / HEADS)
     if workdir is not None:
         for b in reconstructions:  # finished: the per-unit resume states are no longer needed
             (Path(workdir) / f"ptq-{b}.pt").unlink(missing_ok=True)
     return rows
+
+
+def choose_bits(backbone: nn.Module, ctx: QuantContext, autobit: AutobitConfig, table: Any, train_plain: Any, num_classes: int,
+                fp_head: dict[str, Tensor] | None, cfg: EvalConfig, device: torch.device, rounding: str, hooks: Hooks,
+                bi: int, n_bits: int, t0: float, loader: Any) -> tuple[Any, dict[str, Any]]:
+    """Autobit's sensitivity and allocation (:mod:`ssql_core.autobit`); the configuration and
+    what its row reports. The Hessian is taken of the evaluation's FP probe (its ``fp`` head, or
+    one trained now on FP features with the evaluation's settings)."""
+    t_sens = time.perf_counter()
+    images = calibration_images(train_plain, autobit.images, cfg.seed, cfg.batch_size)
+    head, probe_source = None, None
+    if autobit.sensitivity == "hessian":
+        if fp_head is not None:
+            head, probe_source = nn.Linear(fp_head["weight"].shape[1], fp_head["weight"].shape[0]).to(device), "the evaluation's fp head"
+            head.load_state_dict(fp_head)
+        else:
+            train_f, train_y = extract(backbone, loader(train_plain), device)
+            with torch.enable_grad():
+                head = train_linear_cached(train_f, train_y, num_classes, cfg, lambda *_: None)
+            probe_source = "an FP probe trained for the sensitivity (the evaluation's settings)"
+
+    def progress(done: int, total: int) -> None:
+        _report(hooks, cfg, "autobit", bi + done / total, n_bits, t0, None, {"bits_index": bi})
+        if hooks.should_stop():
+            raise Cancelled("cancelled while measuring layer sensitivities")
+
+    costs, details = costs_for(autobit, backbone, ctx, images, device, head, rounding, cfg.seed, progress)
+    sens_seconds = time.perf_counter() - t_sens
+    config, alloc = allocate(table, autobit, costs)
+    report = {**autobit.to_dict(), **alloc.summary(), "sensitivity_seconds": round(sens_seconds, 3),
+              "sensitivity_images": len(images.dataset),  # type: ignore[arg-type]
+              **({"probe": probe_source} if probe_source else {}), **details,
+              "costs": {n: [float(f"{c:.6g}") for c in v] for n, v in costs.items()}}
+    return config, report
+
+
+def _bit_specs(cfg: EvalConfig, backbone: nn.Module, image_size: int) -> tuple[list[Any], Any, AutobitConfig | None]:
+    """The bit-widths and resolved per-layer maps of ``cfg.bits``, the backbone's layer table and
+    the autobit settings; ``ConfigError`` naming ``bits`` or the budget when the backbone cannot
+    take them."""
+    specs = []
+    for b in cfg.bits:
+        try:
+            specs.append(as_bits(b, backbone))
+        except ValueError as e:
+            raise ConfigError("bits", str(e)) from None
+    table = layer_table(backbone, image_size)
+    autobit = AutobitConfig.from_dict(cfg.autobit).validate() if cfg.autobit is not None else None
+    if autobit is not None:
+        check_budget(table, autobit)
+    return specs, table, autobit
 
 
 @contextlib.contextmanager

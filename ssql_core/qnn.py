@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import enum
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -56,9 +57,22 @@ class QuantContext:
         self.generation = 0
         self._generations = 0
         self.points: list[ActQuant] = []
+        #: per quant point bits of a per-layer configuration (``ssql_core.bitconfig.MixedBits``);
+        #: None: every point at the context's bits (the stem at 8)
+        self.point_bits: dict[nn.Module, int] | None = None
 
-    def set_bits(self, bits: BitWidth | str) -> None:
+    def set_bits(self, bits: Any) -> None:
+        """A bit-width (``"4w4a"``, :class:`BitWidth`) for every point, or a per-layer
+        configuration resolved against this model (:class:`ssql_core.bitconfig.MixedBits`)."""
+        if not isinstance(bits, (str, BitWidth)):  # MixedBits: each point's own bits, eager mode only
+            self.quant_w = self.quant_a = True
+            self.w_int = self.a_int = 8
+            self.w_bits.fill_(8)
+            self.a_bits.fill_(8)
+            self.point_bits = bits.by_module
+            return
         b = parse_bits(bits)
+        self.point_bits = None
         self.quant_w = b.w is not None
         self.quant_a = b.a is not None
         self.w_int, self.a_int = b.w or 8, b.a or 8
@@ -80,6 +94,16 @@ class QuantContext:
             return 8
         return self.a_bits if torch.compiler.is_compiling() else self.a_int
 
+    def bits_of(self, point: nn.Module) -> int | torch.Tensor:
+        """The bits quant point ``point`` runs at now: its own under a per-layer configuration,
+        else its role's (:meth:`weight_bits` / :meth:`act_bits`)."""
+        if self.point_bits is not None:
+            b = self.point_bits.get(point)
+            if b is not None:
+                return b
+        role = point.role  # type: ignore[union-attr]
+        return self.act_bits(role) if isinstance(point, ActQuant) else self.weight_bits(role)
+
     def reset_ranges(self) -> None:
         for p in self.points:
             p.reset_range()
@@ -100,14 +124,15 @@ class QuantContext:
         return self.mode_as(Mode.RECORD)
 
     @contextlib.contextmanager
-    def quantized(self, bits: BitWidth | str, reuse_weights: bool = False) -> Iterator[None]:
-        """Quantized forward at ``bits`` with the ranges recorded last.
+    def quantized(self, bits: Any, reuse_weights: bool = False) -> Iterator[None]:
+        """Quantized forward at ``bits`` (a bit-width, or a per-layer configuration resolved
+        against this model: :class:`ssql_core.bitconfig.MixedBits`) with the ranges recorded last.
 
         ``reuse_weights=True`` promises that the weights do not change and that backward runs at
         most once inside the block (one training step's forward passes): each layer's weight is
         then quantized once for all passes in the block.
         """
-        b = parse_bits(bits)
+        b = parse_bits(bits) if isinstance(bits, (str, BitWidth)) else bits
         if b.is_fp:
             yield
             return
@@ -141,7 +166,7 @@ def _cached_quant_weight(m: nn.Conv2d | nn.Linear, ctx: QuantContext) -> Tensor:
     outside it), so the second view's pass reuses the first's tensor; autograd sums both
     passes' gradients through the one quantize node.
     """
-    bits = ctx.weight_bits(m.role)  # type: ignore[attr-defined]
+    bits = ctx.bits_of(m)
     if torch.compiler.is_compiling() or ctx.generation == 0:  # compiled: no guard on the generation
         return quantize_weight(m.weight, bits, ctx.weight_scale_grad, ctx.rounding)
     key = (id(ctx), ctx.generation, id(m.weight), m.weight._version)
@@ -158,7 +183,7 @@ def _quant_weight(m: nn.Conv2d | nn.Linear, ctx: QuantContext) -> Tensor:
     PSQ grid, or AdaRound's soft rounding while it is learned) when one is set, else PSQ's."""
     override = m.__dict__.get("weight_override")
     if override is not None:
-        return override(m, ctx.weight_bits(m.role))  # type: ignore[attr-defined]
+        return override(m, ctx.bits_of(m))
     return _cached_quant_weight(m, ctx)
 
 
@@ -211,8 +236,8 @@ class ActQuant(nn.Module, _QuantPoint):
         if ctx.mode is Mode.QUANT and ctx.quant_a:
             override = self.__dict__.get("act_override")  # a step size being learned (ssql_core.ptq.brecq)
             if override is not None:
-                return override(x, ctx.act_bits(self.role))
-            return quantize_activation(x, ctx.act_bits(self.role), self.lo, self.hi, ctx.rounding)
+                return override(x, ctx.bits_of(self))
+            return quantize_activation(x, ctx.bits_of(self), self.lo, self.hi, ctx.rounding)
         return x
 
     def extra_repr(self) -> str:

@@ -21,7 +21,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ssql_core import checkpoint as ckpt
-from ssql_core.bits import parse_bits
+from ssql_core.bitconfig import (
+    BitConfig,
+    MixedBits,
+    as_bits,
+    is_label,
+    parse_bit_config,
+    parse_bits_spec,
+    resolve,
+)
+from ssql_core.bits import BitWidth
 from ssql_core.config import PTQ_METHODS, EvalConfig, PretrainConfig
 from ssql_core.export.calibration import (
     Calibration,
@@ -95,10 +104,13 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    parsed = [parse_bits(b) for b in bits]
-    if not parsed:
+    specs = [b if is_label(b) else parse_bits_spec(b) for b in bits]
+    if not specs:
         raise ValueError("give at least one bit-width")
-    if fmt == "torchvision" and any(not b.is_fp for b in parsed):
+    if heads is None and (labels := [b for b in specs if isinstance(b, str)]):
+        raise ValueError(f"{labels[0]} names a per-layer configuration of an evaluation: export it with that evaluation's "
+                         "heads, or give the map itself")
+    if fmt == "torchvision" and any(isinstance(b, str) or not b.is_fp for b in specs):
         raise ValueError("the torchvision format holds FP weights only (torchvision has no quantized activations): use bits='fp'")
     if ptq is not None and ptq not in PTQ_METHODS:
         raise ValueError(f"ptq must be one of {list(PTQ_METHODS)}, got {ptq!r}")
@@ -108,6 +120,9 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
     heads_state, info = None, {}
     if heads is not None:
         heads_state, ecfg = load_heads(heads, pcfg)
+    parsed = [_resolve_bits(b, backbone, heads_state, heads) for b in specs]
+    if heads is not None:
+        assert heads_state is not None
         if calib is None:
             calib = CalibrationSpec.from_eval(ecfg)
         for b in parsed:  # refuse before any work
@@ -132,7 +147,7 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
         if str(b) in recon_calib:
             info["calibration"] = recon_calib[str(b)]
         elif per_bits and not b.is_fp:
-            info["calibration"] = run_calibration(backbone, ctx, calib, pcfg, torch.device("cpu"), str(b))
+            info["calibration"] = run_calibration(backbone, ctx, calib, pcfg, torch.device("cpu"), b)
         head, extra = None, {}
         if heads_state is not None:
             head, hinfo = _head_for(heads_state, heads, str(b), int(backbone.feat_dim))  # type: ignore[arg-type]
@@ -164,6 +179,19 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
         else:
             paths.append(write_quantized(out, q, head, file_info))
     return paths
+
+
+def _resolve_bits(spec: Any, backbone: nn.Module, heads_state: dict[str, Any] | None, heads: Any) -> BitWidth | MixedBits:
+    """A bit-width, a per-layer map (resolved against ``backbone``), or the label of a map an
+    evaluation ran (kept in its ``heads.pt``)."""
+    if isinstance(spec, str):
+        configs = (heads_state or {}).get("bit_configs") or {}
+        if spec not in configs:
+            raise ValueError(f"{heads} holds no per-layer configuration {spec}; it has {sorted(configs) or 'none'}")
+        spec = parse_bit_config(configs[spec])
+    if isinstance(spec, BitConfig):
+        return resolve(spec, backbone)
+    return spec
 
 
 def _set_ranges(backbone: nn.Module, ranges: dict[str, Tensor]) -> None:
@@ -205,7 +233,7 @@ def _reconstructions(backbone: nn.Module, ctx: Any, parsed: list[Any], calib: Ca
     recons, calib_info = {}, {}
     for b in quantized:
         if per_bits:
-            calib_info[str(b)] = run_calibration(backbone, ctx, calib, pcfg, dev, str(b))
+            calib_info[str(b)] = run_calibration(backbone, ctx, calib, pcfg, dev, b)
         state = Path(state_dir) / f"ptq-{b}.pt" if state_dir is not None else None
         recons[str(b)] = reconstruct(backbone, ctx, images, dev, b, cfg, checkpoint=state)
     return recons, calib_info
@@ -246,15 +274,16 @@ def load_quantized(path: str | Path) -> QuantizedModel:
 
 
 @torch.no_grad()
-def fake_quant_reference(backbone: nn.Module, bits: str, x: Tensor) -> Tensor:
+def fake_quant_reference(backbone: nn.Module, bits: Any, x: Tensor) -> Tensor:
     """The fake-quant backbone's output at ``bits`` (ranges already calibrated): the oracle."""
     ctx = bind_context(backbone)
     backbone.eval()
-    with ctx.quantized(bits):
+    with ctx.quantized(as_bits(bits, backbone)):
         return backbone(x)
 
 
-def save_quantized(backbone: nn.Module, bits: str, path: str | Path, head: dict[str, Tensor] | None = None,
+def save_quantized(backbone: nn.Module, bits: Any, path: str | Path, head: dict[str, Tensor] | None = None,
                    info: dict[str, Any] | None = None) -> Path:
-    """Write a calibrated in-memory ``backbone`` at ``bits`` as a packed checkpoint (no ``last.pt``)."""
+    """Write a calibrated in-memory ``backbone`` at ``bits`` (a bit-width or a per-layer map) as a
+    packed checkpoint (no ``last.pt``)."""
     return write_quantized(path, quantize_backbone(backbone, bits), head, info)

@@ -106,7 +106,7 @@ def _pairs(batches: Iterable[Any]) -> Iterable[tuple[Tensor, Any]]:
 
 
 def run_calibration(backbone: nn.Module, ctx: QuantContext, calib: Calibration, pcfg: PretrainConfig | None,
-                    device: torch.device, bits: str = "8w8a") -> dict[str, Any]:
+                    device: torch.device, bits: Any = "8w8a") -> dict[str, Any]:
     """Record ``backbone``'s activation ranges from ``calib`` (for a file at ``bits`` when the spec's
     ranges depend on it); returns the manifest's description."""
     if calib is None:
@@ -118,7 +118,7 @@ def run_calibration(backbone: nn.Module, ctx: QuantContext, calib: Calibration, 
         details["images"] = calibrate_ranges(backbone, ctx, loader, device, bits, calib.method, calib.percentile,
                                              quantized_weights=calib.weights == "quantized", seed=calib.seed)
         if calib.per_bits:
-            details["bits"] = bits
+            details["bits"] = str(bits)
         return details
     batches = calib() if callable(calib) and not isinstance(calib, (DataLoader, list, tuple)) else calib
     n = calibrate(backbone, ctx, _pairs(batches), device)  # type: ignore[arg-type]

@@ -31,13 +31,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ssql_core.bits import parse_bits
+from ssql_core.bitconfig import BitConfig, parse_bit_config
+from ssql_core.bits import BitWidth, parse_bits
 from ssql_core.export.packing import LAYOUT, pack_bits, packed_nbytes, unpack_bits
 from ssql_core.export.quantized import QuantizedBackbone, QuantizedWeight
 from ssql_core.models import BACKBONES
 
 FORMAT = "ssql-quantized-checkpoint"
 FORMAT_VERSION = 1
+#: files of a per-layer configuration (mixed widths; docs/decisions/020): the same tensors and
+#: per-entry fields, a ``bit_config`` in the manifest and its label as ``bits``; a reader of
+#: version 1 alone refuses them by version rather than misreading ``bits``
+MIXED_FORMAT_VERSION = 2
+READ_VERSIONS = (str(FORMAT_VERSION), str(MIXED_FORMAT_VERSION))
 MAX_WIDTH = 4.0  # the largest width multiplier PretrainConfig accepts
 
 QUANTIZER = {
@@ -106,14 +112,16 @@ def encode(q: QuantizedBackbone, head: dict[str, Tensor] | None, info: dict[str,
     if head is not None:
         tensors["head.weight"] = head["weight"].float().contiguous()
         tensors["head.bias"] = head["bias"].float().contiguous()
+    mixed = isinstance(q.bits, BitConfig)
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": MIXED_FORMAT_VERSION if mixed else FORMAT_VERSION,
         "kind": "classifier" if head is not None else "backbone",
         "arch": q.arch,
         "bits": str(q.bits),
-        "weight_bits": q.bits.w,
-        "act_bits": q.bits.a,
+        "weight_bits": None if mixed else q.bits.w,  # type: ignore[union-attr]
+        "act_bits": None if mixed else q.bits.a,  # type: ignore[union-attr]
+        **({"bit_config": q.bits.as_dict()} if mixed else {}),  # type: ignore[union-attr]
         "bn_folded": False,
         "quantizer": QUANTIZER if not q.bits.is_fp else None,
         "packing": PACKING if not q.bits.is_fp else None,
@@ -125,7 +133,7 @@ def encode(q: QuantizedBackbone, head: dict[str, Tensor] | None, info: dict[str,
         **info,
     }
     manifest_json = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "manifest": manifest_json,
+    metadata = {"format": FORMAT, "format_version": str(manifest["format_version"]), "manifest": manifest_json,
                 "sha256": tensor_digest(manifest_json, tensors)}
     return tensors, metadata
 
@@ -150,8 +158,9 @@ def read_safetensors(path: str | Path, expected_format: str) -> tuple[dict[str, 
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
     if metadata.get("format") != expected_format:
         raise CheckpointError(f"{path}: not an {expected_format} file (format={metadata.get('format')!r})")
-    if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise CheckpointError(f"{path}: format version {metadata.get('format_version')!r} is not supported (this library reads {FORMAT_VERSION})")
+    if metadata.get("format_version") not in READ_VERSIONS:
+        raise CheckpointError(f"{path}: format version {metadata.get('format_version')!r} is not supported "
+                              f"(this library reads {', '.join(READ_VERSIONS)})")
     manifest_json = metadata.get("manifest", "")
     if tensor_digest(manifest_json, tensors) != metadata.get("sha256"):
         raise CheckpointError(f"{path}: sha256 mismatch: the file was modified or corrupted after export")
@@ -161,6 +170,8 @@ def read_safetensors(path: str | Path, expected_format: str) -> tuple[dict[str, 
         raise CheckpointError(f"{path}: manifest is not valid JSON: {e}") from None
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{path}: manifest is not a JSON object")
+    if str(manifest.get("format_version")) != metadata.get("format_version"):
+        raise CheckpointError(f"{path}: the manifest's format version {manifest.get('format_version')!r} differs from the file's")
     return manifest, tensors
 
 
@@ -177,10 +188,7 @@ def check_arch(arch: Any) -> dict[str, Any]:
 
 def decode(manifest: dict[str, Any], tensors: dict[str, Tensor]) -> tuple[QuantizedBackbone, dict[str, Tensor] | None]:
     """Rebuild the :class:`QuantizedBackbone` (and head) a manifest describes, checking every entry."""
-    try:
-        bits = parse_bits(manifest.get("bits"))
-    except ValueError as e:
-        raise CheckpointError(f"manifest.bits: {e}") from None
+    bits = _manifest_bits(manifest)
     q = QuantizedBackbone(arch=check_arch(manifest.get("arch")), bits=bits)
     used: set[str] = set()
 
@@ -227,6 +235,25 @@ def decode(manifest: dict[str, Any], tensors: dict[str, Tensor]) -> tuple[Quanti
                 raise CheckpointError(f"unexpected tensor {name!r}")
             q.fp[name.removeprefix("backbone.")] = t
     return q, head
+
+
+def _manifest_bits(manifest: dict[str, Any]) -> BitWidth | BitConfig:
+    """The file's bits: a bit-width (version 1), or a per-layer configuration (version 2) whose
+    label the manifest's ``bits`` must be."""
+    if manifest.get("format_version") == MIXED_FORMAT_VERSION:
+        try:
+            config = parse_bit_config(manifest.get("bit_config"))  # type: ignore[arg-type]
+        except ValueError as e:
+            raise CheckpointError(f"manifest.bit_config: {e}") from None
+        if manifest.get("bits") != config.label:
+            raise CheckpointError(f"manifest.bits {manifest.get('bits')!r} is not the label of its bit_config ({config.label})")
+        return config
+    if "bit_config" in manifest:
+        raise CheckpointError(f"a per-layer bit_config needs format version {MIXED_FORMAT_VERSION}")
+    try:
+        return parse_bits(manifest.get("bits"))
+    except ValueError as e:
+        raise CheckpointError(f"manifest.bits: {e}") from None
 
 
 def size_report(path: str | Path) -> dict[str, Any]:

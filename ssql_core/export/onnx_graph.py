@@ -35,6 +35,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, fx, nn
 
+from ssql_core.bitconfig import BitConfig
 from ssql_core.export.format import CheckpointError, write_atomic
 from ssql_core.export.packing import pack_bits
 from ssql_core.export.quantized import QuantizedBackbone, QuantizedModel, build_quantized_model
@@ -192,8 +193,13 @@ def build_onnx(q: QuantizedBackbone, head: dict[str, Tensor] | None = None, info
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ssql_core.export")
     proto.ir_version = 10
     onnx.checker.check_model(proto, full_check=True)
+    mixed = isinstance(q.bits, BitConfig)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": q.arch, "bits": str(q.bits),
-                "weight_bits": q.bits.w, "act_bits": q.bits.a, "bn_folded": False, "opset": OPSET,
+                "weight_bits": None if mixed else q.bits.w, "act_bits": None if mixed else q.bits.a,  # type: ignore[union-attr]
+                **({"bit_config": q.bits.as_dict(),  # type: ignore[union-attr]
+                    "weights": {k: {"bits": w.bits, "container": "INT4" if w.bits <= 4 else "INT8"} for k, w in q.weights.items()}}
+                   if mixed else {}),
+                "bn_folded": False, "opset": OPSET,
                 "input": "input: float32 [N, 3, H, W], normalized as the run's test transform",
                 "output": out_name, "activations": g.acts, **(info or {})}
     _set_meta(proto, manifest)

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ssql_core.bits import BitWidth, parse_bits
+from ssql_core.bitconfig import BitConfig, MixedBits, as_bits, point_act_bits, point_weight_bits
+from ssql_core.bits import BitWidth
 from ssql_core.models import build_backbone
 from ssql_core.qnn import (
-    FIXED8,
     ActQuant,
     Mode,
     QConv2d,
@@ -55,7 +55,8 @@ class QuantizedBackbone:
     """Everything needed to run a backbone at one bit-width (see module docstring)."""
 
     arch: dict[str, Any]
-    bits: BitWidth
+    #: a uniform bit-width, or a per-layer configuration (each entry below has its own bits)
+    bits: BitWidth | BitConfig
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)
     #: activation point name -> (range [lo, hi] float32, bits, role)
     ranges: dict[str, tuple[Tensor, int, str]] = field(default_factory=dict)
@@ -95,21 +96,21 @@ def check_standard_backbone(backbone: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def quantize_backbone(backbone: nn.Module, bits: str | BitWidth) -> QuantizedBackbone:
-    """Integer weights, scales, ranges and FP tensors of a calibrated ``backbone`` at ``bits``."""
-    b = parse_bits(bits)
+def quantize_backbone(backbone: nn.Module, bits: Any) -> QuantizedBackbone:
+    """Integer weights, scales, ranges and FP tensors of a calibrated ``backbone`` at ``bits``
+    (a bit-width, or a per-layer configuration: :mod:`ssql_core.bitconfig`)."""
+    b = as_bits(bits, backbone)
     arch = check_standard_backbone(backbone)
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
-    out = QuantizedBackbone(arch=arch, bits=b)
+    out = QuantizedBackbone(arch=arch, bits=b.config if isinstance(b, MixedBits) else b)
     if b.is_fp:
         out.fp = state
         return out
-    assert b.w is not None and b.a is not None
     ctx = QuantContext()
     ctx.set_bits(b)
     for name, mod in weight_points(backbone).items():
         w = mod.weight.detach().float().cpu()
-        arg = ctx.weight_bits(mod.role)  # what QConv2d.quant_weight passes in QUANT mode
+        arg = ctx.bits_of(mod)  # what QConv2d.quant_weight passes in QUANT mode
         scale = weight_scale(w, arg)
         qmin, qmax = weight_int_range(arg, w)
         learned = getattr(mod.__dict__.get("weight_override"), "ints", None)  # ssql_core.ptq's rounding
@@ -121,7 +122,7 @@ def quantize_backbone(backbone: nn.Module, bits: str | BitWidth) -> QuantizedBac
         else:
             ints = torch.clamp(torch.round(w * (1.0 / scale)), qmin, qmax)
             expect = quantize_weight(w, arg)
-        qw = QuantizedWeight(ints.to(torch.int8), scale.reshape(-1).clone(), 8 if mod.role == FIXED8 else b.w, mod.role)
+        qw = QuantizedWeight(ints.to(torch.int8), scale.reshape(-1).clone(), point_weight_bits(name, mod, b), mod.role)
         if not torch.equal(qw.dequantize(), expect):
             raise RuntimeError(f"{name}: integer weights do not reproduce the fake-quant weights")
         out.weights[f"{name}.weight"] = qw
@@ -131,7 +132,7 @@ def quantize_backbone(backbone: nn.Module, bits: str | BitWidth) -> QuantizedBac
         lo, hi = float(point.lo), float(point.hi)
         if not (torch.isfinite(point.lo) and torch.isfinite(point.hi)) or lo > hi:
             raise ValueError(f"activation point {name} has no calibrated range ({lo}, {hi}): calibrate the backbone first")
-        out.ranges[name] = (torch.stack([point.lo, point.hi]).detach().float().cpu(), 8 if point.role == FIXED8 else b.a, point.role)
+        out.ranges[name] = (torch.stack([point.lo, point.hi]).detach().float().cpu(), point_act_bits(name, point, b), point.role)
     out.fp.update({k: v for k, v in state.items() if k not in out.weights and k not in out.fp})
     return out
 
@@ -143,10 +144,12 @@ class QuantizedModel(nn.Module):
     the fake-quant backbone at ``bits`` (plus the evaluation's FP linear classifier) computes them.
     """
 
-    def __init__(self, backbone: nn.Module, bits: BitWidth, head: nn.Linear | None = None, manifest: dict[str, Any] | None = None) -> None:
+    def __init__(self, backbone: nn.Module, bits: BitWidth | MixedBits, head: nn.Linear | None = None,
+                 manifest: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        #: a uniform bit-width, or the per-layer configuration resolved against ``backbone``
         self.bits = bits
         self.manifest = manifest or {}
         self.ctx = bind_context(backbone, QuantContext())
@@ -161,17 +164,19 @@ class QuantizedModel(nn.Module):
         return self.head(f) if self.head is not None else f
 
 
-def check_layout(q: QuantizedBackbone, backbone: nn.Module) -> None:
-    """Every quant point of the architecture is present at the bits SPEC 3 gives it, and no other."""
-    assert q.bits.w is not None and q.bits.a is not None
-    expect_w = {f"{n}.weight": 8 if m.role == FIXED8 else q.bits.w for n, m in weight_points(backbone).items()}
-    expect_a = {n: 8 if m.role == FIXED8 else q.bits.a for n, m in act_points(backbone).items()}
+def check_layout(q: QuantizedBackbone, backbone: nn.Module) -> BitWidth | MixedBits:
+    """Every quant point of the architecture is present at the bits SPEC 3 (or the file's per-layer
+    configuration) gives it, and no other; returns the bits resolved against ``backbone``."""
+    b = as_bits(q.bits, backbone)
+    expect_w = {f"{n}.weight": point_weight_bits(n, m, b) for n, m in weight_points(backbone).items()}
+    expect_a = {n: point_act_bits(n, m, b) for n, m in act_points(backbone).items()}
     got_w = {k: w.bits for k, w in q.weights.items()}
     got_a = {k: r[1] for k, r in q.ranges.items()}
     for what, got, expect in (("weights", got_w, expect_w), ("activation ranges", got_a, expect_a)):
         if got != expect:
             bad = sorted(k for k in set(got) | set(expect) if got.get(k) != expect.get(k))
             raise ValueError(f"{what} do not match the {q.arch['name']} layout at {q.bits}: {bad[:5]}")
+    return b
 
 
 def build_quantized_model(q: QuantizedBackbone, head: dict[str, Tensor] | None = None, manifest: dict[str, Any] | None = None) -> QuantizedModel:
@@ -181,8 +186,7 @@ def build_quantized_model(q: QuantizedBackbone, head: dict[str, Tensor] | None =
     state.update({k: w.dequantize() for k, w in q.weights.items()})
     backbone.load_state_dict(state, strict=True)
     points = act_points(backbone)
-    if not q.bits.is_fp:
-        check_layout(q, backbone)
+    bits = q.bits if q.bits.is_fp else check_layout(q, backbone)
     for name, (rng, _bits, _role) in q.ranges.items():
         points[name].lo.copy_(rng[0])
         points[name].hi.copy_(rng[1])
@@ -191,5 +195,5 @@ def build_quantized_model(q: QuantizedBackbone, head: dict[str, Tensor] | None =
         w, bias = head["weight"], head["bias"]
         lin = nn.Linear(w.shape[1], w.shape[0])
         lin.load_state_dict({"weight": w, "bias": bias}, strict=True)
-    model = QuantizedModel(backbone, q.bits, lin, manifest)
+    model = QuantizedModel(backbone, bits, lin, manifest)  # type: ignore[arg-type]
     return model.eval()

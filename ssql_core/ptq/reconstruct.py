@@ -33,7 +33,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import Conv2dNormActivation
 
-from ssql_core.bits import BitWidth, parse_bits
+from ssql_core.bitconfig import MixedBits, as_bits, point_act_bits
+from ssql_core.bits import BitWidth
 from ssql_core.errors import NonFiniteLoss
 from ssql_core.ptq.adaround import AdaRoundWeight, BetaSchedule
 from ssql_core.ptq.brecq import BLOCK_TYPES, LearnedStep, fisher_weights
@@ -45,7 +46,6 @@ from ssql_core.ptq.rounding import (
     set_rounding,
 )
 from ssql_core.qnn import (
-    FIXED8,
     ActQuant,
     Mode,
     QConv2d,
@@ -326,7 +326,7 @@ def _learn_rounding(unit: Unit, ctx: QuantContext, bits: BitWidth, x: Tensor, y:
 def _learn_steps(unit: Unit, ctx: QuantContext, bits: BitWidth, x: Tensor, y: Tensor, w: Tensor | None,
                  cfg: ReconConfig, index: int) -> dict[str, Any]:
     """BRECQ's second pass for one unit: its activation points' step sizes (weights fixed)."""
-    steps = {n: LearnedStep(p.lo, p.hi, 8 if p.role == FIXED8 else int(bits.a or 8)).to(x.device) for n, p in unit.acts.items()}
+    steps = {n: LearnedStep(p.lo, p.hi, point_act_bits(n, p, bits)).to(x.device) for n, p in unit.acts.items()}
     before = {n: (p.lo.clone(), p.hi.clone()) for n, p in unit.acts.items()}
     loss_calibrated = _full_loss(unit, ctx, bits, x, y, w, cfg.batch_size)
     try:
@@ -392,7 +392,7 @@ def reconstruct(backbone: nn.Module, ctx: QuantContext, images: Iterable[Any], d
     unit_stats)`` is called after each unit (it may raise to cancel)."""
     from ssql_core.checkpoint import load, save_atomic
 
-    b = parse_bits(bits)
+    b = as_bits(bits, backbone)
     if b.is_fp:
         raise ValueError("reconstruction needs a quantized bit-width, not fp")
     if cfg.method not in ("adaround", "brecq"):
@@ -463,7 +463,8 @@ def reconstruct(backbone: nn.Module, ctx: QuantContext, images: Iterable[Any], d
             m.__dict__.pop("act_override", None)
     rec = Reconstruction(method=cfg.method, bits=str(b), ints=ints, ranges=current_ranges(backbone), units=stats,
                          settings={**cfg.settings(), "images": sum(len(x) for x in batches)},
-                         seconds=time.perf_counter() - t0)
+                         seconds=time.perf_counter() - t0,
+                         bit_config=b.config.as_dict() if isinstance(b, MixedBits) else None)
     for n, r in initial_ranges.items():  # leave the calibrated ranges; the result carries its own
         points[n].lo.fill_(float(r[0]))
         points[n].hi.fill_(float(r[1]))

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ssql_core.bitconfig import MixedBits, as_bits, resolve
 from ssql_core.bits import BitWidth, parse_bits
 from ssql_core.qnn import FIXED8, act_points, weight_points
 from ssql_core.quant import weight_int_range, weight_scale
@@ -44,8 +45,11 @@ def nearest_ints(w: Tensor, bits: int) -> Tensor:
     return torch.clamp(torch.round(w * (1.0 / scale)), qmin.to(w.device), qmax.to(w.device)).to(torch.int8)
 
 
-def layer_bits(module: nn.Module, bits: BitWidth) -> int:
-    """The weight bits a quant point runs at for the file ``bits`` (the stem stays at 8)."""
+def layer_bits(module: nn.Module, bits: BitWidth | MixedBits) -> int:
+    """The weight bits a quant point runs at for the file ``bits`` (the stem stays at 8; a
+    per-layer configuration gives each layer its own)."""
+    if isinstance(bits, MixedBits):
+        return bits.by_module[module]
     return 8 if getattr(module, "role", None) == FIXED8 else int(bits.w or 8)
 
 
@@ -63,16 +67,24 @@ class Reconstruction:
     units: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    #: the per-layer map when ``bits`` is a configuration's label (``ssql_core.bitconfig``)
+    bit_config: dict[str, str] | None = None
 
     def to_state(self) -> dict[str, Any]:
         """Tensors and plain values only (``torch.load(weights_only=True)`` reads it back)."""
         return {"method": self.method, "bits": self.bits, "ints": dict(self.ints), "ranges": dict(self.ranges),
-                "units": list(self.units), "settings": dict(self.settings), "seconds": self.seconds}
+                "units": list(self.units), "settings": dict(self.settings), "seconds": self.seconds,
+                **({"bit_config": dict(self.bit_config)} if self.bit_config is not None else {})}
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> Reconstruction:
         return cls(method=str(d["method"]), bits=str(d["bits"]), ints=dict(d["ints"]), ranges=dict(d["ranges"]),
-                   units=list(d.get("units", [])), settings=dict(d.get("settings", {})), seconds=float(d.get("seconds", 0.0)))
+                   units=list(d.get("units", [])), settings=dict(d.get("settings", {})), seconds=float(d.get("seconds", 0.0)),
+                   bit_config=dict(d["bit_config"]) if d.get("bit_config") is not None else None)
+
+    def bits_for(self, backbone: nn.Module) -> BitWidth | MixedBits:
+        """What the integers were learned at, for ``backbone``."""
+        return resolve(self.bit_config, backbone) if self.bit_config is not None else parse_bits(self.bits)
 
     def summary(self) -> dict[str, Any]:
         """What a result row / manifest says about it (no tensors)."""
@@ -81,9 +93,9 @@ class Reconstruction:
                 "seconds": round(self.seconds, 3)}
 
 
-def set_rounding(backbone: nn.Module, ints: dict[str, Tensor], bits: str | BitWidth) -> None:
+def set_rounding(backbone: nn.Module, ints: dict[str, Tensor], bits: Any) -> None:
     """Make the weight points named in ``ints`` compute with those integers at ``bits``."""
-    b = parse_bits(bits)
+    b = as_bits(bits, backbone)
     points = weight_points(backbone)
     for name, t in ints.items():
         if name not in points:
@@ -100,7 +112,7 @@ def set_rounding(backbone: nn.Module, ints: dict[str, Tensor], bits: str | BitWi
 
 def apply_reconstruction(backbone: nn.Module, rec: Reconstruction) -> None:
     """The quantized model of ``rec``: its integers and its activation ranges."""
-    set_rounding(backbone, rec.ints, rec.bits)
+    set_rounding(backbone, rec.ints, rec.bits_for(backbone))
     points = act_points(backbone)
     for name, rng in rec.ranges.items():
         points[name].lo.fill_(float(rng[0]))
