@@ -105,10 +105,14 @@ class JobLabels(BaseModel):
     tags: list[Tag] | None = Field(None, max_length=MAX_TAGS, description=f"up to {MAX_TAGS} tags, each up to 64 "
                                    "characters: letters, digits and _ . : / = + - @ # (e.g. 'sweep:lr', 'paper')")
     notes: Notes | None = Field(None, description="free text, up to 10,000 characters")
+    priority: Int | None = Field(None, ge=-100, le=100, description="the order of your own queued jobs: higher "
+                                 "starts first (-100 to 100, default 0). Between owners the fair share decides: "
+                                 "the owner using the fewest devices, then the least device-time lately, goes first")
 
 
 class JobPatch(JobLabels):
-    """``PATCH /v1/jobs/{id}``: the fields given are set (``null`` clears name or notes; ``[]`` clears tags)."""
+    """``PATCH /v1/jobs/{id}``: the fields given are set (``null`` clears name or notes, sets priority back to 0;
+    ``[]`` clears tags). A queued job's new priority applies to the next start."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"name": "ssql r18 cifar10", "tags": ["paper"]}})
 
@@ -359,6 +363,7 @@ class JobOut(BaseModel):
     name: str | None = None
     tags: list[str] = []
     notes: str | None = None
+    priority: int = 0
 
 
 class JobPage(BaseModel):

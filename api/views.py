@@ -50,6 +50,7 @@ def job_view(row: Mapping[str, Any]) -> dict[str, Any]:
         "name": row.get("name"),
         "tags": row.get("tags") or [],
         "notes": row.get("notes"),
+        "priority": row.get("priority") or 0,
     }
 
 

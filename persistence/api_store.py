@@ -33,6 +33,7 @@ JOB_COLUMNS = (
     Job.name,
     Job.tags,
     Job.notes,
+    Job.priority,
 )
 
 

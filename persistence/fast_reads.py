@@ -27,7 +27,7 @@ LISTEN_PING_S = 2.0
 
 _JOB_SQL = (
     "SELECT id, kind, status, spec, source_job_id, attempts, max_attempts, cancel_requested, progress, summary,"
-    " error, created_at, updated_at, started_at, finished_at, name, tags, notes FROM jobs WHERE id = $1 AND owner_id = $2"
+    " error, created_at, updated_at, started_at, finished_at, name, tags, notes, priority FROM jobs WHERE id = $1 AND owner_id = $2"
 )
 _KEY_SQL = "SELECT user_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL"
 

@@ -79,6 +79,9 @@ class OwnerQuota(Base):
     device_hours: Mapped[float | None] = mapped_column(Float, nullable=True)
     #: the rolling period of ``device_hours``, in hours
     period_hours: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: fair-share weight (null: 1): an owner of weight 2 is served as if it had used half its
+    #: device-time (decision 019)
+    weight: Mapped[float | None] = mapped_column(Float, nullable=True)
     updated_at: Mapped[datetime]
 
 
@@ -141,6 +144,9 @@ class Job(Base):
     #: when ``SSQL_STORAGE_URL`` is set: an attempt on a host without the file resumes from it
     #: (decision 018)
     checkpoint_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: the owner's order of their own queued jobs (higher first; -100..100, default 0). Between
+    #: owners the fair-share rule decides (persistence/fair_share.py, decision 019)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         UniqueConstraint("owner_id", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
@@ -176,7 +182,10 @@ class JobAttempt(Base):
     outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
     resumed_from: Mapped[str | None] = mapped_column(Text, nullable=True)
 
-    __table_args__ = (UniqueConstraint("job_id", "attempt", name="uq_job_attempts_job_attempt"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "attempt", name="uq_job_attempts_job_attempt"),
+        Index("ix_job_attempts_ended_at", "ended_at"),
+    )
 
 
 class JobMetric(Base):

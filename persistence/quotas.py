@@ -4,7 +4,7 @@
 * ``device_hours`` per ``period_hours`` (rolling): device-time of the owner's attempts that falls
   in the window; a submit while it is used up is refused (403).
 * ``max_running_jobs`` and ``max_devices``: enforced where a worker claims a job (a job over them
-  stays queued, :func:`claim_hold`), so a submit is not refused for them; a job that asks for more
+  stays queued, :func:`start_hold`), so a submit is not refused for them; a job that asks for more
   devices than the owner may ever hold is refused at submission (403).
 
 Limits: an owner's row in ``owner_quotas`` (``ssql owners set-quota``) over the server's defaults
@@ -28,7 +28,7 @@ from persistence.models import Job, JobAttempt, OwnerQuota, User
 from persistence.settings import Settings
 
 #: the quotas an operator sets, in the order they are shown
-QUOTA_FIELDS = ("max_active_jobs", "max_running_jobs", "max_devices", "device_hours", "period_hours")
+QUOTA_FIELDS = ("max_active_jobs", "max_running_jobs", "max_devices", "device_hours", "period_hours", "weight")
 #: how long a client is told to wait when nothing better is known (seconds)
 DEFAULT_RETRY_S = 60
 
@@ -42,6 +42,8 @@ class Limits:
     max_devices: int | None
     device_hours: float | None
     period_hours: float
+    #: fair-share weight (decision 019): not a limit, the owner's share of the devices when several wait
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,13 @@ def limits_of(row: Any, settings: Settings) -> Limits:
         max_devices=_limit(get("max_devices"), settings.quota_max_devices),
         device_hours=_limit(get("device_hours"), settings.quota_device_hours),
         period_hours=period if period is not None and period > 0 else settings.quota_period_hours,
+        weight=weight_of(get("weight")),
     )
+
+
+def weight_of(value: float | None) -> float:
+    """An owner's fair-share weight: its own (above 0), else 1."""
+    return value if value is not None and value > 0 else 1.0
 
 
 # -- the statements (one place for both ends) -------------------------------------------------------
@@ -270,20 +278,17 @@ async def usage_view(conn: AsyncConnection, owner_id: int, settings: Settings) -
 # -- the worker's side (a session) ----------------------------------------------------------------------
 
 
-def claim_hold(session: Session, job_id: str, settings: Settings) -> str | None:
-    """Before a worker claims ``job_id``: lock its owner (Postgres) and say why the job must wait
-    (its owner's running jobs or devices at their quota), or None. The caller claims in the same
-    transaction, so the lock decides one claim of an owner at a time."""
-    job = session.execute(select(Job.owner_id, Job.kind, Job.spec).where(Job.id == job_id)).first()
-    if job is None:
-        return None
-    limits = limits_of(session.execute(quota_stmt(job.owner_id)).first(), settings)
+def start_hold(session: Session, owner_id: int, kind: str, spec: dict[str, Any] | None, settings: Settings) -> str | None:
+    """Before a worker claims a job of ``owner_id``: lock the owner (Postgres) and say why the
+    job must wait (the owner's running jobs or devices at their quota), or None. The caller claims
+    in the same transaction, so the lock decides one claim of an owner at a time."""
+    limits = limits_of(session.execute(quota_stmt(owner_id)).first(), settings)
     if limits.max_running_jobs is None and limits.max_devices is None:
         return None  # nothing to decide: no lock taken
     if session.get_bind().dialect.name == "postgresql":
-        limits = limits_of(session.execute(quota_stmt(job.owner_id, lock=True)).first(), settings)
-    active = session.execute(active_stmt(job.owner_id, exclude=job_id)).all()
-    return run_hold(active, limits, job_devices(job.kind, job.spec))
+        limits = limits_of(session.execute(quota_stmt(owner_id, lock=True)).first(), settings)
+    running = session.execute(active_stmt(owner_id).where(Job.status == "running")).all()
+    return run_hold(running, limits, job_devices(kind, spec))
 
 
 def mark_held(session: Session, job_id: str) -> None:
@@ -320,6 +325,9 @@ def set_quota(session: Session, user_name: str, values: dict[str, float | int | 
         raise ValueError(f"unknown quota {sorted(unknown)}; known: {list(QUOTA_FIELDS)}")
     if values.get("period_hours") is not None and values["period_hours"] <= 0:  # type: ignore[operator]
         raise ValueError("period_hours must be above 0")
+    weight = values.get("weight")
+    if weight is not None and not (0 < weight <= 1000):  # type: ignore[operator]
+        raise ValueError("weight must be above 0 and at most 1000 (1: an equal share; 'default' sets it back to 1)")
     user = session.scalar(select(User).where(User.name == user_name))
     if user is None:
         raise LookupError(f"no user {user_name!r} (users are made by `ssql keys create NAME`)")

@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     #: device-hours one owner may use per ``quota_period_hours`` (rolling); a submit over it: 403
     quota_device_hours: float | None = Field(None, ge=0)
     quota_period_hours: float = Field(168.0, gt=0)
+    #: fair queueing (decision 019): an owner's past device-time counts half after this many hours
+    fair_share_half_life_hours: float = Field(24.0, gt=0)
 
     # Admission by cost (ssql_core.cost; decision 014). None: no limit.
     #: a job estimated above this many device-hours is refused (422)

@@ -169,7 +169,7 @@ def cmd_owners_set_quota(args: argparse.Namespace) -> int:
     for name in quotas.QUOTA_FIELDS:
         given = getattr(args, name)
         if given is not _UNSET:
-            whole = name not in ("device_hours", "period_hours")
+            whole = name not in ("device_hours", "period_hours", "weight")
             if whole and given is not None and given != int(given):
                 print(f"ssql owners set-quota: --{name.replace('_', '-')} is a whole number, got {given:g}", file=sys.stderr)
                 return 2
@@ -218,13 +218,14 @@ def cmd_owners_show(args: argparse.Namespace) -> int:
     def limit(v: Any) -> str:
         return "-" if v is None else f"{v:g}"
 
-    head = ["user", "active", "running", "devices", "device-hours", "period h"]
+    head = ["user", "active", "running", "devices", "device-hours", "period h", "weight"]
     body = []
     for r in rows:
         lim, use = r["limits"], r["usage"]
         cells = [r["user"], f"{use['active_jobs']}/{limit(lim['max_active_jobs'])}",
                  f"{use['running_jobs']}/{limit(lim['max_running_jobs'])}", f"{use['devices']}/{limit(lim['max_devices'])}",
-                 f"{use['device_hours']:.3f}/{limit(lim['device_hours'])}", f"{lim['period_hours']:g}"]  # fmt: skip
+                 f"{use['device_hours']:.3f}/{limit(lim['device_hours'])}", f"{lim['period_hours']:g}",
+                 f"{lim.get('weight', 1):g}"]  # fmt: skip
         body.append(dict(zip(head, cells, strict=True)))
     print(table(body, head))
     return 0
@@ -246,6 +247,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     print(f"devices held           {use['devices']} of {of(lim['max_devices'])}")
     print(f"device-hours           {use['device_hours']:.3f} of {of(lim['device_hours'])} in the last {lim['period_hours']:g} h"
           + (f" (frees from {u['budget_frees_at']})" if u.get("budget_frees_at") else ""))
+    print(f"fair-share weight      {lim.get('weight', 1):g} (when several owners wait, the one using the least, per weight, starts next)")
     if not u["can_submit"]:
         print(f"a submission now: HTTP {'429' if u['refusal']['code'] == 'quota_exceeded' else '403'}: {u['refusal']['detail']}")
     return 0
@@ -271,6 +273,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         body["tags"] = args.tag
     if args.notes is not None:
         body["notes"] = args.notes
+    if args.priority is not None:
+        body["priority"] = args.priority
     if args.ptq:
         body["ptq"] = args.ptq
     client = _client(args)
@@ -361,7 +365,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    """Set a job's name, tags or notes (``--tags ''`` clears the tags, ``--name ''`` the name)."""
+    """Set a job's name, tags, notes or priority (``--tags ''`` clears the tags, ``--name ''`` the name)."""
     labels: dict[str, Any] = {}
     if args.name is not None:
         labels["name"] = args.name or None
@@ -369,11 +373,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
         labels["tags"] = [t for t in args.tags.split(",") if t]
     if args.notes is not None:
         labels["notes"] = args.notes or None
+    if args.priority is not None:
+        labels["priority"] = args.priority
     if not labels:
-        print("ssql edit: give --name, --tags or --notes", file=sys.stderr)
+        print("ssql edit: give --name, --tags, --notes or --priority", file=sys.stderr)
         return 2
     job = _client(args).update(args.job_id, **labels)
-    print(f"{job['id']}: name {job.get('name')!r}, tags {job.get('tags')}, notes {'set' if job.get('notes') else 'none'}")
+    print(f"{job['id']}: name {job.get('name')!r}, tags {job.get('tags')}, notes {'set' if job.get('notes') else 'none'}, "
+          f"priority {job.get('priority', 0)}")
     return 0
 
 
@@ -610,7 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--max-running-jobs", "running jobs at once (more wait in the queue)"),
                        ("--max-devices", "devices held at once by running jobs (more wait; a bigger job is 403)"),
                        ("--device-hours", "device-hours per period (used up: a submit is 403)"),
-                       ("--period-hours", "the rolling period of --device-hours, in hours")):  # fmt: skip
+                       ("--period-hours", "the rolling period of --device-hours, in hours"),
+                       ("--weight", "fair-share weight (default 1): weight 2 gets twice the devices of an owner of "
+                        "weight 1 when both have jobs waiting")):  # fmt: skip
         oq.add_argument(flag, type=_quota_value, default=_UNSET, metavar="VALUE", help=what)
     oq.set_defaults(func=cmd_owners_set_quota)
     osh = owners.add_parser("show", help="owners' limits and usage (used/limit; '-': no limit)")
@@ -636,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--name", help="a name for the job (shown by `ssql list` and the dashboard)")
     sb.add_argument("--tag", action="append", metavar="TAG", help="a tag, repeatable (letters, digits, _ . : / = + - @ #)")
     sb.add_argument("--notes", help="free text kept with the job")
+    sb.add_argument("--priority", type=int, help="the order of your own queued jobs: higher starts first (-100..100, "
+                    "default 0); between owners the fair share decides")
     sb.add_argument("--wait", action="store_true", help="show live progress until the job ends")
     sb.set_defaults(func=cmd_submit)
 
@@ -657,11 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--offset", type=int, default=0)
     ls.set_defaults(func=cmd_list)
 
-    ed = sub.add_parser("edit", parents=[conn], help="set a job's name, tags or notes")
+    ed = sub.add_parser("edit", parents=[conn], help="set a job's name, tags, notes or priority")
     ed.add_argument("job_id")
     ed.add_argument("--name", help="'' clears it")
     ed.add_argument("--tags", help="comma-separated; replaces the tags ('' clears them)")
     ed.add_argument("--notes", help="'' clears them")
+    ed.add_argument("--priority", type=int, help="-100..100, higher starts first among your queued jobs")
     ed.set_defaults(func=cmd_edit)
 
     cc = sub.add_parser("cancel", parents=[conn], help="cancel a job")

@@ -62,6 +62,7 @@ class Job(TypedDict, total=False):
     name: str | None
     tags: list[str]
     notes: str | None
+    priority: int
 
 
 class ResultRow(TypedDict, total=False):
@@ -221,11 +222,12 @@ class Client:
         return self._request("GET", "/v1/jobs", params=params).json()
 
     def update(self, job_id: str, **labels: Any) -> Job:
-        """Set a job's ``name``, ``tags`` or ``notes`` (only those given; ``None`` clears):
-        ``c.update(job_id, name="r18 baseline", tags=["paper"])``."""
-        unknown = set(labels) - {"name", "tags", "notes"}
+        """Set a job's ``name``, ``tags``, ``notes`` or ``priority`` (only those given; ``None``
+        clears, a priority back to 0): ``c.update(job_id, name="r18 baseline", tags=["paper"])``.
+        ``priority`` (-100..100, higher first) orders your own queued jobs."""
+        unknown = set(labels) - {"name", "tags", "notes", "priority"}
         if unknown:
-            raise TypeError(f"update() takes name, tags and notes, not {sorted(unknown)}")
+            raise TypeError(f"update() takes name, tags, notes and priority, not {sorted(unknown)}")
         return self._request("PATCH", f"/v1/jobs/{job_id}", json=labels).json()
 
     def usage(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The Celery application of the worker: ``celery -A worker.celery_app worker -Q gpu``.
 
-One task, ``ssql.run_job(job_id)``: claim the job row (lease), supervise the training
-subprocess, record the outcome. The worker's main process also runs the reaper/reconciler.
+One task, ``ssql.run_job(job_id)``: a wake-up. Claim the job row the fair-share rule picks
+(lease; decision 019), supervise the training subprocess, record the outcome. The worker's
+main process also runs the reaper/reconciler.
 
 A claimed job does not depend on the broker connection (the database lease decides who runs it,
 a redelivered message is dropped by the claim): a Redis restart must not cancel the running task,
@@ -24,13 +25,15 @@ from celery.signals import (
     worker_shutting_down,
 )
 from celery.worker import state as worker_state
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from persistence import job_store, quotas
+from persistence import fair_share, quotas
 from persistence.db import make_engine, make_sessionmaker
+from persistence.models import Job
 from persistence.queue import RUN_JOB_TASK, make_celery, publish_job
 from persistence.settings import get_settings
-from worker import supervisor
+from worker import presence, supervisor
 from worker.reconciler import start_reconciler_thread
 from worker.supervisor import supervise, worker_name
 
@@ -117,19 +120,28 @@ def _start_reconciler(**_kwargs: object) -> None:
     start_reconciler_thread(settings, sessions(), publish)
 
 
+presence.connect(settings, sessions)  # the workers table: what the status page and /metrics show
+
+
 @app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
 def run_job(job_id: str) -> str:
-    """Claim and run one job; a duplicate or stale delivery finds no claimable row and returns."""
+    """A wake-up: claim and run the job the fair-share rule picks now (decision 019), which need
+    not be ``job_id``; the message of the job taken stays in the broker and wakes a worker for the
+    next one. ``job_id`` left queued by its owner's quota is marked unpublished (decision 014)."""
     Sessions = sessions()
     with Sessions() as s:
-        held = quotas.claim_hold(s, job_id, settings)  # locks the owner: one claim of theirs at a time
-        if held is not None:
-            quotas.mark_held(s, job_id)
+        decision = fair_share.claim_next(s, settings, worker_name(), settings.lease_seconds)
+        claimed = decision.claimed
+        if claimed is None or claimed.id != job_id:
+            mine = s.execute(select(Job.owner_id, Job.kind, Job.spec).where(Job.id == job_id, Job.status == "queued")).first()
+            if mine is not None and (mine.owner_id in decision.held_owners
+                                     or quotas.start_hold(s, mine.owner_id, mine.kind, mine.spec, settings)):
+                quotas.mark_held(s, job_id)
+                log.info("job %s: left queued by its owner's quota; republished when one of theirs ends", job_id)
             s.commit()
-            log.info("job %s: left queued by its owner's quota (%s); republished when one of theirs ends", job_id, held)
-            return "held"
-        claimed = job_store.claim(s, job_id, worker_name(), settings.lease_seconds)
     if claimed is None:
-        log.info("job %s: not claimable (owned elsewhere, finished or out of attempts); dropping delivery", job_id)
-        return "skipped"
+        log.info("wake-up for job %s: nothing claimable now (running, finished, or held by a quota)", job_id)
+        return "idle"
+    if claimed.id != job_id:
+        log.info("wake-up for job %s: the fair share picks job %s", job_id, claimed.id)
     return supervise(settings, Sessions, claimed, publish)

@@ -5,7 +5,9 @@
 * reconciler: a queued job never published (publish failed after the commit, or requeued by the
   reaper: ``published_at`` is null) is published; one published longer than
   ``SSQL_STALE_QUEUED_SECONDS`` ago is published again only when its message is not waiting in
-  the broker queue (really lost), so a job that merely waits behind others gets no duplicates.
+  the broker queue (really lost) and no spare message covers it, so a job that merely waits
+  behind others gets no duplicates. Messages are wake-ups: a worker claims the job the fair share
+  picks (decision 019), so the message of a job started on another's wake-up covers one lost.
   When the broker's queue cannot be inspected (another transport), the old rule applies: a
   duplicate is harmless, the claim drops it (docs/decisions/011).
 """
@@ -18,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from persistence import job_store, quotas
@@ -105,7 +107,10 @@ class BrokerQueue:
 
 def _to_publish(session: Session, candidates: list[str], broker: BrokerQueue | None) -> list[str]:
     """Of the stale queued jobs, those to publish: never published (``published_at`` null), and
-    the ones published long ago whose message is not in the broker queue."""
+    of the ones published long ago whose message is not in the broker queue, as many as the
+    waiting messages of jobs no longer queued do not cover. Messages are wake-ups (decision 019):
+    a worker that takes one claims the job the fair share picks, so the message of a job started
+    on another job's wake-up still waits and will start one of those."""
     if not candidates or broker is None:
         return candidates
     never = set(session.scalars(select(Job.id).where(Job.id.in_(candidates), Job.published_at.is_(None))))
@@ -114,7 +119,20 @@ def _to_publish(session: Session, candidates: list[str], broker: BrokerQueue | N
     waiting = broker.job_ids()
     if waiting is None:
         return candidates
-    return [j for j in candidates if j in never or j not in waiting]
+    missing = [j for j in candidates if j not in never and j not in waiting]
+    spare = _spare_wakeups(session, waiting) if missing else 0
+    return [j for j in candidates if j in never] + missing[spare:]
+
+
+def _spare_wakeups(session: Session, waiting: set[str]) -> int:
+    """Waiting messages whose job is not queued (it was started on another message, or ended):
+    each will wake a worker that claims some queued job."""
+    ids = sorted(waiting)
+    queued = 0
+    for i in range(0, len(ids), _SCAN_CHUNK):
+        chunk = ids[i:i + _SCAN_CHUNK]
+        queued += session.scalar(select(func.count()).select_from(Job).where(Job.id.in_(chunk), Job.status == "queued")) or 0
+    return len(ids) - queued
 
 
 def reconcile_once(
@@ -134,11 +152,11 @@ def reconcile_once(
     for job_id in dict.fromkeys([*failed, *ended]):
         remove_attempt_folders(settings, job_id)
     with Sessions() as s:
-        stale = job_store.stale_queued(s, settings.stale_queued_seconds)
-        stale = _to_publish(s, [j for j in stale if j not in set(requeued)], broker)
+        stale = [j for j in job_store.stale_queued(s, settings.stale_queued_seconds) if j not in set(requeued)]
         if stale:  # jobs a worker left queued for their owner's quota wait until it has room
             held = quotas.held_by_quota(s, stale, settings)
             stale = [j for j in stale if j not in held]
+        stale = _to_publish(s, stale, broker)
     published = []
     for job_id in dict.fromkeys(requeued + stale):
         try:

@@ -153,8 +153,8 @@ async def submit_job(
                                      labels=labels)
 
 
-#: the job's labels (not part of its spec): name, tags, notes
-LABELS = ("name", "tags", "notes")
+#: the job's labels (not part of its spec): name, tags, notes, and its priority among the owner's jobs
+LABELS = ("name", "tags", "notes", "priority")
 
 
 def _labels(raw: dict[str, Any]) -> dict[str, Any]:
@@ -463,13 +463,15 @@ async def list_jobs(
     responses={404: {"description": NOT_FOUND}, 422: {"description": "A bad name, tag or notes, or an unknown field: `detail[].loc` names it"}},
 )
 async def update_job(job_id: JobId, body: JobPatch, owner: Owner, conn: Conn) -> JSONResponse:
-    """Set the job's name, tags or notes (the fields given; ``null`` clears name or notes, ``[]``
-    clears the tags). The spec and the results never change."""
+    """Set the job's name, tags, notes or priority (the fields given; ``null`` clears name or notes
+    and sets the priority back to 0, ``[]`` clears the tags). The spec and the results never change."""
     changes = {k: v for k, v in body.model_dump(exclude_unset=True).items() if k in LABELS}
     if changes.get("tags") is None and "tags" in changes:
         changes["tags"] = []
     if changes.get("tags"):
         changes["tags"] = list(dict.fromkeys(changes["tags"]))
+    if "priority" in changes and changes["priority"] is None:
+        changes["priority"] = 0
     if not changes:
         row = await api_store.get_job(conn, owner, job_id)
     else:
