@@ -98,6 +98,10 @@ Notes = Annotated[str, Field(max_length=10_000, json_schema_extra={"pattern": NO
                   _matching(NOTES_PATTERN, "notes must not contain control characters other than newlines and tabs")]
 
 
+#: an owner's order of their own queued jobs (persistence/fair_share.py; decision 019)
+Priority = Annotated[int, Field(strict=True, ge=-100, le=100), BeforeValidator(_no_float_integers)]
+
+
 class JobLabels(BaseModel):
     """The owner's words for a job, on every kind: set at submit, edited with ``PATCH /v1/jobs/{id}``."""
 
@@ -105,7 +109,7 @@ class JobLabels(BaseModel):
     tags: list[Tag] | None = Field(None, max_length=MAX_TAGS, description=f"up to {MAX_TAGS} tags, each up to 64 "
                                    "characters: letters, digits and _ . : / = + - @ # (e.g. 'sweep:lr', 'paper')")
     notes: Notes | None = Field(None, description="free text, up to 10,000 characters")
-    priority: Int | None = Field(None, ge=-100, le=100, description="the order of your own queued jobs: higher "
+    priority: Priority | None = Field(None, description="the order of your own queued jobs: higher "
                                  "starts first (-100 to 100, default 0). Between owners the fair share decides: "
                                  "the owner using the fewest devices, then the least device-time lately, goes first")
 

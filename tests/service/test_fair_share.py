@@ -329,6 +329,7 @@ def test_priority_and_weight_over_http_and_the_cli(stack, sessions, service_env)
         assert c.post("/v1/jobs", json={**SMALL, "priority": 1.5}).status_code == 422
         schema = c.get("/openapi.json").json()["components"]["schemas"]["PretrainRequest"]["properties"]["priority"]
         assert "fair share" in schema["description"]
+        assert {"minimum": -100, "maximum": 100}.items() <= schema["anyOf"][0].items()  # stated, so fuzzers keep to it
     edited = ssql("edit", job["id"], "--priority", "12")
     assert edited.returncode == 0 and "priority 12" in edited.stdout, edited.stdout + edited.stderr
     weight = subprocess.run([sys.executable, "-m", "ssql_cli.main", "owners", "set-quota", name, "--weight", "2.5"],
