@@ -197,3 +197,74 @@ class OwnRedis:
         self.kill()
         time.sleep(down_s)
         self.start()
+
+
+def postgres_bindir() -> Path | None:
+    """The folder of ``initdb`` / ``pg_ctl``: on PATH, or Debian's /usr/lib/postgresql/<newest>/bin."""
+    import shutil
+
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    return versions[-1].parent if versions else None
+
+
+class OwnPostgres:
+    """A throwaway Postgres cluster (``initdb``) on a free loopback port, data and socket in a
+    folder of its own under the system's temp folder, no fsync: for tests and the chaos script
+    that stop and restart the database (never the shared server on 5432). As root the server
+    runs as the ``postgres`` user (``initdb`` refuses root)."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        bindir = postgres_bindir()
+        if bindir is None:
+            raise FileNotFoundError("no pg_ctl / initdb (Debian: apt-get install postgresql)")
+        self.bindir, self.port = bindir, free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="ssql_pg_"))
+        self.data = self.root / "data"
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            entry = pwd.getpwnam("postgres")
+            os.chown(self.root, entry.pw_uid, entry.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self._as, *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+
+    def init(self) -> OwnPostgres:
+        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync",
+                  "-E", "UTF8", "--locale", "C")  # fmt: skip
+        return self
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.root / "postgres.log"), "-o", options,
+                  "-w", "-t", "60", "start")  # fmt: skip
+
+    def stop(self, mode: str = "immediate") -> None:
+        """``immediate``: every server process quits at once, like a crash (recovery at the next start)."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def blip(self, down_s: float) -> None:
+        """Stop the server at once, wait ``down_s`` seconds, start it again (its data kept)."""
+        self.stop()
+        time.sleep(down_s)
+        self.start()
+
+    def destroy(self) -> None:
+        import shutil
+
+        try:
+            self.stop("fast")
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            pass
+        shutil.rmtree(self.root, ignore_errors=True)
