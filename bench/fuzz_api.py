@@ -14,7 +14,8 @@ runs ``schemathesis run`` in a subprocess over every operation with
 * both generation modes (positive and negative), a fixed seed and deterministic generation.
 
 ``DELETE /v1/keys/current`` revokes the key it is called with, so it runs last in a run of its
-own with a key of its own (after it every answer is the documented 401).
+own with a key of its own (after it every answer is the documented 401); so does
+``DELETE /v1/keys/{key_id}`` (it may name the fuzzer's own key).
 
 Prints one JSON line (cases, failures, duration, machine) and exits 1 on any failure. The
 service test ``tests/service/test_fuzz_schemathesis.py`` runs the same function with a small
@@ -42,6 +43,8 @@ sys.path.insert(0, str(ROOT))
 PG = {"host": "127.0.0.1", "port": 5432, "admin_db": "test"}
 REDIS_URL = "redis://127.0.0.1:6379/9"
 REVOKE_PATH = "/v1/keys/current"
+#: revokes a key by id: the fuzzer's own among them (ids are small integers), so it runs on its own too
+REVOKE_BY_ID_PATH = "/v1/keys/{key_id}"
 
 
 def _pg_user() -> str:
@@ -221,12 +224,13 @@ def fuzz(examples: int = 200, seed: int = 8, max_time: float | None = None, repo
     runs: list[dict] = []
     try:
         with FuzzStack(home) as fs:
-            extra_main = ["--exclude-path", REVOKE_PATH]
+            extra_main = ["--exclude-path", REVOKE_PATH, "--exclude-path", REVOKE_BY_ID_PATH]
             if max_time:
                 extra_main += ["--max-time", str(int(max_time))]
             plan = [
                 ("main", fs.key("fuzzer"), extra_main),
                 ("revoke", fs.key("fuzzer-revoke"), ["--include-path", REVOKE_PATH]),
+                ("revoke-by-id", fs.key("fuzzer-revoke-by-id"), ["--include-path", REVOKE_BY_ID_PATH]),
             ]
             env = {**os.environ, "SCHEMATHESIS_HOOKS": str(ROOT / "bench" / "fuzz_hooks.py")}
             for name, key, extra in plan:

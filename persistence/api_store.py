@@ -81,6 +81,40 @@ async def revoke_key(conn: AsyncConnection, owner_id: int, key_hash: str) -> boo
     return revoked
 
 
+#: the most keys one owner may hold unrevoked (``POST /v1/keys`` beyond it: 409)
+MAX_ACTIVE_KEYS = 100
+KEY_COLUMNS = (ApiKey.id, ApiKey.prefix, ApiKey.label, ApiKey.created_at, ApiKey.revoked_at, ApiKey.key_hash)
+
+
+async def list_keys(conn: AsyncConnection, owner_id: int) -> list[RowMapping]:
+    """The owner's keys, newest first (hashes for the caller to mark the current one; never secrets)."""
+    stmt = select(*KEY_COLUMNS).where(ApiKey.user_id == owner_id).order_by(ApiKey.id.desc())
+    return list((await conn.execute(stmt)).mappings().all())
+
+
+async def add_key(conn: AsyncConnection, owner_id: int, key_hash: str, prefix: str, label: str | None) -> RowMapping | None:
+    """A new key of the owner (its hash), committed; None when the owner holds MAX_ACTIVE_KEYS already."""
+    active = (await conn.execute(select(func.count()).where(ApiKey.user_id == owner_id, ApiKey.revoked_at.is_(None)))).scalar_one()
+    if active >= MAX_ACTIVE_KEYS:
+        return None
+    stmt = (insert(ApiKey).values(user_id=owner_id, key_hash=key_hash, prefix=prefix, label=label, created_at=utcnow())
+            .returning(*KEY_COLUMNS))
+    row = (await conn.execute(stmt)).mappings().one()
+    await conn.commit()
+    return row
+
+
+async def revoke_key_by_id(conn: AsyncConnection, owner_id: int, key_id: int) -> RowMapping | None:
+    """Revoke the owner's key ``key_id`` (already revoked: unchanged) and commit; None if the owner
+    has no such key. The table's trigger notifies the other API processes (migration 0004)."""
+    now = utcnow()
+    await conn.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.user_id == owner_id, ApiKey.revoked_at.is_(None))
+                       .values(revoked_at=now))
+    row = (await conn.execute(select(*KEY_COLUMNS).where(ApiKey.id == key_id, ApiKey.user_id == owner_id))).mappings().first()
+    await conn.commit()
+    return row
+
+
 async def get_job(conn: AsyncConnection, owner_id: int, job_id: str) -> RowMapping | None:
     if not is_job_id(job_id):
         return None

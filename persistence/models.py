@@ -57,6 +57,8 @@ class ApiKey(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
+    #: the owner's words for the key (``POST /v1/keys``, the dashboard's keys page); never the secret
+    label: Mapped[str | None] = mapped_column(String(100), nullable=True)
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
 
@@ -214,12 +216,16 @@ class JobResult(Base):
     __tablename__ = "job_results"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     bits: Mapped[str] = mapped_column(String(16))
     protocol: Mapped[str] = mapped_column(String(16))
     top1: Mapped[float | None] = mapped_column(Float, nullable=True)
     row: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
+
+    #: a job's rows, and ``GET /v1/jobs?sort=top1:<bits>`` (one job's top-1 at one bit-width) read
+    #: from the index alone (migration 0012; bench/list_latency.py)
+    __table_args__ = (Index("ix_job_results_job_bits_top1", "job_id", "bits", "top1"),)
 
 
 class Artifact(Base):
@@ -239,6 +245,28 @@ class Artifact(Base):
     created_at: Mapped[datetime]
 
     __table_args__ = (UniqueConstraint("job_id", "bits", "format", name="uq_artifacts_job_bits_format"),)
+
+
+class Worker(Base):
+    """A Celery worker as it last reported itself (worker/presence.py, every few seconds): what the
+    status page and ``/metrics`` show as the workers seen. ``processes`` are the names its pool
+    processes run jobs under (``host:pid``, what ``jobs.worker`` holds): its current jobs."""
+
+    __tablename__ = "workers"
+
+    #: Celery's node name (``-n gpu0@%h``), unique per running worker
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    #: e.g. ``NVIDIA H100 80GB HBM3`` or ``cpu: AMD EPYC 7B13``
+    device: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    concurrency: Mapped[int] = mapped_column(Integer)
+    processes: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    #: set by a clean stop; a worker whose heartbeat stops without it was lost
+    stopped_at: Mapped[datetime | None]
 
 
 DATASET_STATUSES = ("validating", "ready", "invalid")

@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     page_size_max: int = 200
     #: request bodies above this many bytes are refused with 413 before they are read (0: no limit)
     max_body_bytes: int = 1 << 20
+    #: ``GET /metrics`` answers without an API key (a Prometheus on a private network); otherwise
+    #: it needs one, like every other route
+    metrics_public: bool = False
+
 
     # Client (ssql CLI).
     url: str = "http://127.0.0.1:8000"

@@ -719,6 +719,8 @@ async function route() {
     if (parts[0] === "job" && parts[1]) await renderJob(parts[1]);
     else if (parts[0] === "submit") await renderSubmit(params);
     else if (parts[0] === "compare") await renderCompare(params);
+    else if (parts[0] === "status") await renderStatus(params);  // service.js
+    else if (parts[0] === "keys") await renderKeys(params);  // service.js
     else await renderJobs(params);
   } catch (e) {
     if (e.name === "AbortError" || (e instanceof ApiError && e.status === 401)) return;
