@@ -253,6 +253,34 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_service(args: argparse.Namespace) -> int:
+    """The service itself (``GET /v1/status``): queues, workers, your running attempts and recent failures."""
+    st = _client(args).service_status(args.failures_hours)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    for q in st["queues"]:
+        broker = "?" if q["broker_messages"] is None else q["broker_messages"]
+        print(f"queue {q['name']}: {q['queued']} queued ({q['queued_yours']} yours), {q['running']} running, {broker} broker messages")
+    if not st["workers"]:
+        print("workers: none reported in the last 24 h (start one: ssql up, or the worker of docker-compose)")
+    for w in st["workers"]:
+        jobs = ", ".join(f"{j['id'][:8]} {j['kind']}" if j["yours"] else "another owner's job" for j in w["jobs"]) or "idle"
+        print(f"worker {w['name']} [{w['state']}] on {w['host']} ({w['device'] or '?'}), queues {','.join(w['queues'])}: "
+              f"{jobs}; last heartbeat {w['heartbeat_age_s']:g} s ago")
+    for r in st["running"]:
+        frac = (r.get("progress") or {}).get("fraction") or 0.0
+        print(f"running {r['job_id']} {r['kind']} attempt {r['attempt']} on {r['worker']}: {100 * frac:.0f}%")
+    if st["running_others"]:
+        print(f"running: {st['running_others']} attempts of other owners")
+    for f in st["failures"]:
+        err = f["error"] or {}
+        print(f"failed {f['job_id']} {f['kind']} attempt {f['attempt']} ({f['outcome']}, {f['ended_at']}): "
+              f"{err.get('code', '')} {err.get('message', '')}".rstrip())
+    print(f"failed attempts in the last {st['failures_window_hours']:g} h: {len(st['failures'])} yours, {st['failures_others']} of other owners")
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     body: dict[str, Any] = json.loads(Path(args.json).read_text()) if args.json else {}
     body["kind"] = args.kind
@@ -626,6 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
     osh.add_argument("name", nargs="?", help="only this user")
     osh.add_argument("--json", action="store_true", help="machine-readable: own values, effective limits, usage")
     osh.set_defaults(func=cmd_owners_show)
+
+    sv = sub.add_parser("service", parents=[conn], help="the service itself: queues, workers, your running attempts and recent failures")
+    sv.add_argument("--failures-hours", type=float, default=24.0, help="the window of recent failures (default 24)")
+    sv.add_argument("--json", action="store_true")
+    sv.set_defaults(func=cmd_service)
 
     us = sub.add_parser("usage", parents=[conn], help="your quotas and what you use of them now")
     us.add_argument("--json", action="store_true")

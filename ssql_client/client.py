@@ -235,6 +235,24 @@ class Client:
         (active_jobs, running_jobs, devices, device_hours), ``can_submit`` and ``refusal``."""
         return self._request("GET", "/v1/usage").json()
 
+    def service_status(self, failures_hours: float = 24.0) -> dict[str, Any]:
+        """The service itself (``GET /v1/status``): ``queues`` (depth per queue), ``workers`` (host,
+        device, state, current jobs, last heartbeat), your ``running`` attempts and recent
+        ``failures``; other owners' jobs only as counts (``running_others``, ``failures_others``)."""
+        return self._request("GET", "/v1/status", params={"failures_hours": failures_hours}).json()
+
+    def keys(self) -> list[dict[str, Any]]:
+        """Your API keys, newest first (id, prefix, label, created_at, revoked_at, current); never secrets."""
+        return self._request("GET", "/v1/keys").json()["items"]
+
+    def create_key(self, label: str | None = None) -> dict[str, Any]:
+        """A new key of yours; its secret (``["key"]``) is in this answer only."""
+        return self._request("POST", "/v1/keys", json={"label": label}).json()
+
+    def revoke_key(self, key_id: int) -> None:
+        """Revoke one of your keys (refused by the API at once); revoking this client's own key ends its use."""
+        self._request("DELETE", f"/v1/keys/{int(key_id)}")
+
     def cancel(self, job_id: str) -> Job:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
 

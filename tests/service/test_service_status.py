@@ -276,6 +276,25 @@ def test_keys_an_owner_holds_at_most_100(stack, sessions) -> None:  # type: igno
         assert c.post("/v1/keys", json={"label": None}).status_code == 201
 
 
+def test_client_and_cli(stack, api_key, queue_name, capsys) -> None:  # type: ignore[no-untyped-def]
+    from ssql_cli.main import main
+    from ssql_client import ApiError, Client
+
+    with Client(stack.url, api_key) as c:
+        assert queue_name in [q["name"] for q in c.service_status()["queues"]]
+        new = c.create_key("script")
+        with Client(stack.url, new["key"]) as as_new:
+            assert [k["id"] for k in as_new.keys() if k["current"]] == [new["id"]]
+            c.revoke_key(new["id"])
+            with pytest.raises(ApiError) as refused:
+                as_new.keys()
+            assert refused.value.status == 401
+    _up_worker(httpx.Client(base_url=stack.url, headers={"Authorization": f"Bearer {api_key}"}), queue_name)
+    assert main(["service", "--url", stack.url, "--key", api_key]) == 0
+    out = capsys.readouterr().out
+    assert f"queue {queue_name}:" in out and "[up]" in out and "failed attempts in the last 24 h" in out
+
+
 # -- the pages in Chromium ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser():  # type: ignore[no-untyped-def]
