@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ssql_core.allocation import SOLVERS
+from ssql_core.autobit import BUDGETS, AutobitConfig
+from ssql_core.autobit import MAX_IMAGES as AUTOBIT_MAX_IMAGES
+from ssql_core.autobit import MAX_SAMPLES as AUTOBIT_MAX_SAMPLES
 from ssql_core.bits import ACCEPTED_FORMS, MAX_BITS, MIN_BITS, PAPER_BITS
 from ssql_core.config import (
     CALIBRATIONS,
@@ -24,6 +28,7 @@ from ssql_core.data import DATASET_NAMES
 from ssql_core.finetune import ACT_RANGES, FinetuneConfig
 from ssql_core.methods import METHODS
 from ssql_core.models import BACKBONES
+from ssql_core.sensitivity import SENSITIVITIES
 
 
 def catalog() -> dict[str, Any]:
@@ -40,6 +45,11 @@ def catalog() -> dict[str, Any]:
         "ptq": {"methods": list(PTQ_METHODS), "defaults": {"ptq": EvalConfig.ptq, "ptq_images": EvalConfig.ptq_images,
                                                             "ptq_iters": EvalConfig.ptq_iters, "brecq_learn_act": False},
                 "limits": {"ptq_images": [1, PTQ_MAX_IMAGES], "ptq_iters": [1, PTQ_MAX_ITERS]}},
+        "autobit": {"sensitivities": list(SENSITIVITIES), "solvers": list(SOLVERS), "budgets": list(BUDGETS),
+                    "defaults": {k: v for k, v in AutobitConfig().to_dict().items() if k not in BUDGETS},
+                    "limits": {"images": [1, AUTOBIT_MAX_IMAGES], "samples": [1, AUTOBIT_MAX_SAMPLES]},
+                    "bit_config": "bits also takes per-layer maps {layer: 'NwMa' or {w, a}} naming every weight layer but "
+                                  "the 8-bit stem; a map is named mixed-<8 hex digits> in rows and files"},
         "quantizer_behaviours": {k: list(v) for k, v in QUANT_BEHAVIOURS.items()},
         "training_behaviours": {k: list(v) for k, v in TRAINING_BEHAVIOURS.items()},
         "presets": {k: v for k, v in PRESETS.items() if k},

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ssql_core.config import EVAL_PRESETS, PRESETS, EvalConfig, PretrainConfig
@@ -40,6 +41,10 @@ def _add_fields(p: argparse.ArgumentParser, cls: type) -> None:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         elif kind in ("int", "float"):
             p.add_argument(flag, dest=f.name, type=int if kind == "int" else float, default=None, help=f"default {shown}")
+        elif f.name == "autobit":
+            p.add_argument(flag, dest=f.name, type=str, default=None,
+                           help='JSON: per-layer weight bits for a budget, evaluated as one more row, e.g. '
+                                '\'{"budget_bits": 4.0, "sensitivity": "hessian", "solver": "milp"}\' (decision 020)')
         else:
             p.add_argument(flag, dest=f.name, type=str, default=None, help=f"default {shown}")
 
@@ -60,6 +65,23 @@ def _parse_opt(items: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def _json_option(flag: str, text: str, example: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(flag, f"is not JSON ({e}); {example}") from None
+
+
+def _bits_item(item: str) -> Any:
+    """A bit-width, or ``@file.json``: a per-layer map (ssql_core.bitconfig)."""
+    if not item.startswith("@"):
+        return item
+    path = Path(item[1:])
+    if not path.is_file():
+        raise ConfigError("--bits", f"{item}: no such file (a JSON object of layer name -> bit-width)")
+    return _json_option("--bits", path.read_text(), f"{path} must hold a JSON object such as {{\"layer1.0.conv1\": \"4w8a\"}}")
 
 
 class PrintProgress(Hooks):
@@ -93,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--out", required=True, help="run folder (last.pt, backbone.pt)")
     ep = sub.add_parser("eval", help="PTQ + linear/kNN evaluation at each bit-width")
     ep.add_argument("--checkpoint", required=True, help="a pretrain run's last.pt")
-    ep.add_argument("--bits", default="fp,8w8a,6w6a,5w5a,4w4a,3w3a,2w8a,2w4a", help="comma-separated bit-widths")
+    ep.add_argument("--bits", default="fp,8w8a,6w6a,5w5a,4w4a,3w3a,2w8a,2w4a",
+                    help="comma-separated bit-widths; @FILE reads a per-layer map {layer: 'NwMa'} from a JSON file")
     _add_fields(ep, EvalConfig)
     ep.add_argument("--out", help="folder for heads.pt (the trained linear heads)")
     ep.add_argument("--json", action="store_true", help="print result rows as JSON")
@@ -119,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
 
             d = _overrides(args, EvalConfig)
             d["checkpoint"] = args.checkpoint
-            d["bits"] = [b for b in args.bits.split(",") if b]
+            d["bits"] = [_bits_item(b) for b in args.bits.split(",") if b]
+            if isinstance(d.get("autobit"), str):
+                d["autobit"] = _json_option("--autobit", d["autobit"], 'e.g. --autobit \'{"budget_bits": 4.0}\'')
             rows = evaluate(EvalConfig.from_dict(d), args.out, PrintProgress())
             print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     except ConfigError as e:

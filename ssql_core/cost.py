@@ -127,12 +127,39 @@ def estimate(kind: str, config: dict[str, Any], device_tflops: float, source_con
         act_per_image = 2.0
         images = train * epochs
     else:  # eval: features of the train and test split once per bit-width (the probe is small)
-        bits = len(config.get("bits") or ["fp"])
-        images = (train + test) * bits
+        bits = config.get("bits") or ["fp"]
+        autobit = config.get("autobit")
+        images = (train + test) * (len(bits) + (autobit is not None))
         act_per_image = 0.0  # no backward through the backbone
+        if autobit is not None:  # autobit's sensitivity, in forwards of one image
+            images += _autobit_forwards(autobit, arch, size, train, "fp" in bits)
+            act_per_image = 2.0 if autobit.get("sensitivity", "hessian") == "hessian" else 0.0
     flops = prof.gflops * 1e9 * passes_per_image * images
     seconds = flops / (device_tflops * 1e12)
     per_device_batch = math.ceil(batch / devices)
     memory = prof.params * PARAM_BYTES + per_device_batch * prof.activations * ACT_BYTES * max(act_per_image, 0.5)
     return Estimate(pflops=flops / 1e15, device_hours=seconds / 3600.0, peak_memory_gb=memory / 2**30,
                     images=images, device_tflops=device_tflops)  # fmt: skip
+
+
+def _autobit_forwards(autobit: dict[str, Any], arch: dict[str, Any], size: int, train: int, has_fp: bool) -> int:
+    """Forwards of one image that autobit's sensitivity costs (ssql_core.sensitivity): Hutchinson
+    takes a gradient with its graph and one Hessian-vector product per sample (about two training
+    passes each), plus the FP features of a probe when the evaluation has no ``fp`` row; the
+    quantization error one forward per layer and candidate."""
+    n = int(autobit.get("images") or 256)
+    if autobit.get("sensitivity", "hessian") == "hessian":
+        return int(n * (1 + int(autobit.get("samples") or 16)) * 2 * TRAIN_PASS) + (0 if has_fp else train)
+    layers = _weight_layers(str(arch.get("backbone") or "resnet18"), _stem(arch, size))
+    return n * (1 + layers * len(autobit.get("candidates") or (2, 3, 4, 6, 8)))
+
+
+@lru_cache(maxsize=64)
+def _weight_layers(backbone: str, stem: str) -> int:
+    import torch
+
+    from ssql_core.bitconfig import configurable_layers
+    from ssql_core.models import build_backbone
+
+    with torch.device("meta"):
+        return len(configurable_layers(build_backbone(backbone, stem=stem)))

@@ -431,11 +431,15 @@ def _report(hooks: Hooks, cfg: EvalConfig, phase: str, done: float, total: int, 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of result rows, one line per bit-width."""
-    lines = [f"{'bits':>6}  {'protocol':>8}  {'path':>9}  {'probe':>6}  {'calibration':>11}  {'top1 %':>7}  {'calib':>6}  {'epochs':>6}  {'loss':>8}"]
+    bw = max([6, *(len(str(r["bits"])) for r in rows)])
+    lines = [f"{'bits':>{bw}}  {'protocol':>8}  {'path':>9}  {'probe':>6}  {'calibration':>11}  {'top1 %':>7}  {'calib':>6}  {'epochs':>6}  {'loss':>8}"]
     for r in rows:
         loss = r.get("train_loss")
-        lines.append(f"{r['bits']:>6}  {r['protocol']:>8}  {r['path']:>9}  {r.get('probe', '-'):>6}  {r.get('calibration', 'minmax'):>11}  "
+        lines.append(f"{r['bits']:>{bw}}  {r['protocol']:>8}  {r['path']:>9}  {r.get('probe', '-'):>6}  {r.get('calibration', 'minmax'):>11}  "
                      f"{r['top1']:7.2f}  {r['calib_images']:6d}  {r['epochs']:6d}  {'-' if loss is None else f'{loss:8.3f}':>8}")
     if any(r.get("ptq", "calibrate") != "calibrate" for r in rows):  # reconstruction PTQ: name it per row
         lines = [f"{line}  {'ptq' if i == 0 else rows[i - 1].get('ptq', 'calibrate'):>9}" for i, line in enumerate(lines)]
+    if all("model_bytes" in r for r in rows):  # the model's size and its average weight bits (decision 020)
+        lines = [f"{line}  {'KB':>8}  {'w bits':>6}" if i == 0 else
+                 f"{line}  {rows[i - 1]['model_bytes'] / 1000:8.1f}  {rows[i - 1]['weight_bits_avg']:6.2f}" for i, line in enumerate(lines)]
     return "\n".join(lines)
