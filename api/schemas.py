@@ -45,6 +45,8 @@ Bool = Annotated[bool, Field(strict=True)]
 #: also takes a few spellings more, e.g. "4W4A", "4w4f"; the schema names the canonical ones)
 BITS_PATTERN = "^(fp|[2-8]w[2-8]a)$"
 QUANT_BITS_PATTERN = "^[2-8]w[2-8]a$"
+#: the label of a per-layer configuration (ssql_core.bitconfig.LABEL_PATTERN)
+MIXED_LABEL_PATTERN = "^mixed-[0-9a-f]{8}$"
 BitsStr = Annotated[str, BeforeValidator(_ascii_bits), Field(json_schema_extra={"pattern": BITS_PATTERN})]
 #: one bit-width field (pretrain QAT baselines, distill, finetune): ASCII, checked before anything else
 OneBits = Annotated[str | None, BeforeValidator(_ascii_bits)]
@@ -179,6 +181,38 @@ class PretrainRequest(JobLabels):
     )
 
 
+#: one entry of a ``bits`` list as the schema states it: a bit-width, or a per-layer map
+BITS_ITEM_SCHEMA = {"anyOf": [
+    {"type": "string", "pattern": BITS_PATTERN},
+    {"type": "object", "minProperties": 1, "additionalProperties": {"anyOf": [
+        {"type": "string", "pattern": QUANT_BITS_PATTERN},
+        {"type": "object", "required": ["w", "a"], "additionalProperties": False,
+         "properties": {"w": {"type": "integer", "minimum": 2, "maximum": 8}, "a": {"type": "integer", "minimum": 2, "maximum": 8}}}]}},
+]}
+
+
+class AutobitRequest(BaseModel):
+    """Per-layer weight bits for a budget (HAWQ-style; ssql_core.autobit, decision 020)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget_bits: Number | None = Field(None, description="average weight bits over the layers (the 8-bit stem aside), weighted "
+                                       "by parameters; uniform 4w4a is 4.0", json_schema_extra={"exclusiveMinimum": 0, "maximum": 32})
+    budget_bytes: Int | None = _range(1, 10**18, description="model size: the packed file's tensors (weights at their bits, BN, "
+                                      "scales, ranges); instead of budget_bits")
+    budget_bops: Int | None = _range(1, 10**18, description="optional: bit operations per image (MACs x weight bits x input bits)")
+    sensitivity: Literal["hessian", "quant_error"] | None = Field(
+        None, description="hessian (default: Hutchinson trace of the FP probe's cross-entropy x quantization perturbation) or "
+        "quant_error (features' MSE with one layer quantized)")
+    solver: Literal["milp", "greedy"] | None = Field(None, description="milp (default, exact: scipy.optimize.milp) or greedy")
+    candidates: list[Int] | None = Field(None, description="weight bits to choose from (default [2, 3, 4, 6, 8])",
+                                         json_schema_extra={"minItems": 1, "maxItems": 7, "uniqueItems": True,
+                                                            "items": {"type": "integer", "minimum": 2, "maximum": 8}})
+    a_bits: Int | None = _range(2, 8, description="activation bits of every layer (default 8; the stem stays at 8)")
+    images: Int | None = _range(1, 8192, description="sensitivity images (default 256)")
+    samples: Int | None = _range(1, 1024, description="Hutchinson vectors per batch (default 16)")
+
+
 class EvalRequest(JobLabels):
     """Evaluation of a finished pretrain job at several bit-widths."""
 
@@ -191,7 +225,10 @@ class EvalRequest(JobLabels):
 
     kind: Literal["eval"]
     source_job: JobIdStr
-    bits: list[BitsStr] | None = Field(None, json_schema_extra={"minItems": 1, "uniqueItems": True})
+    bits: list[Annotated[Any, BeforeValidator(_ascii_bits)]] | None = Field(
+        None, description="bit-widths ('fp', '4w4a') and per-layer maps ({layer: '4w8a' or {w, a}}, naming every weight layer "
+        "of the backbone but the 8-bit stem; decision 020)",
+        json_schema_extra={"minItems": 1, "uniqueItems": True, "items": BITS_ITEM_SCHEMA})
     protocol: Literal["linear", "knn"] | None = None
     path: str | None = Field(None, json_schema_extra={"enum": ["cached", "augmented", None]})
     dataset: str | None = Field(None, json_schema_extra={"pattern": DATASET_PATTERN})
@@ -227,6 +264,9 @@ class EvalRequest(JobLabels):
     ptq_images: Int | None = _range(1, 8192, description="reconstruction images (default 1024)")
     ptq_iters: Int | None = _range(1, 100_000, description="reconstruction iterations per layer / block (default 2000)")
     brecq_learn_act: Bool | None = Field(None, description="brecq: also learn activation step sizes (LSQ-style)")
+    autobit: AutobitRequest | None = Field(
+        None, description="choose weight bits per layer for a budget and evaluate that configuration as one more row (named "
+        "mixed-..., with its map): e.g. {'budget_bits': 4.0}")
     knn_k: Int | None = _range(1, 10**5)
     knn_t: Number | None = _range(1e-4, 10.0)
     seed: Int | None = _range(0, 2**31 - 1)
@@ -273,8 +313,10 @@ class ExportRequest(JobLabels):
                            "additionalProperties": False},
     )
 
-    bits: list[Annotated[Any, BeforeValidator(_ascii_bits)]] = Field(json_schema_extra={"minItems": 1, "maxItems": 50, "uniqueItems": True,
-                                                     "items": {"type": "string", "pattern": BITS_PATTERN}})
+    bits: list[Annotated[Any, BeforeValidator(_ascii_bits)]] = Field(
+        description="bit-widths, per-layer maps, or (from an eval job) the label of a map it evaluated (mixed-...)",
+        json_schema_extra={"minItems": 1, "maxItems": 50, "uniqueItems": True,
+                           "items": {"anyOf": [*BITS_ITEM_SCHEMA["anyOf"], {"type": "string", "pattern": MIXED_LABEL_PATTERN}]}})
     formats: list[Any] | None = Field(None, description="default ['safetensors']",
                                       json_schema_extra={"minItems": 1, "uniqueItems": True,
                                                          "items": {"type": "string", "enum": list(EXPORT_FORMATS)}})

@@ -168,20 +168,82 @@ def pretrain_spec(body: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return {"config": config, "export_bits": export_bits}
 
 
-def eval_spec(body: dict[str, Any], settings: Settings, source_dataset: str) -> dict[str, Any]:
-    """Validated eval spec ``{"config": {...}, "source_job": id}``; bit-widths are canonicalised."""
+def eval_spec(body: dict[str, Any], settings: Settings, source_dataset: str,
+              pretrain_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validated eval spec ``{"config": {...}, "source_job": id}``; bit-widths are canonicalised.
+
+    ``pretrain_config`` (the source's) lets per-layer maps and autobit budgets be checked against
+    the backbone now (its layers and sizes, built on the meta device): a map naming a layer the
+    backbone lacks or missing one, or a budget no configuration meets, is a 422 here."""
     data = {k: v for k, v in body.items() if k not in ("kind", "source_job")}
     _reject_server_fields(data, EVAL_SERVER_FIELDS)
     cfg = _validated(EvalConfig, data, settings, caps={"epochs": settings.max_eval_epochs, "batch_size": settings.max_batch_size})
-    bits = [str(parse_bits(b)) for b in cfg.bits]
-    if len(bits) > settings.max_bits_per_eval:
-        raise FieldError(("body", "bits"), f"at most {settings.max_bits_per_eval} bit-widths per job, got {len(bits)}")
-    if len(set(bits)) != len(bits):
-        raise FieldError(("body", "bits"), f"bit-widths repeat: {bits}")
+    backbone = _meta_backbone(pretrain_config) if pretrain_config is not None else None
+    bits = canonical_bits(("body", "bits"), cfg.bits, backbone)
+    n_rows = len(bits) + (cfg.autobit is not None)
+    if n_rows > settings.max_bits_per_eval:
+        raise FieldError(("body", "bits"), f"at most {settings.max_bits_per_eval} bit-widths per job (autobit's choice counts as "
+                         f"one), got {n_rows}")
     _limit(("body", "epochs"), cfg.epochs, settings.max_eval_epochs)
     _limit(("body", "batch_size"), cfg.batch_size, settings.max_batch_size)
+    if cfg.autobit is not None and backbone is not None:
+        _check_autobit(cfg.autobit, backbone, int(pretrain_config.get("image_size") or 32))  # type: ignore[union-attr]
     cfg.bits = bits
     return _sourced_spec(cfg, source_dataset, EVAL_SERVER_FIELDS, body["source_job"])
+
+
+def _meta_backbone(pretrain_config: dict[str, Any]) -> Any:
+    """The pretrain run's backbone on the meta device (names and shapes; no memory, no compute)."""
+    import torch
+
+    from ssql_core.models import build_backbone
+
+    size = int(pretrain_config.get("image_size") or 32)
+    stem = pretrain_config.get("stem") or "auto"
+    if stem == "auto":
+        stem = "cifar" if size <= 64 else "imagenet"
+    with torch.device("meta"):
+        return build_backbone(str(pretrain_config.get("backbone") or "resnet18"), stem, float(pretrain_config.get("width") or 1.0))
+
+
+def _check_autobit(autobit: dict[str, Any], backbone: Any, image_size: int) -> None:
+    from ssql_core.autobit import AutobitConfig, check_budget
+    from ssql_core.bitconfig import layer_table
+
+    try:
+        check_budget(layer_table(backbone, image_size), AutobitConfig.from_dict(autobit).validate())
+    except ConfigError as e:
+        raise FieldError(_loc(e.field, set()), e.reason) from None
+
+
+def canonical_bits(loc: tuple[str, ...], values: list[Any], backbone: Any = None, labels: tuple[str, ...] = ()) -> list[Any]:
+    """Bit-widths as their canonical strings (``"4W4F"`` -> ``"4w4a"``), per-layer maps as
+    canonical ``{layer: "4w8a"}`` objects (checked against ``backbone`` when given), and the
+    labels in ``labels`` (maps an evaluation ran) as they are; 422 naming ``loc[i]`` otherwise."""
+    from ssql_core.bitconfig import BitConfig, is_label, parse_bits_spec, resolve
+
+    out: list[Any] = []
+    names: list[str] = []
+    for i, b in enumerate(values):
+        if is_label(b):
+            if b not in labels:
+                raise FieldError((*loc, i), f"{b} is the label of a per-layer configuration of an evaluation"
+                                 + (f"; this eval job evaluated {list(labels)}" if labels else
+                                    ": export it from the eval job that evaluated it, or give the map itself"))
+            out.append(b)
+            names.append(b)
+            continue
+        try:
+            spec = parse_bits_spec(b)
+            if isinstance(spec, BitConfig) and backbone is not None:
+                resolve(spec, backbone)
+        except ValueError as e:
+            raise FieldError((*loc, i), str(e)) from None
+        out.append(spec.as_dict() if isinstance(spec, BitConfig) else str(spec))
+        names.append(str(spec))
+    if len(set(names)) != len(names):
+        raise FieldError(loc, f"bit-widths repeat: {names}")
+    return out
 
 
 def _sourced_spec(cfg: Any, source_dataset: str, server_fields: tuple[str, ...], source_job: str) -> dict[str, Any]:
@@ -202,14 +264,21 @@ MAX_EXPORT_BITS = 50
 DISTILL_SERVER_FIELDS = (*SERVER_FIELDS, "checkpoint", "heads")
 
 
-def bits_list(loc: tuple[str, ...], value: Any, allow_empty: bool) -> list[str]:
-    """Canonical bit-widths (``"4w4f"`` -> ``"4w4a"``) of a JSON list; 422 naming ``loc`` otherwise."""
-    if not isinstance(value, list) or not all(isinstance(b, str) for b in value):
-        raise FieldError(loc, f"must be a list of bit-widths such as ['fp', '4w4a'], got {value!r}")
+def bits_list(loc: tuple[str, ...], value: Any, allow_empty: bool, backbone: Any = None,
+              labels: tuple[str, ...] | None = None) -> list[Any]:
+    """Canonical bit-widths (``"4w4f"`` -> ``"4w4a"``) of a JSON list; 422 naming ``loc`` otherwise.
+    With ``labels`` (an export), per-layer maps (checked against ``backbone``) and the labels of
+    maps an evaluation ran are accepted too (:func:`canonical_bits`)."""
+    maps_ok = labels is not None
+    if not isinstance(value, list) or not all(isinstance(b, str) or (maps_ok and isinstance(b, dict)) for b in value):
+        raise FieldError(loc, f"must be a list of bit-widths such as ['fp', '4w4a']{' or per-layer maps' if maps_ok else ''}, "
+                         f"got {value!r}")
     if not value and not allow_empty:
         raise FieldError(loc, "give at least one bit-width")
     if len(value) > MAX_EXPORT_BITS:
         raise FieldError(loc, f"at most {MAX_EXPORT_BITS} bit-widths per request, got {len(value)}")
+    if maps_ok:
+        return canonical_bits(loc, value, backbone, labels or ())
     out = []
     for i, b in enumerate(value):
         try:
@@ -230,13 +299,16 @@ def split_export_bits(body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return rest, bits_list(("body", "export_bits"), rest.pop("export_bits"), allow_empty=True)
 
 
-def export_spec(body: dict[str, Any], source: Any, width: float | None) -> dict[str, Any]:
+def export_spec(body: dict[str, Any], source: Any, width: float | None, pretrain_config: dict[str, Any] | None = None,
+                evaluated: list[str] | None = None) -> dict[str, Any]:
     """Validated export spec ``{"config": {"bits", "formats"}, "source_job", "source_kind", "pretrain_job"}``.
 
     ``source`` is the (succeeded) pretrain or eval job whose files are written. From an eval job
     the files are classifiers (backbone + that evaluation's linear head), so only bit-widths it
-    evaluated with the linear protocol can be exported from it. ``width`` is the pretrain run's
-    width multiplier (torchvision files need 1).
+    evaluated with the linear protocol can be exported from it (``evaluated``: its result rows'
+    bits, per-layer maps by their label). ``width`` is the pretrain run's width multiplier
+    (torchvision files need 1); ``pretrain_config`` lets per-layer maps be checked against its
+    backbone.
     """
     from ssql_core.config import CALIBRATIONS
     from ssql_core.export import FORMATS
@@ -252,7 +324,12 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None) -> dict[
     if percentile is not None and (isinstance(percentile, bool) or not isinstance(percentile, (int, float))
                                    or not 50.0 <= percentile <= 100.0):
         raise FieldError(("body", "calib_percentile"), f"must be a number between 50 and 100, got {percentile!r}")
-    bits = bits_list(("body", "bits"), body.get("bits"), allow_empty=False)
+    config = source["spec"]["config"]
+    evaluated_bits = list(evaluated if evaluated is not None else config.get("bits", [])) if source["kind"] == "eval" else []
+    backbone = _meta_backbone(pretrain_config) if pretrain_config is not None else None
+    bits = bits_list(("body", "bits"), body.get("bits"), allow_empty=False, backbone=backbone,
+                     labels=tuple(b for b in evaluated_bits if isinstance(b, str)))
+    names = [_bits_name(b) for b in bits]
     formats = body.get("formats", ["safetensors"])
     if not isinstance(formats, list) or not formats or not all(isinstance(f, str) for f in formats):
         raise FieldError(("body", "formats"), f"must be a non-empty list of formats out of {list(FORMATS)}, got {formats!r}")
@@ -261,14 +338,13 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None) -> dict[
             raise FieldError(("body", "formats", i), f"unknown format {f!r}; known: {list(FORMATS)}")
     if len(set(formats)) != len(formats):
         raise FieldError(("body", "formats"), f"formats repeat: {formats}")
-    config = source["spec"]["config"]
     if "torchvision" in formats:
         if bits != ["fp"]:
             raise FieldError(("body", "formats"), "the torchvision format holds FP weights only: ask for bits ['fp'] alone")
         if width is not None and float(width) != 1.0:
             raise FieldError(("body", "formats"), f"torchvision models have no width multiplier; this run has width {width}")
     if source["kind"] == "finetune":
-        if bits != [config["bits"]]:
+        if names != [config["bits"]]:
             raise FieldError(("body", "bits"), f"the finetune job trained a classifier at {config['bits']} only: ask for bits ['{config['bits']}']")
         if not set(formats) <= {"safetensors", "onnx"}:
             raise FieldError(("body", "formats"), "a fine-tuned classifier exports as safetensors or onnx")
@@ -277,15 +353,23 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None) -> dict[
     if source["kind"] == "eval":
         if config.get("protocol", "linear") != "linear":
             raise FieldError(("body", "bits"), "a kNN evaluation trained no linear heads: export from its pretrain job instead")
-        missing = [b for b in bits if b not in config.get("bits", [])]
+        have = [_bits_name(b) for b in evaluated_bits]
+        missing = [n for n in names if n not in have]
         if missing:
-            raise FieldError(("body", "bits"), f"the eval job trained heads at {config.get('bits')} only, not at {missing}; "
+            raise FieldError(("body", "bits"), f"the eval job trained heads at {have} only, not at {missing}; "
                              "export the backbone from its pretrain job instead")
     pretrain_job = source["id"] if source["kind"] == "pretrain" else source["source_job_id"]
     if ptq and ptq.get("ptq") not in (None, "calibrate") and "torchvision" in formats:
         raise FieldError(("body", "ptq"), "the torchvision format holds FP weights: reconstruction applies to quantized files")
     return {"config": {"bits": bits, "formats": formats, "calibration": calibration, "calib_percentile": percentile, **ptq},
             "source_job": source["id"], "source_kind": source["kind"], "pretrain_job": pretrain_job}
+
+
+def _bits_name(b: Any) -> str:
+    """A canonical ``bits`` entry's name: the string, or a map's label."""
+    from ssql_core.bitconfig import parse_bit_config
+
+    return parse_bit_config(b).label if isinstance(b, dict) else str(b)
 
 
 def _export_ptq(body: dict[str, Any], source: Any) -> dict[str, Any]:

@@ -173,6 +173,15 @@ def _output(path: Path, workdir: Path, bits: str, fmt: str, owner: str = "self")
     return {"bits": bits, "format": fmt, "file": str(path.relative_to(workdir)), "owner": owner}
 
 
+def _bits_name(bits: Any) -> str:
+    """A ``bits`` entry's name: the bit-width string, or a per-layer map's label (``mixed-...``)."""
+    if isinstance(bits, dict):
+        from ssql_core.bitconfig import parse_bit_config
+
+        return parse_bit_config(bits).label
+    return str(bits)
+
+
 def _export_pretrain(job: dict[str, Any], workdir: Path, checkpoint: Path) -> list[dict[str, Any]]:
     """The pretrain job's deployable files: packed safetensors at ``export_bits`` (one calibration)
     and, when torchvision has the architecture (width 1), the FP torchvision file."""
@@ -221,6 +230,7 @@ def _run_export(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
                                          ptq_state_dir=workdir,
                                          **{k: config[k] for k in ("ptq", "ptq_images", "ptq_iters", "brecq_learn_act") if config.get(k) is not None})
         for p, b in zip(written, config["bits"], strict=True):
+            b = _bits_name(b)  # a per-layer map is registered (and downloaded) by its label
             outputs.append(_output(p, workdir, b, fmt, owner="source"))
             files.append({"bits": b, "format": fmt, "file": p.name})
     for state in workdir.glob("ptq-*.pt"):  # reconstruction states: every format is written
@@ -302,7 +312,7 @@ def _run(job: dict[str, Any], hooks: EventHooks) -> dict[str, Any]:
         outputs: list[dict[str, Any]] = []
         summary: dict[str, Any] = {"rows": len(rows)}
         if (workdir / HEADS).is_file():  # linear protocol: a classifier file per evaluated bit-width
-            bits = list(config["bits"])
+            bits = [r["bits"] for r in rows]  # per-layer maps (and autobit's choice) by their label: heads.pt holds each map
             try:
                 with _exporting():
                     paths = export_checkpoints(config["checkpoint"], bits, workdir / "exports", heads=workdir / HEADS,

@@ -40,7 +40,7 @@ CORRUPT_CODE = "artifact_corrupt"
 #: a download's file name ending per format (``JOB-4w4a.safetensors``; ``ssql download`` names files the same way)
 FILE_SUFFIXES = {"safetensors": ".safetensors", "onnx": ".onnx", "torchvision": ".torchvision.safetensors", "torch": ".pt"}
 #: the download route's ``bits``, as its schema states it: any case, ``f`` for ``a`` (no spaces, no leading zeros)
-PATH_BITS_PATTERN = "^([Ff][Pp]|[2-8][Ww][2-8][AaFf])$"
+PATH_BITS_PATTERN = "^([Ff][Pp]|[2-8][Ww][2-8][AaFf]|mixed-[0-9a-f]{8})$"  # mixed-...: a per-layer configuration's label
 _PATH_BITS = re.compile(PATH_BITS_PATTERN)
 
 
@@ -147,7 +147,8 @@ async def list_checkpoints(job_id: JobId, owner: Owner, conn: Conn) -> JSONRespo
 )
 async def download_checkpoint(
     job_id: JobId,
-    bits: Annotated[str, Path(description="a bit-width: `fp` or `{w}w{a}a` (w, a from 2 to 8; any case; `4w4f` is `4w4a`)",
+    bits: Annotated[str, Path(description="a bit-width: `fp` or `{w}w{a}a` (w, a from 2 to 8; any case; `4w4f` is `4w4a`), "
+                                          "or a per-layer configuration's label `mixed-{8 hex digits}`",
                               json_schema_extra={"pattern": PATH_BITS_PATTERN})],
     owner: Owner,
     conn: Conn,
@@ -166,7 +167,7 @@ async def download_checkpoint(
     try:  # every spelling the submit routes take: "4w4f" is 4w4a, "4W4A" too (and no other: the schema's pattern)
         if not _PATH_BITS.fullmatch(bits):
             raise ValueError(f"invalid bit-width {bits!r}; accepted: {ACCEPTED_FORMS}")
-        bits = str(parse_bits(bits))
+        bits = bits if bits.startswith("mixed-") else str(parse_bits(bits))
     except ValueError as e:
         raise FieldError(("path", "bits"), str(e)) from None
     rows = [r for r in await api_store.artifacts(conn, job_id) if r["bits"] == bits and format in (None, r["format"])]

@@ -128,7 +128,7 @@ async def submit_job(
     elif raw["kind"] == "eval":
         source_job_id = raw["source_job"]
         source = await _succeeded_source(conn, owner, source_job_id, "pretrain")
-        spec = eval_spec(raw, settings, source["spec"]["config"]["dataset"])
+        spec = eval_spec(raw, settings, source["spec"]["config"]["dataset"], source["spec"]["config"])
         await _pin_inputs(conn, spec, source_job_id, None)
     elif raw["kind"] == "finetune":
         source_job_id = raw["source_job"]
@@ -322,12 +322,15 @@ async def export_job(
         raise HTTPException(409, f"only pretrain, eval and finetune jobs have checkpoints to export; this is a {source['kind']} job")
     if source["status"] != "succeeded":
         raise HTTPException(409, f"the job has not succeeded (status: {source['status']}); export once it has")
-    width = source["spec"]["config"].get("width")
+    pretrain_config, evaluated = source["spec"]["config"], None
     if source["kind"] == "eval":
         pretrain = await api_store.source_job(conn, owner, source["source_job_id"])
-        width = None if pretrain is None else pretrain["spec"]["config"].get("width")
+        pretrain_config = None if pretrain is None else pretrain["spec"]["config"]
+        evaluated = [r["bits"] for r in await api_store.results(conn, job_id)]  # per-layer maps by their label
+    width = None if pretrain_config is None else pretrain_config.get("width")
     labels = _labels(raw)
-    spec = export_spec({k: v for k, v in raw.items() if k not in ("kind", "source_job")}, source, width)
+    spec = export_spec({k: v for k, v in raw.items() if k not in ("kind", "source_job")}, source, width,
+                       pretrain_config if source["kind"] != "finetune" else None, evaluated)
     if source["kind"] == "finetune":  # reads the fine-tuned classifier, not the pretrain's last.pt
         if digest := (await api_store.input_digests(conn, job_id)).get("finetuned.pt"):
             spec["config"]["input_sha256"] = {"checkpoint": digest}
