@@ -4,7 +4,8 @@ When a job succeeds the supervisor records, in the same transaction as the outco
 
 * ``summary.cost``: the job's estimated device-hours (``spec.estimate``, made at submission) next
   to the device-hours its attempts actually took (all attempts, times the job's devices), and
-  their ratio: the estimate's error, job by job;
+  their ratio: the estimate's error, job by job; likewise its estimated peak memory per device
+  next to the peak the runner measured (``summary.peak_memory``: the GPU allocator's, else RSS);
 * for a single-device pretrain job: the sustained TFLOP/s it ran at (estimated FLOPs per image x
   the images/s it reported), folded into ``device_throughput`` of its device kind (exponential
   average, the newest run weighing 1/2 after the first). Estimates then divide by the slowest
@@ -44,11 +45,33 @@ def cost_summary(session: Session, job_id: str, kind: str, spec: dict[str, Any],
                             "actual_over_estimate": round(actual / est["device_hours"], 4) if actual > 0 else None,
                             "device_tflops_assumed": est.get("device_tflops")}  # fmt: skip
     summary = summary or {}
+    cost.update(_memory(est, summary.get("peak_memory")))
     ips, kind_name = summary.get("images_per_s"), summary.get("device_kind")
     if (kind == "pretrain" and job_devices(kind, spec) == 1 and isinstance(kind_name, str) and kind_name
             and isinstance(ips, (int, float)) and math.isfinite(ips) and ips > 0 and est.get("images")):
         cost.update(device_kind=kind_name[:200], measured_tflops=est["pflops"] * 1e15 / est["images"] * ips / 1e12)
     return cost
+
+
+def _memory(est: dict[str, Any], peak: Any) -> dict[str, Any]:
+    """The estimate's peak memory per device next to what the runner measured: the GPU
+    allocator's peak where the job ran on a GPU (what the estimate models), else the process's
+    peak RSS (which also holds the Python and torch runtime: on small CPU jobs it is mostly that)."""
+    if not isinstance(peak, dict):
+        return {}
+    device, rss = peak.get("device_gb"), peak.get("rss_gb")
+    measured, what = (device, "gpu_allocated") if _finite(device) else (rss, "cpu_rss") if _finite(rss) else (None, None)
+    if measured is None:
+        return {}
+    out: dict[str, Any] = {"estimated_peak_memory_gb": est.get("peak_memory_gb"), "actual_peak_memory_gb": measured,
+                           "actual_peak_memory_of": what}  # fmt: skip
+    if _finite(est.get("peak_memory_gb")) and est["peak_memory_gb"] > 0:
+        out["actual_over_estimated_memory"] = round(measured / est["peak_memory_gb"], 4)
+    return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def record_throughput(session: Session, cost: dict[str, Any] | None) -> None:

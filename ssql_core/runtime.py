@@ -42,6 +42,24 @@ def cpu_name() -> str:
     return platform.processor() or "?"
 
 
+def peak_memory() -> dict[str, float | None]:
+    """This process's peak memory so far, in GiB (as cost estimates state ``peak_memory_gb``):
+    ``device_gb``, the CUDA caching allocator's peak of tensors on any of its GPUs
+    (``torch.cuda.max_memory_allocated``), None when this process used no GPU (DDP ranks run in
+    processes of their own); ``rss_gb``, the peak resident set size of this process or of its
+    largest finished child (data-loader workers, CPU DDP ranks), which includes the Python and
+    torch runtime itself."""
+    import resource
+    import sys
+
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    device = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        device = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
+    return {"device_gb": None if device is None else round(device, 4), "rss_gb": round(rss * unit / 2**30, 4)}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

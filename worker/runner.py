@@ -456,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         from worker.datasets import rename_back
 
         rename_back(out, source)
+    from ssql_core.runtime import peak_memory
+
+    # the job's actual peak memory, next to its estimate in summary.cost (persistence/throughput.py)
+    out["summary"] = {**(out.get("summary") or {}), "peak_memory": peak_memory()}
     hooks.emit("result", **out)
     return EXIT_OK
 

@@ -100,6 +100,20 @@ def test_profile_counts_by_construction() -> None:
     assert estimate("pretrain", {**cfg, "dataset": "imagefolder:x"}, 10.0) is None  # unknown image count
 
 
+def test_peak_memory_reads_the_resident_peak_in_gib() -> None:
+    """ru_maxrss is KiB on Linux: a process that touched 512 MiB reports at least 0.5 GiB, and no
+    GPU peak without a GPU (a fresh interpreter, so no earlier peak of this one counts)."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, numpy as np; from ssql_core.runtime import peak_memory; a = np.ones(512 * 2**20 // 8); "
+            "print(json.dumps(peak_memory()))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    peak = json.loads(done.stdout)
+    assert peak["device_gb"] is None and 0.5 <= peak["rss_gb"] < 64, peak
+
+
 def test_a_finished_job_records_estimate_vs_actual_and_the_devices_throughput(client: httpx.Client, finished_pretrain: str,
                                                                                sessions) -> None:  # type: ignore[no-untyped-def]
     """A pretrain job that ran (real worker): its summary puts the estimate next to the device-time
@@ -113,6 +127,13 @@ def test_a_finished_job_records_estimate_vs_actual_and_the_devices_throughput(cl
     assert cost["estimated_device_hours"] == job["spec"]["estimate"]["device_hours"] > 0
     assert cost["actual_device_hours"] > 0 and cost["actual_over_estimate"] > 0
     assert cost["device_kind"].startswith("cpu: ") and cost["measured_tflops"] > 0
+    # the runner's measured peak memory next to the estimate's: no GPU here, so the peak RSS of
+    # the training process (torch alone holds more than 50 MiB; the machine has far less than 64 GiB)
+    peak = job["summary"]["peak_memory"]
+    assert peak["device_gb"] is None and 0.05 < peak["rss_gb"] < 64, peak
+    assert (cost["actual_peak_memory_of"], cost["actual_peak_memory_gb"]) == ("cpu_rss", peak["rss_gb"])
+    assert cost["estimated_peak_memory_gb"] == job["spec"]["estimate"]["peak_memory_gb"]
+    assert cost["actual_over_estimated_memory"] == round(peak["rss_gb"] / cost["estimated_peak_memory_gb"], 4)
     with sessions() as s:
         kinds = {r.device_kind: r.tflops for r in s.scalars(select(DeviceThroughput))}
     assert cost["device_kind"] in kinds
