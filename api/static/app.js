@@ -183,7 +183,7 @@ function usageText(u) {
   const l = u.limits, n = u.usage;
   const line = `Your quota: ${n.active_jobs} of ${of(l.max_active_jobs)} queued + running jobs, ${n.running_jobs} of ` +
     `${of(l.max_running_jobs)} running, ${n.devices} of ${of(l.max_devices)} devices, ${n.device_hours.toFixed(2)} of ` +
-    `${of(l.device_hours)} device-hours in the last ${l.period_hours} h`;
+    `${of(l.device_hours)} device-hours in the last ${l.period_hours} h; fair-share weight ${l.weight ?? 1}`;
   return u.can_submit ? line : `${line}. A new job is refused now: ${u.refusal.detail}`;
 }
 //: the job list's filters, as GET /v1/jobs names them; they live in the page's URL (#/jobs?tag=paper&sort=name)
@@ -270,6 +270,7 @@ async function renderJob(id) {
         h("dt", {}, "name"), h("dd", { id: "job-name" }, j.name || ""),  // user-written: text nodes only
         h("dt", {}, "tags"), h("dd", { id: "job-tags" }, ...(j.tags || []).map((t) => h("a", { class: "tag", href: `#/jobs?tag=${encodeURIComponent(t)}` }, t))),
         j.notes ? [h("dt", {}, "notes"), h("dd", { id: "job-notes", class: "notes" }, j.notes)] : null,
+        j.priority ? [h("dt", {}, "priority"), h("dd", { id: "job-priority" }, `${j.priority} (among your queued jobs, higher first)`)] : null,
         h("dt", {}, "status"), h("dd", {}, statusCell(j)),
         h("dt", {}, "progress"), h("dd", {}, progressCell(j), h("div", { class: "muted", id: "progress-detail" }, progressDetail(j))),
         h("dt", {}, "attempts"), h("dd", {}, `${j.attempts} of ${j.max_attempts ?? "?"}`),

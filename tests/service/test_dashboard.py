@@ -374,6 +374,7 @@ def test_jobs_page_shows_the_quota_and_its_usage(service, browser) -> None:  # t
         text = s.page.text_content("#usage") or ""
         assert "0 of 0 queued + running jobs" in text and "no limit" in text, text
         assert "refused now" in text and "max_active_jobs" in text, text
+        assert "fair-share weight 1" in text, text  # decision 019
     finally:
         s.close()
         subprocess.run([sys.executable, "-m", "ssql_cli.main", "owners", "set-quota", "gus", "--max-active-jobs", "default"],
