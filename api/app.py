@@ -29,7 +29,19 @@ from api.head import HeadAsGet
 from api.limits import BodySizeLimit
 from api.metrics import RequestMetrics
 from api.redact import redact, set_roots
-from api.routes import catalog, checkpoints, datasets, health, jobs, keys, logs, service, usage
+from api.routes import (
+    catalog,
+    checkpoints,
+    compare,
+    datasets,
+    health,
+    jobs,
+    keys,
+    lineage,
+    logs,
+    service,
+    usage,
+)
 from api.schemas import INTEGER_RULE
 from api.state import AppState, KeyCache
 from persistence.db import make_async_engine
@@ -161,7 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        uploads={("POST", "/v1/datasets"): (settings.max_upload_bytes, "SSQL_MAX_UPLOAD_BYTES")})
     app.add_middleware(RequestMetrics)  # counts and times every answer, 413s included (GET /metrics)
     app.add_middleware(HeadAsGet)  # HEAD wherever GET: same status and headers, no body
-    for module in (health, catalog, jobs, datasets, logs, checkpoints, keys, usage, service):
+    for module in (health, catalog, jobs, lineage, compare, datasets, logs, checkpoints, keys, usage, service):
         reads_db = module not in (health, catalog)  # /readyz states its own 503
         app.include_router(module.router, responses=SERVICE_UNAVAILABLE_RESPONSE if reads_db else None)
     web.install(app)

@@ -433,6 +433,8 @@ class MetricOut(BaseModel):
 class MetricPage(BaseModel):
     items: list[MetricOut]
     next_after: int | None
+    #: with ``max_points``: how many samples the items stand for (the whole history after ``after``)
+    downsampled_from: int | None = None
 
 
 class ResultRow(BaseModel):
@@ -457,3 +459,42 @@ class CheckpointOut(BaseModel):
     url: str
     produced_by: str | None = Field(None, description="the export job that wrote this file, if not this job")
     created_at: datetime
+
+
+class LineageNode(BaseModel):
+    """One job of a chain: enough to link to it and say what it is."""
+
+    id: str
+    kind: str
+    status: str
+    name: str | None
+    tags: list[str]
+    source_job: str | None = Field(description="the job it was made from")
+    what: str = Field(description="what it ran, in a few words, e.g. 'ssql · resnet18 · cifar10' or 'eval fp,4w4a · mse · bn probe'")
+    created_at: datetime
+    finished_at: datetime | None
+    depth: int | None = Field(None, description="in `tree`: how far below the chain's first job")
+
+
+class LineageOut(BaseModel):
+    """``GET /v1/jobs/{id}/lineage``: the job's chain, only your own jobs."""
+
+    job_id: str
+    parents: list[LineageNode] = Field(description="the jobs it was made from, its source first (a distill: its eval, then the pretrain)")
+    children: list[LineageNode] = Field(description="the jobs made straight from it, oldest first")
+    tree: list[LineageNode] = Field(description="the whole chain from its first job, depth-first (a job, then the jobs made from it)")
+    truncated: bool = Field(description="the chain holds more jobs than were listed")
+
+
+class ReproduceOut(BaseModel):
+    """``GET /v1/jobs/{id}/reproduce``: the request that makes the job again (the same spec)."""
+
+    job_id: str
+    kind: str
+    source_job: str | None
+    method: Literal["POST"]
+    path: str = Field(description="where to send it: /v1/jobs, or /v1/jobs/{source}/exports for an export")
+    request: dict[str, Any] = Field(description="every field of the spec, as a request body")
+    minimal: dict[str, Any] = Field(description="the fields that differ from the library's defaults (the same spec)")
+    cli: str = Field(description="the `ssql submit` command of `minimal`")
+    cli_from: str = Field(description="`ssql submit --from ID`: the same, read from this server (add --set k=v to change a field)")

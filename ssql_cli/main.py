@@ -26,13 +26,6 @@ _UNSET: Any = object()
 SUFFIXES = {"safetensors": ".safetensors", "onnx": ".onnx", "torchvision": ".torchvision.safetensors", "torch": ".pt"}
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _client(args: argparse.Namespace) -> Client:
     settings = Settings()
     return Client(args.url or settings.url, args.key or settings.api_key)
@@ -282,11 +275,17 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = json.loads(Path(args.json).read_text()) if args.json else {}
-    body["kind"] = args.kind
-    for item in args.set or []:
-        name, _, value = item.partition("=")
-        body[name] = _parse_value(value)
+    """Submit a job: the kind's fields from --set / --json and the flags, or ``--from JOB``'s spec
+    with --set changing fields by dotted name (``ssql_cli.reuse.submission``)."""
+    from ssql_cli.reuse import UsageError, submission
+
+    client = _client(args)
+    try:
+        kind, body = submission(args, client)
+    except UsageError as e:
+        print(f"ssql submit: {e}", file=sys.stderr)
+        return 2
+    body["kind"] = kind
     if args.source_job:
         body["source_job"] = args.source_job
     if args.bits:
@@ -305,7 +304,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
         body["priority"] = args.priority
     if args.ptq:
         body["ptq"] = args.ptq
-    client = _client(args)
+    if kind == "export":  # POST /v1/jobs/{source}/exports
+        source = body.pop("source_job", None)
+        body.pop("kind")
+        if not source:
+            print("ssql submit export: give --source-job (the pretrain, eval or finetune job to export)", file=sys.stderr)
+            return 2
+        if args.dry_run:
+            print("ssql submit export: no dry run for exports; the request would be:\n" + json.dumps(body, indent=2))
+            return 0
+        return _print_and_wait(client, client.export(source, body, args.idempotency_key or str(uuid.uuid4())), args.wait)
     if args.dry_run:  # validate and estimate, queue nothing
         answer = client.estimate(body)
         est, quota = answer.get("estimate"), answer.get("quota")
@@ -430,8 +438,23 @@ def print_results(rows: list[dict[str, Any]]) -> None:
     print(table(shown, ["bits", "protocol", *ptq, "top1", "calib_images", "epochs", "dataset"]))
 
 
+def _reuse(name: str) -> Any:
+    """A command of ssql_cli.reuse, called with a client."""
+
+    def run(args: argparse.Namespace) -> int:
+        from ssql_cli import reuse
+
+        return int(getattr(reuse, name)(args, _client(args)))
+
+    return run
+
+
 def cmd_results(args: argparse.Namespace) -> int:
     client = _client(args)
+    if args.csv:
+        from ssql_cli.reuse import cmd_results_csv
+
+        return cmd_results_csv(args, client)
     answers = {job_id: client.results(job_id) for job_id in args.job_ids}
     empty = [job_id for job_id, res in answers.items() if not res["rows"]]
     if empty:  # a pretrain (or export) job, or one not finished: say where the numbers are
@@ -665,8 +688,12 @@ def build_parser() -> argparse.ArgumentParser:
     us.set_defaults(func=cmd_usage)
 
     sb = sub.add_parser("submit", parents=[conn], help="submit a job; prints its id")
-    sb.add_argument("kind", choices=["pretrain", "eval", "distill", "finetune"])
-    sb.add_argument("--set", action="append", metavar="FIELD=VALUE", help="a spec field (JSON value), repeatable")
+    sb.add_argument("kind", nargs="?", choices=["pretrain", "eval", "distill", "finetune", "export"],
+                    help="the job kind (left out with --from: the job's)")
+    sb.add_argument("--from", dest="from_job", metavar="JOB_ID", help="start from this job's spec (the same run again; "
+                    "change fields with --set); `ssql reproduce JOB_ID` prints it as a command")
+    sb.add_argument("--set", action="append", metavar="FIELD=VALUE", help="a spec field (JSON value), repeatable; a dotted "
+                    "name sets a field inside an object field, e.g. method_options.lambda=0.1")
     sb.add_argument("--json", help="file with the job body")
     sb.add_argument("--dry-run", action="store_true", help="validate and print the cost estimate and the quota answer; queue nothing")
     sb.add_argument("--source-job", help="eval / finetune: the pretrain job; distill: the eval job (with an fp head)")
@@ -717,7 +744,30 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("job_ids", nargs="+", metavar="JOB", help="one or more eval (or distill) jobs")
     rs.add_argument("--json", action="store_true")
     rs.add_argument("--plot", metavar="FILE.png", help="write top-1 vs bit-width (one line per job, FP dashed) to this file")
+    rs.add_argument("--csv", action="store_true", help="the rows of every job as one CSV (job, name, method, "
+                    "calibration, probe on each row)")
+    rs.add_argument("--out", "-o", metavar="FILE", help="with --csv: write to FILE (default: stdout)")
     rs.set_defaults(func=cmd_results)
+
+    mt = sub.add_parser("metrics", parents=[conn], help="a job's training curve: loss, lr, images/s per sample "
+                        "(--csv: every sample of one or more jobs)")
+    mt.add_argument("job_ids", nargs="+", metavar="JOB")
+    mt.add_argument("--csv", action="store_true", help="every sample of the jobs as one CSV (not downsampled)")
+    mt.add_argument("--out", "-o", metavar="FILE", help="with --csv: write to FILE (default: stdout)")
+    mt.add_argument("--points", type=int, default=20, help="the table's samples: the whole history in at most this "
+                    "many, first, last and extremes kept (default 20)")
+    mt.add_argument("--json", action="store_true")
+    mt.set_defaults(func=_reuse("cmd_metrics"))
+
+    ln = sub.add_parser("lineage", parents=[conn], help="a job's chain: what it was made from and what was made from it")
+    ln.add_argument("job_id")
+    ln.add_argument("--json", action="store_true")
+    ln.set_defaults(func=_reuse("cmd_lineage"))
+
+    rp = sub.add_parser("reproduce", parents=[conn], help="the `ssql submit` command that runs a job again (same spec)")
+    rp.add_argument("job_id")
+    rp.add_argument("--json", action="store_true", help="the request body instead (every field)")
+    rp.set_defaults(func=_reuse("cmd_reproduce"))
 
     ex = sub.add_parser("export", parents=[conn], help="queue an export job: a finished job's checkpoint at more bit-widths/formats")
     ex.add_argument("job_id", help="a succeeded pretrain job (backbones) or eval job (classifiers)")

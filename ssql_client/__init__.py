@@ -13,9 +13,10 @@ from ssql_client.client import (
     ResultRow,
     ServerUnreachable,
 )
+from ssql_client.overrides import UnknownField
 from ssql_client.plot import PAPER_ORDER, bits_order, plot_top1
 
 __all__ = [
     "TERMINAL", "ApiError", "Checkpoint", "ChecksumMismatch", "Client", "Job", "JobError", "Progress",
-    "ResultRow", "ServerUnreachable", "PAPER_ORDER", "bits_order", "plot_top1",
+    "ResultRow", "ServerUnreachable", "UnknownField", "PAPER_ORDER", "bits_order", "plot_top1",
 ]  # fmt: skip

@@ -131,6 +131,7 @@ class Client:
         api_key = api_key if api_key is not None else os.environ.get("SSQL_API_KEY")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
+        self._fields: tuple[dict[str, Any], set[str]] | None = None  # request_fields' OpenAPI schemas, method options
 
     def __enter__(self) -> Client:
         return self
@@ -264,8 +265,62 @@ class Client:
         """An eval job's rows (one per bit-width) as plain dicts, e.g. for ``pandas.DataFrame``."""
         return list(self.results(job_id)["rows"])
 
-    def metrics(self, job_id: str, after: int = 0) -> dict[str, Any]:
-        return self._request("GET", f"/v1/jobs/{job_id}/metrics", params={"after": after}).json()
+    def metrics(self, job_id: str, after: int = 0, max_points: int | None = None) -> dict[str, Any]:
+        """A page of the job's metric samples after ``after`` (``next_after`` continues); with
+        ``max_points`` the whole history in at most that many samples, min/max-preserving."""
+        params: dict[str, Any] = {"after": after, **({"max_points": max_points} if max_points is not None else {})}
+        return self._request("GET", f"/v1/jobs/{job_id}/metrics", params=params).json()
+
+    def metrics_csv(self, *job_ids: str) -> str:
+        """Every metric sample of one or more jobs as CSV text (one header; ``job_id`` on every row)."""
+        if len(job_ids) == 1:
+            return self._request("GET", f"/v1/jobs/{job_ids[0]}/metrics", params={"format": "csv"}).text
+        return self._request("GET", "/v1/compare/metrics.csv", params={"job": list(job_ids)}).text
+
+    def results_csv(self, *job_ids: str) -> str:
+        """The result rows of one or more jobs as CSV text, each with its job's name, method,
+        calibration, probe and quantizer."""
+        if len(job_ids) == 1:
+            return self._request("GET", f"/v1/jobs/{job_ids[0]}/results", params={"format": "csv"}).text
+        return self._request("GET", "/v1/compare/results.csv", params={"job": list(job_ids)}).text
+
+    def lineage(self, job_id: str) -> dict[str, Any]:
+        """The job's chain: ``parents`` (its source first), ``children`` and the whole ``tree``."""
+        return self._request("GET", f"/v1/jobs/{job_id}/lineage").json()
+
+    def reproduce(self, job_id: str) -> dict[str, Any]:
+        """The request that makes the job again: ``request``, ``minimal``, ``path``, ``cli``."""
+        return self._request("GET", f"/v1/jobs/{job_id}/reproduce").json()
+
+    def request_fields(self, kind: str) -> tuple[set[str], dict[str, set[str]]]:
+        """The field names a ``kind`` request takes (from the server's OpenAPI document and, for
+        a pretrain, every method's options) and the names inside its object fields."""
+        if self._fields is None:
+            doc = self._request("GET", "/openapi.json").json()
+            methods = self.catalog().get("methods") or {}
+            self._fields = (doc["components"]["schemas"], {n for m in methods.values() for n in (m.get("options") or {})})
+        schemas, options = self._fields
+        model = {"pretrain": "PretrainRequest", "eval": "EvalRequest", "distill": "DistillRequest",
+                 "finetune": "FinetuneRequest", "export": "ExportRequest"}[kind]
+        names = set((schemas.get(model) or {}).get("properties") or {}) - {"kind"}
+        if kind == "pretrain":
+            return names | options, {"method_options": options}
+        return names | {"source_job"}, {}
+
+    def clone(self, job_id: str, changes: dict[str, Any] | None = None, idempotency_key: str | None = None,
+              **labels: Any) -> Job:
+        """Submit a job with ``job_id``'s spec, ``changes`` applied by dotted name
+        (``{"epochs": 5, "method_options.lambda": 0.1}``; an unknown name raises
+        :class:`~ssql_client.overrides.UnknownField`); ``labels``: name, tags, notes."""
+        from ssql_client import overrides
+
+        r = self.reproduce(job_id)
+        known, nested = self.request_fields(r["kind"])
+        body = overrides.apply(r["request"], changes or {}, r["kind"], known, nested)
+        body.update(labels)
+        if r["kind"] == "export":
+            return self.export(body.pop("source_job", None) or r["source_job"], body, idempotency_key)
+        return self.submit(body, idempotency_key)
 
     def checkpoints(self, job_id: str) -> list[Checkpoint]:
         return self._request("GET", f"/v1/jobs/{job_id}/checkpoints").json()

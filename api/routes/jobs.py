@@ -8,13 +8,14 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from api import uploads
+from api import csv_export, run_data, uploads
+from api.csv_export import csv_response, csv_responses
 from api.deps import (
     BEARER_SECURITY,
     UNAUTHORIZED_RESPONSE,
@@ -26,6 +27,7 @@ from api.deps import (
     authenticate,
     bearer_key,
 )
+from api.downsample import downsample
 from api.errors import FieldError, FieldErrors
 from api.head import is_head
 from api.json_body import Utf8JsonRoute
@@ -502,29 +504,56 @@ async def cancel_job(job_id: JobId, owner: Owner, conn: Conn) -> JSONResponse:
     return JSONResponse(job_view(row), status_code=202)
 
 
-@router.get("/{job_id}/metrics", response_model=MetricPage, responses={404: {"description": NOT_FOUND}})
+@router.get("/{job_id}/metrics", response_model=MetricPage,
+            responses={**csv_responses("`format=csv`: every sample after `after` (job_id, job_name, job_kind, sample_id, "
+                                       "attempt, phase, epoch, step, loss, lr, images_per_s, metrics.<key>..., at)"),
+                       404: {"description": NOT_FOUND}})
 async def job_metrics(
     job_id: JobId,
     owner: Owner,
     conn: Conn,
     after: Annotated[int, Query(ge=0, le=MAX_BIGINT, description="return samples with id above this")] = 0,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
-) -> JSONResponse:
-    """Loss, learning rate and images/s history, oldest first (pass ``next_after`` to continue)."""
-    if not await api_store.job_exists(conn, owner, job_id):
+    max_points: Annotated[int | None, Query(ge=2, le=100_000, description=(
+        "the whole history after `after` in at most this many samples (`limit` is not used): every line's first and "
+        "last sample and each series' smallest and largest value per bucket are kept (min/max downsampling); "
+        "`downsampled_from` says how many samples they stand for"))] = None,
+    fmt: Annotated[Literal["json", "csv"], Query(alias="format", description="csv: every sample after `after`, "
+                                                 "not paged nor downsampled, as CSV")] = "json",
+) -> Response:
+    """Loss, learning rate and images/s history, oldest first (pass ``next_after`` to continue;
+    ``max_points`` for a chart-sized answer; ``format=csv`` for all of it as a file)."""
+    job = await api_store.get_job(conn, owner, job_id)
+    if job is None:
         raise HTTPException(404, NOT_FOUND)
+    if fmt == "csv":
+        rows = await run_data.all_metrics(conn, job_id, after)
+        return csv_response(csv_export.metrics_csv([(job, rows)]), f"{job_id}-metrics.csv")
+    if max_points is not None:
+        rows = await run_data.all_metrics(conn, job_id, after)
+        kept = downsample(rows, max_points)
+        return JSONResponse({"items": [metric_view(r) for r in kept], "next_after": None, "downsampled_from": len(rows)})
     rows = await api_store.metrics(conn, job_id, after, limit)
     next_after = rows[-1]["id"] if len(rows) == limit else None
     return JSONResponse({"items": [metric_view(r) for r in rows], "next_after": next_after})
 
 
-@router.get("/{job_id}/results", response_model=ResultsOut, responses={404: {"description": NOT_FOUND}})
-async def job_results(job_id: JobId, owner: Owner, conn: Conn) -> JSONResponse:
+@router.get("/{job_id}/results", response_model=ResultsOut,
+            responses={**csv_responses("`format=csv`: the rows with the job's id, name, kind, pretraining method, "
+                                       "calibration, probe and quantizer on each"), 404: {"description": NOT_FOUND}})
+async def job_results(
+    job_id: JobId,
+    owner: Owner,
+    conn: Conn,
+    fmt: Annotated[Literal["json", "csv"], Query(alias="format", description="csv: the rows as CSV")] = "json",
+) -> Response:
     """An eval job's rows, one per bit-width (bits, protocol, top1 and the run's details), or a
     distill job's row (protocol ``sqakd``: top1, ptq_top1, teacher_top1, quantizer, KL, ...)."""
     row = await api_store.get_job(conn, owner, job_id)
     if row is None:
         raise HTTPException(404, NOT_FOUND)
-    rows = await api_store.results(conn, job_id)
-    out = [{**r["row"], "bits": r["bits"], "protocol": r["protocol"], "top1": r["top1"]} for r in rows]
+    out = await run_data.result_rows(conn, job_id)
+    if fmt == "csv":
+        method = await run_data.pretrain_method(conn, owner, row)
+        return csv_response(csv_export.results_csv([(row, out, method)]), f"{job_id}-results.csv")
     return JSONResponse({"job_id": job_id, "status": row["status"], "rows": out})
