@@ -211,8 +211,8 @@ async function renderJobs(params) {
     h("p", { id: "usage", class: "muted" }),
     h("form", { class: "filters", id: "filters", onsubmit: (e) => { e.preventDefault(); apply(); } }, statusSel, kindSel,
       text("method", "method", 8), text("dataset", "dataset", 10), text("tag", "tag", 10), text("q", "search name, notes, id", 22), sortSel,
-      h("a", { class: "button", href: "#/submit?kind=pretrain" }, "New pretrain job")),
-    h("table", { id: "jobs-table" }, h("thead", {}, h("tr", {}, ...["id", "name", "kind", "method", "backbone", "dataset", "status", "progress", "tags", "created", "duration"].map((c) => h("th", {}, c)))), tbody),
+      h("a", { class: "button", href: "#/submit?kind=pretrain" }, "New pretrain job"), ...compareControls()),
+    h("table", { id: "jobs-table" }, h("thead", {}, h("tr", {}, h("th", { title: "select to compare" }, ""), ...["id", "name", "kind", "method", "backbone", "dataset", "status", "progress", "tags", "created", "duration"].map((c) => h("th", {}, c)))), tbody),
     h("p", { id: "jobs-empty", class: "muted", hidden: true }, LIST_FILTERS.some((f) => want[f]) ? "No jobs match these filters." : "No jobs yet."),
     h("div", { class: "actions", id: "pager" }));
   const offset = Math.max(0, parseInt(params.get("offset") || "0", 10) || 0);
@@ -226,7 +226,7 @@ async function renderJobs(params) {
   const watched = new Set();
   const rowOf = (job) => {
     const c = cfg(job);
-    return h("tr", { dataset: { jobId: job.id } },
+    return h("tr", { dataset: { jobId: job.id } }, selectCell(job),
       h("td", {}, h("a", { class: "mono", href: `#/job/${job.id}` }, job.id.slice(0, 8))),
       h("td", { class: "name", title: job.name || null }, job.name || ""),  // user-written text: always a text node, never markup
       h("td", {}, job.kind), h("td", {}, c.method || ""), h("td", {}, c.backbone || ""), h("td", {}, c.dataset || ""),
@@ -292,6 +292,7 @@ async function renderJob(id) {
   if (job.kind === "eval") actions.append(h("a", { class: "button secondary", href: `#/submit?kind=distill&source_job=${id}` }, "Distill…"),
     h("a", { class: "button secondary", href: `#/compare?jobs=${id}` }, "Compare…"));
   if (job.kind === "pretrain" || job.kind === "eval") actions.append(h("a", { class: "button secondary", href: `#/submit?kind=export&source_job=${id}` }, "Export…"));
+  actions.append(h("a", { class: "button secondary", id: "clone", href: `#/submit?kind=${job.kind}&from=${encodeURIComponent(id)}` }, "Clone…"));
 
   // name, tags and notes: edited in place (PATCH /v1/jobs/{id}); a 422 shows at the field it names
   const labelErr = h("p", { class: "error", id: "labels-error", role: "alert" });
@@ -316,10 +317,13 @@ async function renderJob(id) {
     job.spec && job.spec.estimate ? h("p", { class: "muted", id: "cost" }, estimateText(job.spec.estimate) +
       (job.summary && job.summary.cost ? ` Actual: ${job.summary.cost.actual_device_hours.toPrecision(3)} device-hours.` : "")) : null,
     h("div", { class: "card" }, head, actions, h("details", { id: "labels" }, h("summary", {}, "Name, tags and notes"), labelsForm)),
+    h("div", { id: "job-lineage" }),
     ...(job.kind === "export" ? [] : [h("h2", {}, "Training curves"), curvesNote, charts]),
     extra,
     h("h2", {}, "Log (last 200 lines)"), logs,
-    h("details", {}, h("summary", {}, "Spec"), h("pre", { class: "spec", id: "spec" }, JSON.stringify(job.spec, null, 2))));
+    h("div", { id: "job-reuse" }));
+  lineageSection(job).then((el) => $("#job-lineage")?.replaceChildren(el)).catch((e) => { if (e.name !== "AbortError") console.warn("lineage", e); });
+  reuseSection(job).then((el) => $("#job-reuse")?.replaceChildren(el)).catch((e) => { if (e.name !== "AbortError") console.warn("reproduce", e); });
 
   // the curves: x is the optimisation step the sample was taken at (an eval job: each bit-width's
   // probe is its own line over that probe's epochs); a chart appears once it has samples
@@ -371,12 +375,9 @@ async function renderJob(id) {
     curvesNote.textContent = job.kind === "export" ? "An export job trains nothing: it writes files (below)."
       : TERMINAL.includes(job.status) ? "This job reported no training samples." : "No samples yet.";
   };
-  const loadMetrics = async () => {
-    for (;;) {
-      const page = await getJSON(`/v1/jobs/${id}/metrics?after=${after}`);
-      for (const m of page.items) { samples.push(m); after = m.id; }
-      if (!page.next_after || !page.items.length) break;
-    }
+  const loadMetrics = async () => {  // the history since the last load, at most CHART_POINTS samples (extremes kept; runs.js)
+    const page = await getJSON(`/v1/jobs/${id}/metrics?after=${after}&max_points=${CHART_POINTS}`);
+    for (const m of page.items) { samples.push(m); after = m.id; }
     drawCharts();
   };
   const loadLog = async () => { const t = await (await api(`/v1/jobs/${id}/logs?tail=200`)).text(); logs.textContent = t || "(no output yet)"; logs.scrollTop = logs.scrollHeight; };
@@ -497,16 +498,17 @@ function orderBits(all) {
   const key = (b) => { const i = PAPER_BITS.indexOf(b); if (i >= 0) return [0, i, 0]; const m = /^(\d)w(\d)a$/.exec(b); return m ? [1, -m[1], -m[2]] : [2, 0, 0]; };
   return uniq.sort((a, b) => { const ka = key(a), kb = key(b); return ka[0] - kb[0] || ka[1] - kb[1] || ka[2] - kb[2]; });
 }
-/** A series' name: the pretraining method, how the job measured (calibration and probe, or the
- * quantizer), the job and the pretrain it came from, e.g. "ssql · minmax · linear probe · eval 7b693390 · pretrain efaa03a9". */
+/** A series' name: the job's name (if it has one), the pretraining method, how the job measured
+ * (calibration and probe, or the quantizer), the job and the pretrain it came from, e.g.
+ * "r18 sweep · ssql · minmax · linear probe · eval 7b693390 · pretrain efaa03a9". */
 async function jobLabel(job) {
   const c = cfg(job);
   const pretrainId = (job.spec && job.spec.pretrain_job) || job.source_job;
-  let method = null;
-  if (pretrainId) { try { method = cfg(await getJSON(`/v1/jobs/${pretrainId}`)).method; } catch { /* not shown */ } }
+  let method = job.kind === "pretrain" ? c.method : null;
+  if (pretrainId && !method) { try { method = cfg(await getJSON(`/v1/jobs/${pretrainId}`)).method; } catch { /* not shown */ } }
   const how = job.kind === "eval" ? (c.protocol === "knn" ? ["kNN"] : [c.calibration || "minmax", `${c.probe || "linear"} probe`])
     : job.kind === "finetune" || job.kind === "distill" ? [`${job.kind} ${c.quantizer || ""}`.trim()] : [];
-  return [method || "?", ...how, `${job.kind} ${job.id.slice(0, 8)}`, pretrainId ? `pretrain ${pretrainId.slice(0, 8)}` : null].filter(Boolean).join(" · ");
+  return [job.name, method || "?", ...how, `${job.kind} ${job.id.slice(0, 8)}`, pretrainId ? `pretrain ${pretrainId.slice(0, 8)}` : null].filter(Boolean).join(" · ");
 }
 /** The chart (one line per job over the quantized bit-widths, each job's FP as a dashed line) and the table. */
 async function resultsSection(jobIds) {
@@ -546,18 +548,6 @@ async function resultsSection(jobIds) {
   });
   return section;
 }
-async function renderCompare(params) {
-  const chosen = (params.get("jobs") || "").split(",").filter(Boolean);
-  const page = await getJSON("/v1/jobs?kind=eval&status=succeeded&limit=100");
-  const boxes = page.items.map((j) => { const c = cfg(j); return h("label", {}, h("input", { type: "checkbox", value: j.id, checked: chosen.includes(j.id) }), " ",
-    h("span", { class: "mono" }, j.id.slice(0, 8)), ` ${(c.bits || []).join(",")} · ${c.protocol === "knn" ? "kNN" : `${c.calibration || "minmax"} · ${c.probe || "linear"} probe`} · from `,
-    h("span", { class: "mono" }, (j.source_job || "").slice(0, 8)), " ", h("span", { class: "muted" }, fmtTime(j.created_at))); });
-  const form = h("form", { id: "compare-form", onsubmit: (e) => { e.preventDefault(); go("#/compare?jobs=" + [...form.querySelectorAll("input:checked")].map((i) => i.value).join(",")); } },
-    h("div", { class: "checks" }, ...boxes.map((b) => h("div", {}, b))), h("button", { type: "submit" }, "Compare"));
-  main.replaceChildren(h("h1", {}, "Compare eval jobs"), h("div", { class: "card" }, page.items.length ? form : h("p", { class: "muted" }, "No succeeded eval jobs yet.")));
-  if (chosen.length) main.append(await resultsSection(chosen));
-}
-
 // -- submit form, generated from /v1/catalog and the request schemas -------------------------------
 const MODEL = { pretrain: "PretrainRequest", eval: "EvalRequest", distill: "DistillRequest", finetune: "FinetuneRequest", export: "ExportRequest" };
 //: shown first (the rest under "more options"); every field comes from the schema and the catalog
@@ -632,6 +622,10 @@ function readForm(form) {
     else if (t === "array") body[el.name] = v.split(",").map((x) => x.trim()).filter(Boolean).map((x) => (el.name !== "tags" && /^-?\d+(\.\d+)?$/.test(x) ? Number(x) : x));
     else body[el.name] = v;
   }
+  if (form.dataset.carry) {  // a clone's fields the form has no input for (runs.js prefillFromJob)
+    const carry = JSON.parse(form.dataset.carry);
+    for (const [k, v] of Object.entries(carry)) if (!(k in body)) body[k] = v;
+  }
   return body;
 }
 function showErrors(form, err) {
@@ -705,6 +699,7 @@ async function renderSubmit(params) {
     } catch (err) { if (!(err instanceof ApiError) || err.status !== 401) showErrors(form, err); }
     finally { btn.disabled = false; }
   });
+  if (params.get("from")) await prefillFromJob(form, params.get("from"));
   main.replaceChildren(h("h1", {}, `Submit ${/^[aeiou]/.test(kind) ? "an" : "a"} ${kind} job`), form);
 }
 

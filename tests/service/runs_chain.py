@@ -129,5 +129,5 @@ def build(client: httpx.Client, sessions) -> Chain:  # type: ignore[no-untyped-d
                                            "metrics": {"bits_index": bi}} for bi in range(3)])
         for job_id, scale in ((dis, 1.0), (fin, 1.5)):
             job_store.add_metrics(s, job_id, 1, [{"phase": "train", "epoch": 1 + i // 25, "step": i + 1, "loss": scale * math.exp(-i / 20),
-                                                  "lr": 0.01 * (1 - i / 50), "images_per_s": 100.0} for i in range(50)])
+                                                  "lr": 0.01 * scale * (1 - i / 50), "images_per_s": 100.0} for i in range(50)])
     return Chain(pre, ev1, ev2, dis, fin, exp, foreign, specs)

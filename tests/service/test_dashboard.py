@@ -238,7 +238,7 @@ def test_another_owner_sees_none_of_the_jobs(service, finished, browser) -> None
     page.wait_for_selector(".errorbox")
     assert "not found" in page.text_content(".errorbox")
     page.goto(f"{stack.url}/#/compare")
-    page.wait_for_selector("text=No succeeded eval jobs yet.")
+    page.wait_for_selector("text=No succeeded jobs yet.")
     assert not [u for u in s.urls if other in u or key in u]
     s.close()
 
