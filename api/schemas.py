@@ -178,13 +178,14 @@ class PretrainRequest(JobLabels):
         None,
         description="packed safetensors checkpoints written after training; default the paper's set "
         "fp, 8w8a, 6w6a, 5w5a, 4w4a, 3w3a, 2w8a, 2w4a; [] for none",
+        json_schema_extra={"uniqueItems": True},  # a repeat is a 422 (api.specs.bits_list)
     )
 
 
 #: one entry of a ``bits`` list as the schema states it: a bit-width, or a per-layer map
 BITS_ITEM_SCHEMA = {"anyOf": [
     {"type": "string", "pattern": BITS_PATTERN},
-    {"type": "object", "minProperties": 1, "additionalProperties": {"anyOf": [
+    {"type": "object", "minProperties": 1, "propertyNames": {"pattern": "^[A-Za-z0-9_.]{1,200}$"}, "additionalProperties": {"anyOf": [
         {"type": "string", "pattern": QUANT_BITS_PATTERN},
         {"type": "object", "required": ["w", "a"], "additionalProperties": False,
          "properties": {"w": {"type": "integer", "minimum": 2, "maximum": 8}, "a": {"type": "integer", "minimum": 2, "maximum": 8}}}]}},

@@ -39,6 +39,8 @@ from ssql_core.qnn import FIXED8, ActQuant, QConv2d, QLinear, act_points, weight
 
 LABEL_PREFIX = "mixed-"
 LABEL_PATTERN = re.compile(r"^mixed-[0-9a-f]{8}$")
+#: what a layer (module) name may be: PyTorch's dotted attribute names
+LAYER_NAME = re.compile(r"^[A-Za-z0-9_.]{1,200}$", re.ASCII)
 #: the bits of the input image (not quantized) when counting bit operations
 FP_BITS = 32
 
@@ -101,8 +103,9 @@ def parse_bit_config(value: Mapping[str, Any] | BitConfig) -> BitConfig:
         raise ValueError("a per-layer bit configuration names at least one layer")
     layers = []
     for name, v in value.items():
-        if not isinstance(name, str) or not name or len(name) > 200:
-            raise ValueError(f"layer names are non-empty strings (a module name such as 'layer1.0.conv1'), got {name!r}")
+        if not isinstance(name, str) or not LAYER_NAME.match(name):
+            raise ValueError(f"layer names are module names (ASCII letters, digits, '_' and '.', at most 200, such as "
+                             f"'layer1.0.conv1'), got {name!r}")
         layers.append((name, _layer_bits(name, v)))
     return BitConfig(tuple(sorted(layers)))
 

@@ -80,7 +80,7 @@ def test_autobit_eval_job_its_mixed_classifiers_and_exports(client: httpx.Client
     with torch.no_grad():
         assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     # exports: a map from the pretrain job, the chosen label (as ONNX too) from the eval job
-    ex = client.post(f"/v1/jobs/{finished_pretrain}/exports", json={"bits": [given, "4w4a"]})
+    ex = client.post(f"/v1/jobs/{finished_pretrain}/exports", json={"bits": [given]})
     ev = client.post(f"/v1/jobs/{job['id']}/exports", json={"bits": [chosen["bits"]], "formats": ["safetensors", "onnx"]})
     not_evaluated = client.post(f"/v1/jobs/{job['id']}/exports", json={"bits": [_map(6, 8)]})
     assert _detail(not_evaluated)["loc"] == ["body", "bits"]
@@ -99,3 +99,18 @@ def test_autobit_eval_job_its_mixed_classifiers_and_exports(client: httpx.Client
 @pytest.mark.parametrize("bits", ["mixed-xyz", "Mixed-0123abcd"])
 def test_download_route_refuses_a_malformed_label(client: httpx.Client, finished_pretrain: str, bits: str) -> None:
     assert client.get(f"/v1/jobs/{finished_pretrain}/checkpoints/{bits}").status_code == 422
+
+
+def test_cli_submits_autobit_with_set(stack, api_key: str, finished_pretrain: str) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from tests.service.conftest import clean_env
+
+    env = clean_env(SSQL_URL=stack.url, SSQL_API_KEY=api_key)
+    base = [sys.executable, "-m", "ssql_cli.main", "submit", "eval", "--source-job", finished_pretrain, "--dry-run"]
+    ok = subprocess.run([*base, "--set", 'autobit={"budget_bits": 3.5, "solver": "greedy"}'], env=env, capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0 and "would be accepted" in ok.stdout, ok.stdout + ok.stderr
+    bad = subprocess.run([*base, "--set", 'autobit={"budget_bytes": 10}'], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "smallest achievable" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
