@@ -73,8 +73,32 @@ async def create_or_existing(conn: AsyncConnection, owner_id: int, name: str, sh
     return row, False
 
 
+async def create_registration(conn: AsyncConnection, owner_id: int, name: str, uri: str, fmt: str, size: int) -> RowMapping:
+    """A ``validating`` dataset read from ``uri``: its sha256 is set once its content is read
+    (:func:`finish_validation`), so two registrations never collide before then."""
+    now = utcnow()
+    values = {"id": str(uuid.uuid4()), "owner_id": owner_id, "name": name, "sha256": None, "bytes": size, "format": fmt,
+              "status": "validating", "source_uri": uri, "created_at": now, "updated_at": now}
+    await conn.execute(Dataset.__table__.insert().values(**values))
+    await conn.commit()
+    return (await conn.execute(select(Dataset.__table__).where(Dataset.id == values["id"]))).mappings().one()
+
+
+async def same_content(conn: AsyncConnection, owner_id: int, sha256: str, dataset_id: str) -> RowMapping | None:
+    """The owner's other dataset (ready or validating) with this sha256, if any."""
+    stmt = select(Dataset.__table__).where(Dataset.owner_id == owner_id, Dataset.sha256 == sha256, Dataset.id != dataset_id,
+                                           Dataset.status != "invalid")
+    return (await conn.execute(stmt)).mappings().first()
+
+
 async def finish_validation(conn: AsyncConnection, dataset_id: str, **values: Any) -> bool:
-    """Record the outcome of a validation (``status`` ready or invalid); False if the row is gone."""
+    """Record the outcome of a validation (``status`` ready or invalid); False if the row is gone.
+    Setting a ``sha256`` (a registration's) first removes the owner's invalid dataset of it (it
+    holds nothing); one ready or validating raises IntegrityError (the unique (owner, sha256))."""
+    if values.get("sha256"):
+        owner = select(Dataset.owner_id).where(Dataset.id == dataset_id).scalar_subquery()
+        await conn.execute(delete(Dataset).where(Dataset.owner_id == owner, Dataset.sha256 == values["sha256"],
+                                                 Dataset.id != dataset_id, Dataset.status == "invalid"))
     stmt = (update(Dataset).where(Dataset.id == dataset_id, Dataset.status == "validating")
             .values(updated_at=utcnow(), **values).returning(Dataset.id))
     done = (await conn.execute(stmt)).first() is not None

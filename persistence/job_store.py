@@ -116,8 +116,10 @@ def lock_fenced(session: Session, job_id: str, attempt: int) -> bool:
     return row is not None
 
 
-def hand_back(session: Session, job_id: str, attempt: int, progress: dict[str, Any] | None = None) -> bool:
-    """A graceful worker stop: the job goes back to the queue and the attempt is not spent."""
+def hand_back(session: Session, job_id: str, attempt: int, progress: dict[str, Any] | None = None,
+              error: dict[str, Any] | None = None) -> bool:
+    """A graceful worker stop, or an infrastructure fault that is not the job's (the object store
+    unreachable: ``error`` says so): the job goes back to the queue and the attempt is not spent."""
     now = utcnow()
     values: dict[str, Any] = {
         "status": "queued",
@@ -129,6 +131,8 @@ def hand_back(session: Session, job_id: str, attempt: int, progress: dict[str, A
     }
     if progress is not None:
         values["progress"] = finite_json(progress)
+    if error is not None:
+        values["error"] = finite_json(error)
     row = session.execute(update(Job).where(_fence(job_id, attempt)).values(**values).returning(Job.id)).first()
     session.commit()
     return row is not None

@@ -283,8 +283,11 @@ class Dataset(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
-    sha256: Mapped[str] = mapped_column(String(64))
+    #: None only while a dataset registered from a URI is validating (its content is not read yet)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     bytes: Mapped[int] = mapped_column(BigInteger)
+    #: where a registered dataset was read from (``s3://bucket/prefix/``); None for an upload
+    source_uri: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     #: "zip", "tar" or "tar.gz"
     format: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))

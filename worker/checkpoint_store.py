@@ -11,6 +11,7 @@ previous object is removed after the commit.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from persistence.models import Job
 from persistence.settings import Settings, get_settings
 from storage import DigestMismatch, StoreUnavailable, sha256_file, store_for
+from storage.keys import artifact_key
 
 log = logging.getLogger("ssql.worker")
 LAST = "last.pt"
@@ -32,11 +34,19 @@ def object_key(job_id: str, sha256: str) -> str:
     return f"jobs/{job_id}/last-{sha256}.pt"
 
 
-def mirror_locked(session: Session, job_id: str, path: Path) -> str | None:
+#: after a mirror met an unreachable store, checkpoints published before this (time.monotonic)
+#: are not mirrored (each try would hold the heartbeat loop for the client's retries)
+_store_down_until = 0.0
+STORE_BACKOFF_S = 10.0
+
+
+def mirror_locked(session: Session, job_id: str, path: Path, final: bool = False) -> str | None:
     """Put ``path`` (the job's just-published last.pt) in the store and record its digest, inside
     the caller's fenced transaction; returns the previous digest (to delete after the commit). A
-    store that cannot be reached costs the mirror, never the local publish."""
-    if not mirroring() or not path.is_file():
+    store that cannot be reached costs a checkpoint's mirror, never the local publish; the
+    ``final`` one (at success) raises :class:`StoreUnavailable` instead."""
+    global _store_down_until
+    if not mirroring() or not path.is_file() or (not final and time.monotonic() < _store_down_until):
         return None
     previous = session.execute(select(Job.checkpoint_sha256).where(Job.id == job_id)).scalar_one_or_none()
     digest = sha256_file(path)
@@ -45,7 +55,10 @@ def mirror_locked(session: Session, job_id: str, path: Path) -> str | None:
     try:
         written = store_for(get_settings()).put_file(object_key(job_id, digest), path)
     except StoreUnavailable as e:
-        log.warning("job %s: last.pt not mirrored to the store (%s)", job_id, e)
+        _store_down_until = time.monotonic() + STORE_BACKOFF_S
+        if final:
+            raise
+        log.warning("job %s: last.pt not mirrored to the store (%s); next try in %g s", job_id, e, STORE_BACKOFF_S)
         return None
     if written != digest:  # the file changed under us: record nothing
         return None
@@ -53,25 +66,18 @@ def mirror_locked(session: Session, job_id: str, path: Path) -> str | None:
     return previous
 
 
-def artifact_key(sha256: str) -> str:
-    """Where a registered file of a finished job is kept: by content (identical files, one object)."""
-    return f"artifacts/{sha256}"
-
-
 def mirror_artifacts(records: list, artifacts_root: Path) -> int:
     """Put every file a finished job registered (downloads and the inputs later jobs read) in the
-    store by its sha256, so an API on another host can serve it; returns how many were put. A
-    store that cannot be reached costs the mirror, never the outcome (logged)."""
+    store by its sha256, so an API on another host can serve it; returns how many were put.
+    Raises :class:`StoreUnavailable` when the store cannot be reached: the caller does not record
+    the success (an API elsewhere could never serve the files) and hands the job back."""
     if not mirroring():
         return 0
     store, put = store_for(get_settings()), 0
-    try:
-        for r in records:
-            if not store.exists(artifact_key(r.sha256)):
-                store.put_file(artifact_key(r.sha256), artifacts_root / r.path, r.sha256)
-                put += 1
-    except StoreUnavailable as e:
-        log.warning("finished job's files not all mirrored to the store (%s)", e)
+    for r in records:
+        if not store.exists(artifact_key(r.sha256)):
+            store.put_file(artifact_key(r.sha256), artifacts_root / r.path, r.sha256)
+            put += 1
     return put
 
 

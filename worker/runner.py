@@ -414,13 +414,16 @@ def main(argv: list[str] | None = None) -> int:
     source = job.get("dataset_source")
     try:
         if source:
-            from storage import DigestMismatch
+            from storage import DigestMismatch, StoreUnavailable
             from worker.datasets import fetch
 
             try:
                 downloaded = fetch(source, job["config"])
             except DigestMismatch as e:
                 hooks.emit("error", code="corrupt_artifact", field="dataset", message=f"dataset {source['name']}: {e}", retryable=False)
+                return EXIT_ERROR
+            except StoreUnavailable as e:  # not the job's fault: the supervisor hands it back, attempt not spent
+                hooks.emit("error", code="store_unavailable", message=f"dataset {source['name']}: {e}", retryable=True)
                 return EXIT_ERROR
             log_event("dataset", {"name": source["name"], "sha256": source["sha256"], "cache": "miss" if downloaded else "hit"})
         out = _run(job, hooks)

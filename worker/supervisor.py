@@ -41,9 +41,11 @@ from persistence import job_store, throughput
 from persistence.job_store import ClaimedJob
 from persistence.models import READS_PRETRAIN_CHECKPOINT
 from persistence.settings import Settings
+from storage import StoreUnavailable
 from worker import checkpoint_store
 from worker.artifacts import collect_artifacts
 from worker.datasets import dataset_input
+from worker.log_mirror import LogMirror
 
 log = logging.getLogger("ssql.worker")
 
@@ -55,6 +57,8 @@ RUNNER_LEASE_FRACTION = 0.9
 
 #: set in a pool process when its worker is asked to stop gracefully (SIGTERM): hand the job back
 handback_requested = threading.Event()
+#: the error code (and attempt outcome) of an attempt the object store's outage stopped: not the job's fault
+STORE_FAULT = "store_unavailable"
 
 
 def worker_name() -> str:
@@ -237,6 +241,7 @@ class AttemptState:
     #: a checkpoint reported and not yet published as the job's
     checkpoint_pending: bool = False
     handback_sent: bool = False
+    log_mirror: LogMirror | None = None
 
 
 def _is_outage(exc: SQLAlchemyError) -> bool:
@@ -279,13 +284,21 @@ def supervise(
     # the folders of attempts this claim superseded (their worker died or stalled): decision 010
     if lost := remove_attempt_folders(settings, job.id, below=job.attempt):
         log.info("job %s: removed the folders of lost attempts %s", job.id, lost)
-    checkpoint_store.fetch(Sessions, job.id, job_dir)  # another host's checkpoint (decision 018)
-    resumed_from = _seed(job_dir, workdir)
     config = run_config(settings, job)
     paths = input_paths(settings, job)
-    for source in {job.source_job_id if job.kind in READS_PRETRAIN_CHECKPOINT else None, job.spec.get("pretrain_job")} - {None}:
-        checkpoint_store.fetch(Sessions, source, job_workdir(settings, source))  # the source's last.pt, likewise
-    checkpoint_store.fetch_inputs(Sessions, paths)  # an export's / distill's inputs (heads.pt, finetuned.pt, last.pt)
+    try:
+        checkpoint_store.fetch(Sessions, job.id, job_dir)  # another host's checkpoint (decision 018)
+        for source in {job.source_job_id if job.kind in READS_PRETRAIN_CHECKPOINT else None, job.spec.get("pretrain_job")} - {None}:
+            checkpoint_store.fetch(Sessions, source, job_workdir(settings, source))  # the source's last.pt, likewise
+        checkpoint_store.fetch_inputs(Sessions, paths)  # an export's / distill's inputs (heads.pt, finetuned.pt, last.pt)
+    except StoreUnavailable as e:
+        with Sessions() as s:
+            job_store.start_attempt(s, job, worker_name(), None, None)
+        outcome = _store_fault(Sessions, job, e, None, publish, _backoff(settings))
+        with Sessions() as s:
+            job_store.end_attempt(s, job.id, job.attempt, outcome)
+        return outcome
+    resumed_from = _seed(job_dir, workdir)
     problem = _preflight(job, config, paths)
     dataset_source, dataset_problem = dataset_input(Sessions, job, config)
     problem = problem or dataset_problem
@@ -338,7 +351,7 @@ def supervise(
     os.close(lease_r)
     events: queue.Queue = queue.Queue()
     threading.Thread(target=_read_events, args=(read_fd, events), daemon=True).start()
-    state = AttemptState()
+    state = AttemptState(log_mirror=LogMirror(job.id, job.attempt, log_path))
     try:
         with Sessions() as s:
             job_store.start_attempt(s, job, worker_name(), proc.pid, resumed_from)
@@ -349,6 +362,7 @@ def supervise(
             _kill_group(proc, signal.SIGKILL)
             proc.wait()
         os.close(lease_w)
+    state.log_mirror.final()  # the runner is gone: its whole log, before the outcome is visible
     if outcome != "lease_lost" and state.checkpoint_pending:
         # the last checkpoint of a run that stops here (crashed, cancelled, handed back): the
         # next attempt resumes from it; a run that succeeded publishes everything below
@@ -369,6 +383,30 @@ def supervise(
         job_store.end_attempt(s, job.id, job.attempt, outcome)
     shutil.rmtree(workdir, ignore_errors=True)
     return outcome
+
+
+def _store_fault(Sessions: sessionmaker[Session], job: ClaimedJob, reason: object, progress: dict[str, Any] | None,
+                 publish: Callable[[str], None], backoff_s: float) -> str:
+    """The object store could not be reached: an infrastructure fault, not the job's. The job goes
+    back to the queue with this attempt not spent, and is published again after ``backoff_s``
+    (``SSQL_RECONCILE_SECONDS``, at most 30 s: this worker waits that long, as any job of a
+    store-backed server needs the store), and so on until the store answers. The job's ``error``
+    says why it waits; cancelling it works as for any queued job."""
+    error = {"code": STORE_FAULT, "attempt": job.spent,
+             "message": f"the object store could not be reached ({reason}); the job waits in the queue for it, "
+                        "and this attempt is not counted against its attempts"}
+    with Sessions() as s:
+        handed = job_store.hand_back(s, job.id, job.attempt, progress=progress, error=error)
+    log.warning("job %s attempt %d: object store unreachable (%s): back to the queue, attempt not spent", job.id, job.attempt, reason)
+    if not handed:
+        return "lease_lost"
+    handback_requested.wait(backoff_s)  # cut short when the worker is asked to stop
+    _publish_or_leave(Sessions, job, publish)
+    return STORE_FAULT
+
+
+def _backoff(settings: Settings) -> float:
+    return min(settings.reconcile_seconds, 30.0)
 
 
 def _publish_checkpoint(
@@ -476,6 +514,8 @@ def _watch(
                     # which the reaper may hand the job to another worker
                     cancel = None
             last_beat = last_flush = now
+            if state.log_mirror is not None:
+                state.log_mirror.tick()
             if cancel is not None and last_renewed == now:
                 _tell_lease(lease_fd, now + settings.lease_seconds * RUNNER_LEASE_FRACTION)
                 if state.checkpoint_pending:
@@ -532,9 +572,13 @@ def _record_outcome(
                 return "lease_lost"
             for src, dst in _tree(workdir, job_dir):
                 _snapshot(src, dst)
-            previous = checkpoint_store.mirror_locked(s, job.id, job_dir / checkpoint_store.LAST)
             records = collect_artifacts(job.kind, job_dir, settings.resolved_artifacts_dir(), final.get("outputs"), job.source_job_id)
-            checkpoint_store.mirror_artifacts(records, settings.resolved_artifacts_dir())
+            try:  # with a store, a success whose files it lacks would be one no other host can serve or resume
+                previous = checkpoint_store.mirror_locked(s, job.id, job_dir / checkpoint_store.LAST, final=True)
+                checkpoint_store.mirror_artifacts(records, settings.resolved_artifacts_dir())
+            except StoreUnavailable as e:
+                s.rollback()  # nothing recorded; the published files stay: the next attempt here resumes from them
+                return _store_fault(Sessions, job, e, state.progress, publish, _backoff(settings))
             progress = dict(state.progress or {}, fraction=1.0, eta_s=0.0)
             summary = final.get("summary")
             if cost := throughput.cost_summary(s, job.id, job.kind, job.spec, summary):  # estimate vs actual
@@ -561,6 +605,9 @@ def _record_outcome(
         if kind == "cancelled" or (rc < 0 and cancel_requested and not state.handback_sent):
             job_store.finish(s, job.id, job.attempt, "cancelled", error=None, progress=state.progress)
             return "cancelled"
+        if kind == "error" and final.get("code") == STORE_FAULT:  # the runner could not fetch its dataset
+            s.rollback()
+            return _store_fault(Sessions, job, final.get("message", "unreachable"), state.progress, publish, _backoff(settings))
         if kind == "error" and not final.get("retryable", False):
             error = {k: final[k] for k in ("code", "message", "field") if k in final}
             job_store.finish(s, job.id, job.attempt, "failed", error=error, progress=state.progress)

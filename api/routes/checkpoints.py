@@ -29,6 +29,7 @@ from persistence import api_store
 from persistence.models import ARTIFACT_FORMATS
 from persistence.settings import Settings
 from ssql_core.bits import ACCEPTED_FORMS, parse_bits
+from storage.keys import artifact_key
 
 log = logging.getLogger("ssql.api")
 router = APIRouter(prefix="/v1/jobs", tags=["checkpoints"], responses=UNAUTHORIZED_RESPONSE)
@@ -88,11 +89,6 @@ async def _from_store(settings: Settings, art: Any, path: FilePath) -> Response 
 def _digest_headers(sha256: str) -> dict[str, str]:
     digest = base64.b64encode(bytes.fromhex(sha256)).decode()
     return {"ETag": f'"{sha256}"', "Repr-Digest": f"sha-256=:{digest}:", "X-Checksum-Sha256": sha256}
-
-
-def artifact_key(sha256: str) -> str:
-    """Where a finished job's registered file is kept in the store (by content; worker/checkpoint_store.py writes it)."""
-    return f"artifacts/{sha256}"
 
 
 async def _redirect(settings: Settings, art: Any, filename: str, head: bool, headers: dict[str, str]) -> Response | None:
@@ -158,6 +154,8 @@ async def download_checkpoint(
         str | None, Query(description=f"one of {', '.join(ARTIFACT_FORMATS)}; default: the first one available",
                           json_schema_extra={"enum": list(ARTIFACT_FORMATS)})
     ] = None,
+    redirect: Annotated[bool, Query(description="with `SSQL_DOWNLOAD_REDIRECT=1`: false serves the file here instead of "
+                                    "answering 307 to the store (a page that may fetch only its own origin)")] = True,
 ) -> Response:
     """Download a checkpoint. Verify it against the ETag (sha256 of the whole file)."""
     if format is not None and format not in ARTIFACT_FORMATS:
@@ -179,7 +177,7 @@ async def download_checkpoint(
     if root not in path.parents:
         raise HTTPException(404, "checkpoint file is missing on the server")
     filename = f"{job_id}-{art['bits']}{FILE_SUFFIXES.get(art['format'], path.suffix)}"
-    if settings.download_redirect and settings.storage_url is not None:
+    if redirect and settings.download_redirect and settings.storage_url is not None:
         headers = _digest_headers(art["sha256"])
         if request.headers.get("if-none-match") in (headers["ETag"], art["sha256"]):
             return Response(status_code=304, headers=headers)

@@ -4,6 +4,11 @@ The supervisor keeps one file per attempt, ``<artifacts>/jobs/<id>/attempt-<n>.l
 stdout and stderr). The answer is plain text; each attempt's lines follow a label line
 ``==> attempt N <==`` (like ``tail`` with several files). ``tail=N`` keeps the last N lines over
 all attempts; ``follow=true`` sends those, then new lines as they are written, until the job ends.
+
+With ``SSQL_STORAGE_URL`` set, workers copy each attempt's log to the store as it grows
+(worker/log_mirror.py); an attempt whose log this host lacks (it ran elsewhere) is read from
+there, so the API needs no folder in common with the workers (a running attempt's lines arrive
+every ``SSQL_LOG_MIRROR_SECONDS``).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -35,25 +40,56 @@ def label(attempt: int) -> str:
     return f"==> attempt {attempt} <=="
 
 
-def attempt_logs(settings: Settings, job_id: str) -> list[tuple[int, Path]]:
-    """The job's attempt logs, oldest attempt first."""
+class AttemptLog:
+    """One attempt's log: a file of this host, or its copy in the object store."""
+
+    def __init__(self, path: Path | None = None, store: Any = None, key: str | None = None) -> None:
+        self.path, self.store, self.key = path, store, key
+
+    def size(self) -> int:
+        if self.path is not None:
+            return self.path.stat().st_size
+        return self.store.size(self.key)
+
+    def read(self, start: int, length: int) -> bytes:
+        if self.path is not None:
+            with self.path.open("rb") as f:
+                f.seek(start)
+                return f.read(length)
+        return self.store.read_range(self.key, start, length)
+
+
+def attempt_logs(settings: Settings, job_id: str, stored: list[int] | None = None) -> list[tuple[int, AttemptLog]]:
+    """The job's attempt logs, oldest attempt first: this host's files, and (``stored``: the job's
+    attempt numbers, with a store) the copies in the store of the attempts this host lacks."""
     folder = settings.resolved_artifacts_dir() / "jobs" / job_id
     try:
-        names = [(int(m.group(1)), folder / p.name) for p in folder.iterdir() if (m := _ATTEMPT_LOG.match(p.name))]
+        logs = {int(m.group(1)): AttemptLog(folder / p.name) for p in folder.iterdir() if (m := _ATTEMPT_LOG.match(p.name))}
     except OSError:
-        return []
-    return sorted(names)
+        logs = {}
+    if stored:
+        from storage import store_for
+        from storage.keys import log_key
+
+        store = store_for(settings)
+        for attempt in stored:
+            if attempt not in logs:
+                log = AttemptLog(store=store, key=log_key(job_id, attempt))
+                try:
+                    log.size()
+                except Exception:  # noqa: BLE001 - not copied yet, or the store is away
+                    continue
+                logs[attempt] = log
+    return sorted(logs.items())
 
 
-def _read_end(path: Path, limit: int = MAX_LOG_BYTES) -> tuple[list[str], int]:
-    """The file's complete lines (at most the last ``limit`` bytes) and the offset after them."""
+def _read_end(log: AttemptLog, limit: int = MAX_LOG_BYTES) -> tuple[list[str], int]:
+    """The log's complete lines (at most the last ``limit`` bytes) and the offset after them."""
     try:
-        with path.open("rb") as f:
-            size = f.seek(0, 2)
-            start = max(0, size - limit)
-            f.seek(start)
-            data = f.read()
-    except OSError:
+        size = log.size()
+        start = max(0, size - limit)
+        data = log.read(start, size - start)
+    except Exception:  # noqa: BLE001 - a file gone, a store away: nothing to show of this attempt now
         return [], 0
     end = data.rfind(b"\n") + 1  # a partial last line is sent once it is complete
     lines = data[:end].decode(errors="replace").splitlines()
@@ -62,11 +98,11 @@ def _read_end(path: Path, limit: int = MAX_LOG_BYTES) -> tuple[list[str], int]:
     return lines, start + end
 
 
-def snapshot(settings: Settings, job_id: str, tail: int | None) -> tuple[list[str], dict[int, int]]:
+def snapshot(settings: Settings, job_id: str, tail: int | None, stored: list[int] | None = None) -> tuple[list[str], dict[int, int]]:
     """Labelled lines of every attempt (the last ``tail`` log lines in all) and each file's read offset."""
     entries: list[tuple[int, str]] = []
     offsets: dict[int, int] = {}
-    for attempt, path in attempt_logs(settings, job_id):
+    for attempt, path in attempt_logs(settings, job_id, stored):
         lines, offsets[attempt] = _read_end(path)
         entries += [(attempt, line) for line in lines]
     if tail is None:  # every attempt, an empty log too, under its label
@@ -106,7 +142,8 @@ async def job_logs(
     if row is None:
         raise HTTPException(404, "job not found")
     settings = state.settings
-    lines, offsets = await anyio.to_thread.run_sync(snapshot, settings, job_id, tail)
+    stored = await _attempts(state, job_id)
+    lines, offsets = await anyio.to_thread.run_sync(snapshot, settings, job_id, tail, stored)
     headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
     if not follow or is_head(request):  # HEAD: the headers of the answer, not a stream left open
         return PlainTextResponse("".join(f"{line}\n" for line in lines), headers=headers)
@@ -121,7 +158,7 @@ async def job_logs(
             # read once more after the job ended: the lines written just before its end
             job = await state.reads.get_job(owner, job_id)
             done = job is None or job["status"] in TERMINAL_STATUSES
-            chunk = await anyio.to_thread.run_sync(_new_lines, settings, job_id, offsets)
+            chunk = await anyio.to_thread.run_sync(_new_lines, settings, job_id, offsets, await _attempts(state, job_id))
             for attempt, text in chunk:
                 if attempt != last_label:
                     yield label(attempt) + "\n"
@@ -134,16 +171,26 @@ async def job_logs(
     return StreamingResponse(stream(), media_type="text/plain; charset=utf-8", headers=headers)
 
 
-def _new_lines(settings: Settings, job_id: str, offsets: dict[int, int]) -> list[tuple[int, str]]:
+async def _attempts(state: Any, job_id: str) -> list[int] | None:
+    """The job's attempt numbers, when logs may be in the store (``SSQL_STORAGE_URL`` set)."""
+    if state.settings.storage_url is None:
+        return None
+    from sqlalchemy import select
+
+    from persistence.models import JobAttempt
+
+    async with state.engine.connect() as conn:
+        return list((await conn.execute(select(JobAttempt.attempt).where(JobAttempt.job_id == job_id))).scalars())
+
+
+def _new_lines(settings: Settings, job_id: str, offsets: dict[int, int], stored: list[int] | None = None) -> list[tuple[int, str]]:
     """Complete lines written since ``offsets`` (updated in place), per attempt."""
     out: list[tuple[int, str]] = []
-    for attempt, path in attempt_logs(settings, job_id):
+    for attempt, log in attempt_logs(settings, job_id, stored):
         start = offsets.get(attempt, 0)
         try:
-            with path.open("rb") as f:
-                f.seek(start)
-                data = f.read(MAX_LOG_BYTES)
-        except OSError:
+            data = log.read(start, MAX_LOG_BYTES)
+        except Exception:  # noqa: BLE001 - gone, or the store is away: try again at the next poll
             continue
         end = data.rfind(b"\n") + 1
         if end:

@@ -420,7 +420,7 @@ async function sha256Hex(buf) {
 async function download(jobId, ck, button) {
   button.disabled = true; button.textContent = "downloading…";
   try {
-    const r = await api(`/v1/jobs/${jobId}/checkpoints/${ck.bits}?format=${ck.format}`);
+    const r = await api(`/v1/jobs/${jobId}/checkpoints/${ck.bits}?format=${ck.format}&redirect=false`);  // served here: the page may fetch only its own origin
     const blob = await r.blob();
     const got = await sha256Hex(await blob.arrayBuffer());
     if (got !== ck.sha256) throw new Error(`sha256 mismatch: got ${got}, expected ${ck.sha256}`);
@@ -699,6 +699,7 @@ async function renderSubmit(params) {
     } catch (err) { if (!(err instanceof ApiError) || err.status !== 401) showErrors(form, err); }
     finally { btn.disabled = false; }
   });
+  await addUploadedDatasets(form, params);  // datasets.js: your ready datasets as upload:<id>
   if (params.get("from")) await prefillFromJob(form, params.get("from"));
   main.replaceChildren(h("h1", {}, `Submit ${/^[aeiou]/.test(kind) ? "an" : "a"} ${kind} job`), form);
 }
@@ -717,6 +718,7 @@ async function route() {
     else if (parts[0] === "compare") await renderCompare(params);
     else if (parts[0] === "status") await renderStatus(params);  // service.js
     else if (parts[0] === "keys") await renderKeys(params);  // service.js
+    else if (parts[0] === "datasets") await renderDatasets(params);  // datasets.js
     else await renderJobs(params);
   } catch (e) {
     if (e.name === "AbortError" || (e instanceof ApiError && e.status === 401)) return;

@@ -1,4 +1,5 @@
-"""docker-compose.yml is a valid Compose file with the services, health checks and GPU reservation."""
+"""docker-compose.yml is a valid Compose file with the services, health checks and GPU reservation, and an
+object store (MinIO) as the only thing API and worker share besides Postgres and Redis."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def _compose_config() -> dict:
 def test_compose_file_is_valid() -> None:
     cfg = _compose_config()
     services = cfg["services"]
-    assert set(services) == {"postgres", "redis", "api", "worker"}
-    for name in services:
+    assert set(services) == {"postgres", "redis", "minio", "minio-init", "api", "worker"}
+    for name in set(services) - {"minio-init"}:  # the init makes the buckets and exits
         assert "healthcheck" in services[name], name
     assert "alembic upgrade head" in " ".join(services["api"]["command"])
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
@@ -53,3 +54,34 @@ def test_the_image_copies_every_package_the_project_installs() -> None:
     packages = {p.strip().strip('"').rstrip("*") for p in include.split(",") if p.strip()}
     copied = set(re.findall(r"^COPY (\S+) \1$", (ROOT / "Dockerfile").read_text(), re.M))
     assert packages and packages <= copied, f"not copied by the Dockerfile: {sorted(packages - copied)}"
+
+
+def test_compose_file_object_store_and_nothing_shared_between_api_and_worker() -> None:
+    """Read as YAML (works without docker): MinIO with a health check, a bucket-making init with
+    minio/mc that API and worker wait for, both configured for the store through S3 settings, and
+    no named volume mounted by both (datasets, checkpoints, exports and logs go through the store)."""
+    doc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = doc["services"]
+    minio, init = services["minio"], services["minio-init"]
+    assert minio["image"].split(":")[0] == "minio/minio" and minio["command"][0] == "server"
+    assert minio["healthcheck"]["test"] and "miniodata:/data" in minio["volumes"]
+    assert init["image"].split(":")[0] == "minio/mc" and init["depends_on"]["minio"]["condition"] == "service_healthy"
+    script = " ".join(init["entrypoint"])
+    assert "mc mb --ignore-existing store/ssql " in script and "http://minio:9000" in script
+    assert init["environment"]["AWS_ACCESS_KEY_ID"] == "${SSQL_S3_ACCESS_KEY:-ssql}" == minio["environment"]["MINIO_ROOT_USER"]
+    assert init["environment"]["AWS_SECRET_ACCESS_KEY"] == minio["environment"]["MINIO_ROOT_PASSWORD"]
+    named = set(doc["volumes"])
+    mounts = {}
+    for name in ("api", "worker"):
+        svc = services[name]
+        env = svc["environment"]
+        bucket = env["SSQL_STORAGE_URL"].removeprefix("s3://").split("/")[0]
+        assert env["SSQL_STORAGE_URL"].startswith("s3://") and f"store/{bucket}" in script  # the bucket exists at start
+        assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and env["AWS_REGION"]
+        assert env["AWS_ACCESS_KEY_ID"] == init["environment"]["AWS_ACCESS_KEY_ID"]
+        assert env["AWS_SECRET_ACCESS_KEY"] == init["environment"]["AWS_SECRET_ACCESS_KEY"]
+        assert svc["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+        mounts[name] = {v.split(":")[0] for v in svc["volumes"] if v.split(":")[0] in named}
+    assert mounts["api"] and mounts["worker"] and not mounts["api"] & mounts["worker"], mounts
+    assert "artifacts" not in named
+    assert services["api"]["environment"]["SSQL_DATASET_URI_BUCKETS"] and "store/ssql-datasets" in script

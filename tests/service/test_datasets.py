@@ -25,12 +25,14 @@ from persistence.settings import Settings
 from ssql_cli.stack import Stack, free_port
 from storage.archives import pack_folder
 from tests.service.conftest import REDIS_URL, TINY, clean_env, create_database, wait_for
-from tests.service.s3 import CREDENTIALS, moto_endpoint
+from tests.service.s3 import CREDENTIALS, moto_server
 from tests.service.test_storage import good_entries, make_folder, png
 
 pytestmark = pytest.mark.service
 BUCKET = "ssql-datasets"
 PREFIX = "svc"
+#: where users keep data they register by URI (the server may read it: SSQL_DATASET_URI_BUCKETS)
+USER_BUCKET = "user-data"
 MAX_UPLOAD = 1_000_000
 QUOTA = 600_000
 
@@ -40,12 +42,15 @@ def ds_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, 
     home = tmp_path_factory.mktemp("ds_home")
     url, drop = create_database("ssql_ds")
     queue = f"gpu-ds-{uuid.uuid4().hex[:8]}"
-    with moto_endpoint(BUCKET) as endpoint:
+    with moto_server(BUCKET) as server:
+        endpoint = server.url
         env = clean_env(
             SSQL_HOME=str(home), SSQL_DATABASE_URL=url, SSQL_BROKER_URL=REDIS_URL, SSQL_QUEUE=queue, SSQL_DEVICE="cpu",
             SSQL_LEASE_SECONDS="6", SSQL_HEARTBEAT_SECONDS="0.5", SSQL_RECONCILE_SECONDS="1", SSQL_TORCH_THREADS="1",
             SSQL_STORAGE_URL=f"s3://{BUCKET}/{PREFIX}", AWS_ENDPOINT_URL=endpoint, **CREDENTIALS,
             SSQL_MAX_UPLOAD_BYTES=str(MAX_UPLOAD), SSQL_MAX_DATASET_BYTES_PER_OWNER=str(QUOTA),
+            SSQL_DATASET_URI_BUCKETS=f"{USER_BUCKET},ghost-bucket,{BUCKET}",
+            SSQL_DOWNLOAD_REDIRECT="1", SSQL_DOWNLOAD_REDIRECT_SECONDS="60",
         )
         settings = Settings(home=home, database_url=url, broker_url=REDIS_URL, queue=queue)
         upgrade_head(settings)
@@ -55,8 +60,9 @@ def ds_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, 
         stack.start(timeout=90)
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
                           aws_secret_access_key="testing")
+        s3.create_bucket(Bucket=USER_BUCKET)
         try:
-            yield stack, endpoint, env, (sessions, s3)
+            yield stack, endpoint, env, (sessions, s3, server)
         finally:
             stack.stop()
             engine.dispose()
@@ -171,8 +177,10 @@ def test_bad_archives_are_invalid_and_store_nothing(ds_stack, alice: httpx.Clien
 
 
 def test_wrong_content_type_and_oversize_body(alice: httpx.Client) -> None:
-    r = upload(alice, zip_bytes(good_entries()), ctype="application/json")
+    r = upload(alice, zip_bytes(good_entries()), ctype="text/plain")
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["header", "content-type"], r.text
+    r = upload(alice, zip_bytes(good_entries()), ctype="application/json")  # JSON is a registration: this is no JSON
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body"], r.text
     big = b"\0" * (MAX_UPLOAD + 1)
     r = upload(alice, big)
     assert r.status_code == 413 and "SSQL_MAX_UPLOAD_BYTES" in r.json()["detail"]
@@ -228,6 +236,7 @@ def test_pretrain_on_uploaded_folder_then_delete(ds_stack, alice: httpx.Client, 
     assert done["status"] == "succeeded", done
     log = alice.get(f"/v1/jobs/{done['id']}/logs").text
     assert "cache=miss" in log
+    _redirected_download(ds_stack, alice, done["id"], tmp_path)
     # the jobs that read the pretrain default to its dataset: evaluated and fine-tuned on the upload
     follow = [alice.post("/v1/jobs", json=b) for b in (
         {"kind": "eval", "source_job": done["id"], "bits": ["fp"], "protocol": "knn", "batch_size": 16},
@@ -246,6 +255,38 @@ def test_pretrain_on_uploaded_folder_then_delete(ds_stack, alice: httpx.Client, 
     assert not any(d["sha256"] in k for k in stored_keys(ds_stack))
     gone = alice.post("/v1/jobs", json={**TINY, "dataset": d["dataset"]})
     assert gone.status_code == 422 and gone.json()["detail"][0]["loc"] == ["body", "dataset"]
+
+
+def _redirected_download(ds_stack, alice: httpx.Client, job_id: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """SSQL_DOWNLOAD_REDIRECT=1: a 307 to a short-lived presigned URL of the stored file (GET and HEAD)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from ssql_client import Client
+
+    (ck,) = [r for r in alice.get(f"/v1/jobs/{job_id}/checkpoints").json() if r["bits"] == "fp" and r["format"] == "torch"]
+    url = f"/v1/jobs/{job_id}/checkpoints/fp?format=torch"
+    r = alice.get(url)
+    assert r.status_code == 307 and r.headers["etag"] == f'"{ck["sha256"]}"' == f'"{r.headers["x-checksum-sha256"]}"', r.text
+    location = r.headers["location"]
+    assert location.startswith(ds_stack[1] + f"/{BUCKET}/{PREFIX}/artifacts/{ck['sha256']}")
+    assert parse_qs(urlsplit(location).query)["X-Amz-Expires"] == ["60"]
+    got = httpx.get(location)  # no API key: the URL alone reads the object
+    assert got.status_code == 200 and hashlib.sha256(got.content).hexdigest() == ck["sha256"] and len(got.content) == ck["bytes"]
+    assert f'filename="{job_id}-fp.pt"' in got.headers["content-disposition"]
+    part = httpx.get(location, headers={"Range": "bytes=0-9"})
+    assert part.status_code == 206 and part.content == got.content[:10]
+    followed = alice.get(url, follow_redirects=True)  # httpx drops the key on the way to another origin
+    assert followed.status_code == 200 and hashlib.sha256(followed.content).hexdigest() == ck["sha256"]
+    head = alice.head(url)
+    assert head.status_code == 307 and head.headers["etag"] == r.headers["etag"]
+    there = httpx.head(head.headers["location"])
+    assert there.status_code == 200 and int(there.headers["content-length"]) == ck["bytes"]
+    assert alice.get(url, headers={"If-None-Match": ck["sha256"]}).status_code == 304
+    here = alice.get(url + "&redirect=false")  # what the dashboard asks (its page may fetch only its own origin)
+    assert here.status_code == 200 and hashlib.sha256(here.content).hexdigest() == ck["sha256"]
+    key = alice.headers["authorization"].split()[1]
+    path, sha = Client(ds_stack[0].url, api_key=key).download(job_id, "fp", tmp_path / "fp.pt", "torch")
+    assert sha == ck["sha256"] and hashlib.sha256(path.read_bytes()).hexdigest() == sha
 
 
 def test_cli_upload_folder_list_show_rm(ds_stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -319,3 +360,102 @@ def test_store_unreachable_at_upload_is_503_and_keeps_nothing(ds_stack, tmp_path
         assert not list(tmp_path.glob("uploads/*"))  # nothing spooled
     finally:
         api.stop()
+
+
+def _put_folder(ds_stack, prefix: str, entries: dict[str, bytes]) -> None:  # type: ignore[no-untyped-def]
+    for name, data in entries.items():
+        ds_stack[3][1].put_object(Bucket=USER_BUCKET, Key=prefix + name, Body=data)
+
+
+def test_register_a_folder_and_an_archive_already_in_a_bucket(ds_stack) -> None:  # type: ignore[no-untyped-def]
+    folder = {**good_entries(), "train/b/extra.png": png(42)}
+    _put_folder(ds_stack, "pets/", folder)
+    ds_stack[3][1].put_object(Bucket=USER_BUCKET, Key="pets/", Body=b"")  # a console's folder marker: ignored
+    archive = zip_bytes({**good_entries("inner/"), "inner/val/a/more.png": png(43)})
+    ds_stack[3][1].put_object(Bucket=USER_BUCKET, Key="archives/pets.zip", Body=archive)
+    with _client(ds_stack, "gina") as gina:
+        r = gina.post("/v1/datasets", json={"name": "bucket pets", "uri": f"s3://{USER_BUCKET}/pets"})
+        assert r.status_code == 202 and r.json()["status"] == "validating", r.text
+        assert r.json()["uri"] == f"s3://{USER_BUCKET}/pets/" and r.headers["location"] == f"/v1/datasets/{r.json()['id']}"
+        d = settled(gina, r.json()["id"])
+        assert (d["status"], d["format"], d["classes"], d["train_images"], d["val_images"]) == ("ready", "tar", ["a", "b"], 5, 4), d
+        assert any(d["sha256"] in k for k in stored_keys(ds_stack))  # a copy in the service's store: immutable
+        # the same folder again: the same content (the tar is packed deterministically), not a second copy
+        again = settled(gina, gina.post("/v1/datasets", json={"name": "again", "uri": f"s3://{USER_BUCKET}/pets/"}).json()["id"])
+        assert again["status"] == "invalid" and f"use upload:{d['id']}" in again["error"], again
+        z = gina.post("/v1/datasets", json={"name": "zipped", "uri": f"s3://{USER_BUCKET}/archives/pets.zip"})
+        assert z.status_code == 202, z.text
+        dz = settled(gina, z.json()["id"])
+        assert (dz["status"], dz["format"], dz["sha256"], dz["bytes"]) == ("ready", "zip", hashlib.sha256(archive).hexdigest(), len(archive)), dz
+        assert upload(gina, archive).json()["id"] == dz["id"]  # uploading those bytes finds the registered dataset
+        job = gina.post("/v1/jobs", params={"dry_run": 1}, json={**TINY, "dataset": d["dataset"]})
+        assert job.status_code == 200, job.text
+
+
+@pytest.mark.parametrize(("body", "loc", "says"), [
+    ({"name": "x", "uri": "http://example.com/data/"}, "uri", "must be s3://"),
+    ({"name": "x", "uri": "s3://Not_A_Bucket/x/"}, "uri", "not an S3 bucket name"),
+    ({"name": "x", "uri": "s3://someone-elses/x/"}, "uri", "not one this server registers datasets from"),
+    ({"name": "x", "uri": "s3://ghost-bucket/x/"}, "uri", "does not exist"),
+    ({"name": "x", "uri": f"s3://{USER_BUCKET}/nothing-here/"}, "uri", "no objects under"),
+    ({"name": "x", "uri": f"s3://{USER_BUCKET}/missing.zip"}, "uri", "no object s3://"),
+    ({"name": "x", "uri": f"s3://{BUCKET}/{PREFIX}/datasets/"}, "uri", "inside (or above) the service's own store"),
+    ({"uri": f"s3://{USER_BUCKET}/pets/"}, "name", "required"),
+    ({"name": "x", "uri": f"s3://{USER_BUCKET}/pets/", "extra": 1}, "extra", "not permitted"),
+])
+def test_registration_refusals_name_the_field(ds_stack, alice: httpx.Client, body: dict, loc: str, says: str) -> None:  # type: ignore[no-untyped-def]
+    r = alice.post("/v1/datasets", json=body)
+    assert r.status_code == 422, r.text
+    (err,) = r.json()["detail"]
+    assert err["loc"] == ["body", loc] and says in err["msg"], err
+
+
+def test_registered_folder_with_bad_files_is_invalid_and_stores_nothing(ds_stack, alice: httpx.Client) -> None:  # type: ignore[no-untyped-def]
+    _put_folder(ds_stack, "broken/", {**good_entries(), "val/b/bad.jpg": b"\xff\xd8garbage", "train/notes.txt": b"x"})
+    before = set(stored_keys(ds_stack))
+    r = alice.post("/v1/datasets", json={"name": "broken", "uri": f"s3://{USER_BUCKET}/broken/"})
+    assert r.status_code == 202, r.text
+    d = settled(alice, r.json()["id"])
+    assert d["status"] == "invalid" and "val/b/bad.jpg: does not decode" in d["error"], d
+    assert "train/notes.txt: must be inside a class folder" in d["error"], d
+    assert d["sha256"] is None and set(stored_keys(ds_stack)) == before
+
+
+def test_store_outage_mid_job_spends_no_attempt(ds_stack, alice: httpx.Client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The store goes away while a pretrain runs (its end cannot be kept there) and while another
+    owner's job must fetch its dataset: both wait in the queue, attempts not spent, and succeed
+    once the store is back."""
+    from sqlalchemy import select
+
+    from persistence.models import Job, JobAttempt
+
+    sessions, _, server = ds_stack[3]
+    folder = make_folder(tmp_path / "outage", classes=("x", "y"), per_split=8)  # not in the worker's cache yet
+    with _client(ds_stack, "henry") as henry:
+        up = upload(henry, pack_folder(folder, tmp_path / "outage.tar.gz").read_bytes(), name="outage", ctype="application/gzip")
+        d = settled(henry, up.json()["id"])
+        assert d["status"] == "ready", d
+        a = alice.post("/v1/jobs", json={**TINY, "epochs": 6, "export_bits": []}).json()
+
+        def mirrored(j: dict) -> bool:
+            if j["status"] != "running" or (j["progress"].get("step") or 0) < 4:
+                return False
+            with sessions() as s:
+                return s.scalar(select(Job.checkpoint_sha256).where(Job.id == a["id"])) is not None
+
+        wait_for(alice, a["id"], mirrored, poll=0.05)
+        server.stop()
+        try:
+            b = henry.post("/v1/jobs", json={**TINY, "dataset": d["dataset"], "epochs": 1, "export_bits": []}).json()
+            for c, job_id in ((alice, a["id"]), (henry, b["id"])):  # each attempt ends as the store's fault: back to the queue
+                wait_for(c, job_id, lambda j: (j.get("error") or {}).get("code") == "store_unavailable", timeout=90)
+        finally:
+            server.start()
+        for c, job_id in ((alice, a["id"]), (henry, b["id"])):
+            done = wait_for(c, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout=120)
+            assert done["status"] == "succeeded" and done["attempts"] == 1 and not done.get("error"), done
+            with sessions() as s:
+                outcomes = s.scalars(select(JobAttempt.outcome).where(JobAttempt.job_id == job_id)).all()
+            assert "store_unavailable" in outcomes and outcomes.count("succeeded") == 1, outcomes
+        assert "cache=miss" in henry.get(f"/v1/jobs/{b['id']}/logs").text
+    assert alice.get(f"/v1/jobs/{a['id']}").json()["summary"]["steps"] == 24

@@ -119,6 +119,11 @@ def test_second_host_resumes_from_the_stored_checkpoint(two_hosts: dict) -> None
     assert min(m["step"] for m in metrics if m["attempt"] == second.attempt) > 4  # resumed, not restarted
     assert _fp_sha(client, job["id"]) == reference  # the same weights as the uninterrupted run
     assert (home_b / "artifacts" / "jobs" / job["id"] / "last.pt").is_file()
+    # host a lacks the second attempt's log: the API reads the copy host b's worker kept in the store
+    assert not (two_hosts["homes"]["a"] / "artifacts" / "jobs" / job["id"] / f"attempt-{second.attempt}.log").exists()
+    text = client.get(f"/v1/jobs/{job['id']}/logs").text
+    assert f"==> attempt {first.attempt} <==" in text and f"==> attempt {second.attempt} <==" in text
+    assert "result:" in text.split(f"==> attempt {second.attempt} <==")[1]
 
     # the API runs on host a, which never had the finished files: it serves them from the store, verified
     on_a = two_hosts["homes"]["a"] / "artifacts" / "jobs" / job["id"] / "backbone.pt"
