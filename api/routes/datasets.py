@@ -102,7 +102,8 @@ async def upload_dataset(
     conn: Conn,
     state: StateDep,
     name: Annotated[str | None, Query(min_length=1, max_length=200, pattern=NAME_PATTERN,
-                                      description="your name for the dataset (an archive upload; required there)")] = None,
+                                      description="your name for the dataset (an archive upload; default: the file name of "
+                                                  "`Content-Disposition`, else `upload-` and the sha256's first 12 digits)")] = None,
 ) -> JSONResponse:
     """Upload an image-folder archive (`train/<class>/*`, `val/<class>/*`, optionally in one top-level
     folder; png, jpg, jpeg, webp, bmp) as the request body, or register one already in an S3
@@ -119,8 +120,6 @@ async def upload_dataset(
         raise FieldError(("header", "content-type"), "must be application/zip, application/x-tar, application/gzip (a .tar.gz) or "
                          "application/octet-stream (the format read from the first bytes) for an archive, or application/json "
                          f"for a registration ({{\"name\", \"uri\": \"s3://...\"}}), got {content_type!r}")
-    if name is None:
-        raise FieldError(("query", "name"), "required: your name for the dataset (?name=pets)")
     try:  # a store that cannot take the archive now: say so before the body is sent (nothing is kept)
         await anyio.to_thread.run_sync(store_for(settings).check)
     except StoreUnavailable as e:
@@ -135,6 +134,7 @@ async def upload_dataset(
         if (over := await _over_quota(conn, owner, settings, size, digest)) is not None:
             return over
         await dataset_store.expire_stale(conn, owner, settings.dataset_validation_timeout_seconds)
+        name = name or _default_name(request, digest)
         row, created = await dataset_store.create_or_existing(conn, owner, name, digest, size, fmt)
         if not created:
             return JSONResponse(dataset_view(row), status_code=200)
@@ -144,6 +144,15 @@ async def upload_dataset(
     finally:
         if not keep:
             tmp.unlink(missing_ok=True)
+
+
+def _default_name(request: Request, digest: str) -> str:
+    """An upload without ``?name=``: the file name of its ``Content-Disposition``, else ``upload-<sha256[:12]>``."""
+    import re
+
+    m = re.search(r'filename="?([^";]+)"?', request.headers.get("content-disposition", ""))
+    name = m.group(1).strip()[:200] if m else ""
+    return name if name and re.match(NAME_PATTERN, name) else f"upload-{digest[:12]}"
 
 
 def _unavailable(e: Exception) -> JSONResponse:

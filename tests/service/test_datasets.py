@@ -197,6 +197,13 @@ def test_wrong_content_type_and_oversize_body(alice: httpx.Client) -> None:
     assert r.status_code == 202
     d = settled(alice, r.json()["id"])
     assert (d["status"], d["format"]) == ("ready", "zip"), d
+    # no ?name=: the file name the client sent, else upload-<sha256[:12]>
+    named = alice.post("/v1/datasets", content=zip_bytes({**good_entries(), "val/a/n.png": png(8)}),
+                       headers={"Content-Type": "application/zip", "Content-Disposition": 'attachment; filename="pets.zip"'})
+    assert named.status_code == 202 and named.json()["name"] == "pets.zip", named.text
+    anon = zip_bytes({**good_entries(), "val/a/m.png": png(9)})
+    unnamed = alice.post("/v1/datasets", content=anon, headers={"Content-Type": "application/zip"})
+    assert unnamed.status_code == 202 and unnamed.json()["name"] == "upload-" + hashlib.sha256(anon).hexdigest()[:12]
     # an ordinary JSON route keeps its own, smaller limit
     assert alice.post("/v1/jobs", content=b"{" + b" " * (2 << 20) + b"}", headers={"Content-Type": "application/json"}).status_code == 413
 
