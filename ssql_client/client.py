@@ -359,6 +359,13 @@ class Client:
         dataset = r.json()
         return self.wait_dataset(dataset["id"], timeout) if wait else dataset
 
+    def register_dataset(self, uri: str, name: str, wait: bool = True, timeout: float = 3600.0) -> dict[str, Any]:
+        """Register data already in a bucket the server may read: ``s3://bucket/prefix/`` (an image
+        folder) or ``s3://bucket/key.zip`` (``.tar``, ``.tar.gz``, ``.tgz``). The server copies and
+        validates it like an upload; with ``wait`` the call returns once that is done."""
+        dataset = self._request("POST", "/v1/datasets", json={"name": name, "uri": uri}).json()
+        return self.wait_dataset(dataset["id"], timeout) if wait else dataset
+
     def dataset(self, dataset_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/datasets/{dataset_id}").json()
 

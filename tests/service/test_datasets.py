@@ -390,9 +390,10 @@ def test_register_a_folder_and_an_archive_already_in_a_bucket(ds_stack) -> None:
         # the same folder again: the same content (the tar is packed deterministically), not a second copy
         again = settled(gina, gina.post("/v1/datasets", json={"name": "again", "uri": f"s3://{USER_BUCKET}/pets/"}).json()["id"])
         assert again["status"] == "invalid" and f"use upload:{d['id']}" in again["error"], again
-        z = gina.post("/v1/datasets", json={"name": "zipped", "uri": f"s3://{USER_BUCKET}/archives/pets.zip"})
-        assert z.status_code == 202, z.text
-        dz = settled(gina, z.json()["id"])
+        from ssql_client import Client
+
+        dz = Client(ds_stack[0].url, api_key=gina.headers["authorization"].split()[1]).register_dataset(
+            f"s3://{USER_BUCKET}/archives/pets.zip", "zipped", timeout=60)
         assert (dz["status"], dz["format"], dz["sha256"], dz["bytes"]) == ("ready", "zip", hashlib.sha256(archive).hexdigest(), len(archive)), dz
         assert upload(gina, archive).json()["id"] == dz["id"]  # uploading those bytes finds the registered dataset
         job = gina.post("/v1/jobs", params={"dry_run": 1}, json={**TINY, "dataset": d["dataset"]})
