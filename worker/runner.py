@@ -312,7 +312,8 @@ def _run(job: dict[str, Any], hooks: EventHooks) -> dict[str, Any]:
         outputs: list[dict[str, Any]] = []
         summary: dict[str, Any] = {"rows": len(rows)}
         if (workdir / HEADS).is_file():  # linear protocol: a classifier file per evaluated bit-width
-            bits = [r["bits"] for r in rows]  # per-layer maps (and autobit's choice) by their label: heads.pt holds each map
+            # per-layer maps (and autobit's choice, which may equal a given map) by their label: heads.pt holds each map
+            bits = list(dict.fromkeys(r["bits"] for r in rows))
             try:
                 with _exporting():
                     paths = export_checkpoints(config["checkpoint"], bits, workdir / "exports", heads=workdir / HEADS,
