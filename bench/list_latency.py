@@ -7,10 +7,11 @@ On a fresh database migrated to the revision before 0012 it seeds ``--jobs`` job
 owners (the measured owner holds 40 % of them, ``--share``: pretrain, eval and finetune jobs, one to three tags
 each, eval jobs with a linear-probe top-1 at eight bit-widths), starts the real API (one uvicorn
 process, asyncpg), and times ``GET /v1/jobs`` one request at a time (the latency a dashboard user
-waits for) for each query below. Then it upgrades the same database to 0012 (its indexes),
-``ANALYZE``s, and times the same requests again on the same API process. Prints p50 / p99 per
-query and phase and the ratio; ``--explain`` also prints Postgres's plan of the headline query
-(tag filter + top-1 sort) in each phase. No worker runs: nothing is trained.
+waits for) for each query below, in rounds that alternate the schema before 0012 and with it (the
+migration's own downgrade / upgrade, then ``ANALYZE``; the order flips every round, so background
+load on a shared machine hits both alike), on the same API process. Prints p50 / p99 per query and
+phase and the p99 ratio; ``--explain`` also prints Postgres's plans of the headline query (tag
+filter + top-1 sort) and of the unfiltered top-1 sort in each phase. No worker runs: nothing is trained.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from api_load import HOST, PG, REDIS, _wait_http, get_request, run_load  # noqa: E402  (this folder is on sys.path)
+from api_load import HOST, PG, REDIS, _wait_http, get_request  # noqa: E402  (this folder is on sys.path)
 
 BITS = ["fp", "8w8a", "6w6a", "5w5a", "4w4a", "3w3a", "2w8a", "2w4a"]
 TAGS = ["paper", "ablation", "sweep", "baseline", "cifar", "imagenet", "r18", "r50", "lr-1e-3", "lr-3e-3",
@@ -100,21 +101,16 @@ def seed(settings: Any, n_jobs: int, rnd: random.Random, share: float) -> str:
     return key
 
 
-def measure(port: int, key: str, requests: int, warmup: int) -> dict[str, dict[str, float]]:
-    """p50 / p99 of each query, one request at a time; the queries alternate in rounds."""
-    out: dict[str, list[float]] = {label: [] for label, _ in QUERIES}
-    rounds = 4
-    for _label, query in QUERIES:  # warm the API's and Postgres's caches for each query
-        run_load(port, lambda q=query: get_request("/v1/jobs?" + q, key), warmup, 1, 0)
-    for _ in range(rounds):
-        for label, query in QUERIES:
-            r = _timed(port, "/v1/jobs?" + query, key, requests // rounds)
-            out[label] += r
-    stats = {}
-    for label, lat in out.items():
-        lat.sort()
-        stats[label] = {"p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))], "n": len(lat)}
-    return stats
+def measure(port: int, key: str, requests: int, warmup: int) -> dict[str, list[float]]:
+    """Latencies of each query, one request at a time, after ``warmup`` unmeasured ones each."""
+    for _label, query in QUERIES:  # warm the API's and Postgres's caches (and plans) for each query
+        _timed(port, "/v1/jobs?" + query, key, warmup)
+    return {label: _timed(port, "/v1/jobs?" + query, key, requests) for label, query in QUERIES}
+
+
+def percentiles(lat: list[float]) -> dict[str, float]:
+    lat = sorted(lat)
+    return {"p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))], "n": len(lat)}
 
 
 def _timed(port: int, path: str, key: str, n: int) -> list[float]:
@@ -140,8 +136,13 @@ def _timed(port: int, path: str, key: str, n: int) -> list[float]:
     return asyncio.run(go())
 
 
-def explain(url: str, owner_name: str = "alice") -> str:
-    """Postgres's plan (EXPLAIN ANALYZE) of the headline query, built by the API's own code."""
+#: the queries whose plans ``--explain`` prints: (label, tags, top-1 bits)
+EXPLAINED = [("tag + top1:4w4a sort (headline)", ["paper"], "4w4a"), ("top1:4w4a sort, no filter", None, "4w4a")]
+
+
+def explain(url: str, tags: list[str] | None, bits: str, owner_name: str = "alice") -> str:
+    """Postgres's plan (EXPLAIN ANALYZE, after one unmeasured run) of a list query built by the
+    API's own code (persistence.api_store.list_jobs), the measured owner's, 51 rows as the API asks."""
     import psycopg
     from sqlalchemy.dialects import postgresql
 
@@ -157,10 +158,11 @@ def explain(url: str, owner_name: str = "alice") -> str:
     with psycopg.connect(url) as c:
         owner = c.execute("SELECT id FROM users WHERE name = %s", (owner_name,)).fetchone()[0]
         try:
-            asyncio.run(api_store.list_jobs(Capture(), owner, None, None, 51, 0, tags=["paper"], metric_bits="4w4a"))  # type: ignore[arg-type]
+            asyncio.run(api_store.list_jobs(Capture(), owner, None, None, 51, 0, tags=tags, metric_bits=bits))  # type: ignore[arg-type]
         except StopAsyncIteration:
             pass
         sql = str(Capture.stmt.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+        c.execute(sql).fetchall()
         rows = c.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql).fetchall()
     return "\n".join(r[0] for r in rows)
 
@@ -169,9 +171,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=10_000)
     ap.add_argument("--requests", type=int, default=400, help="requests per query and phase")
-    ap.add_argument("--warmup", type=int, default=20, help="unmeasured requests per query and phase")
+    ap.add_argument("--warmup", type=int, default=10, help="unmeasured requests per query, phase and round")
+    ap.add_argument("--rounds", type=int, default=4, help="rounds; the phases alternate within each")
     ap.add_argument("--revision", default="0012", help="the migration whose indexes are measured")
-    ap.add_argument("--explain", action="store_true", help="print the headline query's plan in each phase")
+    ap.add_argument("--explain", action="store_true", help="print two queries' plans in each phase (EXPLAINED)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--share", type=float, default=0.4, help="the measured owner's share of the jobs (the rest: four others)")
     args = ap.parse_args()
@@ -210,16 +213,28 @@ def main() -> int:
         port = free_port()
         api = subprocess.Popen(api_command(HOST, port), env=env, cwd=ROOT)
         _wait_http(port, "/healthz", timeout=120)
-        for phase, revision in ((f"without ({before})", None), (f"with {args.revision}", args.revision)):
-            if revision is not None:
-                t0 = time.perf_counter()
-                command.upgrade(cfg, revision)
-                with engine.connect() as conn:
-                    conn.execute(text("ANALYZE"))
-                print(f"upgrade to {revision} + ANALYZE: {time.perf_counter() - t0:.1f} s")
-            if args.explain:
-                plans[phase] = explain(url)
-            phases[phase] = measure(port, key, args.requests, args.warmup)
+        # The phases alternate in rounds (the order flipped every round), the schema switched by
+        # the migration itself (downgrade to its parent / upgrade to it, then ANALYZE), so that
+        # background load on a shared machine hits both alike.
+        names = {before: f"without ({before})", args.revision: f"with {args.revision}"}
+        lat: dict[str, dict[str, list[float]]] = {n: {label: [] for label, _ in QUERIES} for n in names.values()}
+        current = before
+        for r in range(args.rounds):
+            order = [before, args.revision] if r % 2 == 0 else [args.revision, before]
+            for revision in order:
+                if revision != current:
+                    t0 = time.perf_counter()
+                    (command.upgrade if revision == args.revision else command.downgrade)(cfg, revision)
+                    with engine.connect() as conn:
+                        conn.execute(text("ANALYZE"))
+                    current = revision
+                    print(f"round {r + 1}: schema at {revision} ({time.perf_counter() - t0:.1f} s)", flush=True)
+                if args.explain and names[revision] not in plans:
+                    plans[names[revision]] = "\n\n".join(f"-- {label}, {names[revision]}:\n{explain(url, tags, bits)}"
+                                                         for label, tags, bits in EXPLAINED)
+                for label, got in measure(port, key, args.requests // args.rounds, args.warmup).items():
+                    lat[names[revision]][label] += got
+        phases = {n: {label: percentiles(v) for label, v in per.items()} for n, per in lat.items()}
         engine.dispose()
     finally:
         if api is not None:
@@ -230,16 +245,17 @@ def main() -> int:
 
     from ssql_core.runtime import cpu_name
 
-    print(f"\nGET /v1/jobs (limit 50), {args.jobs} jobs, {args.requests} sequential requests per query and phase; "
-          f"{cpu_name()}, {os.cpu_count()} CPUs")
+    print(f"\nGET /v1/jobs (limit 50), {args.jobs} jobs ({args.share:.0%} the measured owner's), {args.requests} sequential "
+          f"requests per query and phase in {args.rounds} alternating rounds; {cpu_name()}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
     (p0, s0), (p1, s1) = phases.items()
     print(f"{'query':<34} {p0:>26} {p1:>26}   p99 ratio")
     for label, _ in QUERIES:
         a, b = s0[label], s1[label]
         print(f"{label:<34} p50 {a['p50_ms']:6.1f} p99 {a['p99_ms']:6.1f} ms   p50 {b['p50_ms']:6.1f} p99 {b['p99_ms']:6.1f} ms"
               f"   {a['p99_ms'] / b['p99_ms']:5.2f}x")
-    for phase, plan in plans.items():
-        print(f"\n-- plan of the headline query, {phase}:\n{plan}")
+    for plan in plans.values():
+        print(f"\n{plan}")
     return 0
 
 
