@@ -143,6 +143,24 @@ def test_worker_state_rule() -> None:
     assert workers.worker_state(now, now - timedelta(hours=1), s, now) == "stopped"
 
 
+def test_worker_device_from_nvidia_smi(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The worker names its GPUs from nvidia-smi's CSV (no CUDA in the forking process). No GPU
+    here: a stand-in ``nvidia-smi`` on PATH prints what the real one prints for two H100s."""
+    from worker.presence import describe_device
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '0, NVIDIA H100 80GB HBM3\\n1, NVIDIA H100 80GB HBM3\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert describe_device(Settings(device="auto")) == "2x NVIDIA H100 80GB HBM3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert describe_device(Settings(device="auto")) == "NVIDIA H100 80GB HBM3"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: the CPU
+    assert describe_device(Settings(device="auto")).startswith("cpu: ")
+    assert describe_device(Settings(device="cpu")).startswith("cpu: ")
+
+
 def test_metrics_prometheus_format_needs_a_key(client, stack, sessions, queue_name, running_job) -> None:  # type: ignore[no-untyped-def]
     _wait_running(client, running_job)
     client.get(f"/v1/jobs/{running_job}")
