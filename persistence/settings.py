@@ -124,7 +124,6 @@ class Settings(BaseSettings):
     #: it needs one, like every other route
     metrics_public: bool = False
 
-
     # Client (ssql CLI).
     url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
