@@ -45,14 +45,19 @@ from ssql_core.export.format import (
     read_safetensors,
     write_quantized,
 )
-from ssql_core.export.quantized import QuantizedModel, build_quantized_model, quantize_backbone
+from ssql_core.export.quantized import (
+    QuantizedModel,
+    bound_rounding,
+    build_quantized_model,
+    quantize_backbone,
+)
 from ssql_core.ptq.rounding import (
     Reconstruction,
     apply_reconstruction,
     clear_rounding,
     current_ranges,
 )
-from ssql_core.qnn import act_points, bind_context
+from ssql_core.qnn import QuantContext, act_points, bind_context
 from ssql_core.runtime import resolve_device
 from ssql_core.train import load_pretrained
 
@@ -134,7 +139,10 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
             raise ValueError("calibration= applies to a CalibrationSpec, not to caller-supplied batches")
         calib = calib.with_method(calibration, calib_percentile)
     per_bits = isinstance(calib, CalibrationSpec) and calib.per_bits
-    ctx = bind_context(backbone)
+    # the quantizer's rounding the evaluation ran with (its own setting, else the run's): MSE
+    # calibration, reconstruction and the integers then follow the model the user evaluated
+    rounding = (ecfg.rounding if heads is not None else None) or pcfg.rounding or "reciprocal"
+    ctx = bind_context(backbone, QuantContext(rounding=rounding))
     if any(not b.is_fp for b in parsed) and not per_bits:
         info["calibration"] = run_calibration(backbone, ctx, calib, pcfg, dev)
     recons, recon_calib = _reconstructions(backbone, ctx, parsed, calib, pcfg, dev, heads, heads_state, ptq, ptq_images,
@@ -275,8 +283,9 @@ def load_quantized(path: str | Path) -> QuantizedModel:
 
 @torch.no_grad()
 def fake_quant_reference(backbone: nn.Module, bits: Any, x: Tensor) -> Tensor:
-    """The fake-quant backbone's output at ``bits`` (ranges already calibrated): the oracle."""
-    ctx = bind_context(backbone)
+    """The fake-quant backbone's output at ``bits`` (ranges already calibrated, with the rounding
+    of the context it is bound to): the oracle."""
+    ctx = bind_context(backbone, QuantContext(rounding=bound_rounding(backbone)))
     backbone.eval()
     with ctx.quantized(as_bits(bits, backbone)):
         return backbone(x)

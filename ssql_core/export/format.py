@@ -10,7 +10,7 @@ Tensors (names are the backbone's torchvision names, prefixed ``backbone.`` / ``
 * ``head.weight`` / ``head.bias``: the evaluation's FP linear classifier, when exported with one.
 
 Metadata (strings): ``format``, ``format_version``, ``manifest`` (JSON: architecture, bits, per
-tensor packing, quantizer formulas, calibration, source) and ``sha256`` over the manifest and every
+tensor packing, quantizer formulas and ``rounding``, calibration, source) and ``sha256`` over the manifest and every
 tensor's name, dtype, shape and bytes. Reading parses only safetensors (no pickle) and refuses a
 file whose hash, structure or manifest does not check out, with a ``ValueError`` that says why.
 """
@@ -46,14 +46,23 @@ MIXED_FORMAT_VERSION = 2
 READ_VERSIONS = (str(FORMAT_VERSION), str(MIXED_FORMAT_VERSION))
 MAX_WIDTH = 4.0  # the largest width multiplier PretrainConfig accepts
 
-QUANTIZER = {
-    "weights": "symmetric per output channel (axis 0): w = w_int * scale[c]; "
-               "scale[c] = max|w_c| / ((2^b - 1) / 2), w_int = clamp(round(w / scale), -2^(b-1), 2^(b-1) - 1)",
-    "activations": "asymmetric per tensor from the calibrated range [lo, hi]: s = (hi - lo) / (2^b - 1), "
-                   "z = -round(lo / s), q = clamp(round(x * (1 / s)) + z, 0, 2^b - 1), x_hat = (q - z) * s",
-    "rounding": "half to even",
-    "unquantized": "input image, residual branch before the add, pooled feature, head",
-}
+#: the quantizer's arithmetic per ``rounding`` (the manifest's top-level ``rounding``; files
+#: written before it existed were all ``reciprocal``)
+_DIV = {"reciprocal": "x * (1 / s)", "divide": "x / s"}
+
+
+def quantizer_description(rounding: str = "reciprocal") -> dict[str, str]:
+    """The manifest's ``quantizer`` entry: the formulas the file's integers and ranges follow."""
+    w, x = _DIV[rounding].replace("x", "w").replace("s", "scale[c]"), _DIV[rounding]
+    return {
+        "weights": "symmetric per output channel (axis 0): w = w_int * scale[c]; "
+                   f"scale[c] = max|w_c| / ((2^b - 1) / 2), w_int = clamp(round({w}), -2^(b-1), 2^(b-1) - 1)",
+        "activations": "asymmetric per tensor from the calibrated range [lo, hi]: s = (hi - lo) / (2^b - 1), "
+                       f"z = -round(lo / s), q = clamp(round({x}) + z, 0, 2^b - 1), x_hat = (q - z) * s",
+        "rounding": f"half to even, of {_DIV[rounding]} in float32 ({rounding})",
+        "unquantized": "input image, residual branch before the add, pooled feature, head",
+    }
+
 PACKING = {
     "layout": LAYOUT,
     "description": "value i (C order) occupies stream bits [i*b, (i+1)*b), least significant bit first; "
@@ -123,7 +132,8 @@ def encode(q: QuantizedBackbone, head: dict[str, Tensor] | None, info: dict[str,
         "act_bits": None if mixed else q.bits.a,  # type: ignore[union-attr]
         **({"bit_config": q.bits.as_dict()} if mixed else {}),  # type: ignore[union-attr]
         "bn_folded": False,
-        "quantizer": QUANTIZER if not q.bits.is_fp else None,
+        "quantizer": quantizer_description(q.rounding) if not q.bits.is_fp else None,
+        **({"rounding": q.rounding} if not q.bits.is_fp else {}),
         "packing": PACKING if not q.bits.is_fp else None,
         "weights": weights,
         "activations": activations,
@@ -189,7 +199,10 @@ def check_arch(arch: Any) -> dict[str, Any]:
 def decode(manifest: dict[str, Any], tensors: dict[str, Tensor]) -> tuple[QuantizedBackbone, dict[str, Tensor] | None]:
     """Rebuild the :class:`QuantizedBackbone` (and head) a manifest describes, checking every entry."""
     bits = _manifest_bits(manifest)
-    q = QuantizedBackbone(arch=check_arch(manifest.get("arch")), bits=bits)
+    rounding = manifest.get("rounding", "reciprocal")  # absent: a file from before the field, all reciprocal
+    if rounding not in _DIV:
+        raise CheckpointError(f"manifest.rounding must be one of {list(_DIV)}, got {rounding!r}")
+    q = QuantizedBackbone(arch=check_arch(manifest.get("arch")), bits=bits, rounding=rounding)
     used: set[str] = set()
 
     def take(name: Any, dtype: torch.dtype) -> Tensor:

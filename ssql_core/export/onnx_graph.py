@@ -17,7 +17,11 @@ value by about an ulp, which changes an activation code only when the value sits
 boundary; then that sample's output moves by about one quantization step. Computing ``x * (1/s)``
 in the graph (Mul, then QuantizeLinear with scale 1) removes only the second source and breaks the
 standard QDQ pattern runtimes fuse, so the graph keeps plain QDQ. :func:`compare_onnx` reports
-the difference per sample.
+the difference per sample; :func:`forced_code_agreement` compares every quant point's codes with
+the PyTorch model's teacher-forced (each segment from the same input codes), which is the check
+that holds exactly: codes differ only within float rounding of a .5 boundary. For a run with the
+reference's ``rounding="divide"`` (``x / s``), QuantizeLinear's own division is that rounding and
+the integers are taken with it too (the manifest's ``rounding``).
 The manifest and a sha256 of the graph live in the model's ``metadata_props``.
 """
 
@@ -199,7 +203,7 @@ def build_onnx(q: QuantizedBackbone, head: dict[str, Tensor] | None = None, info
                 **({"bit_config": q.bits.as_dict(),  # type: ignore[union-attr]
                     "weights": {k: {"bits": w.bits, "container": "INT4" if w.bits <= 4 else "INT8"} for k, w in q.weights.items()}}
                    if mixed else {}),
-                "bn_folded": False, "opset": OPSET,
+                "bn_folded": False, "opset": OPSET, "rounding": q.rounding,
                 "input": "input: float32 [N, 3, H, W], normalized as the run's test transform",
                 "output": out_name, "activations": g.acts, **(info or {})}
     _set_meta(proto, manifest)
@@ -294,3 +298,101 @@ def quant_point_agreement(path_or_proto: str | Path | onnx.ModelProto, x: Tensor
         mismatched += int((delta > 0).sum())
         worst = max(worst, int(delta.max()) if delta.numel() else 0)
     return {"points": len(points), "elements": total, "mismatched": mismatched, "max_code_delta": worst}
+
+
+def _points_of(reference: nn.Module) -> dict[str, ActQuant]:
+    """``reference``'s activation points by backbone name (a QuantizedModel's or a bare backbone's)."""
+    return {n.removeprefix("backbone."): m for n, m in reference.named_modules() if isinstance(m, ActQuant)}
+
+
+@torch.no_grad()
+def forced_code_agreement(path_or_proto: str | Path | onnx.ModelProto, reference: nn.Module, x: Tensor,
+                          value_tol: float = 1e-3) -> dict[str, Any]:
+    """Per quantization point, the graph's activation codes against ``reference``'s on the same inputs.
+
+    ``reference`` runs the quantized model in PyTorch (a :class:`QuantizedModel`, or the fake-quant
+    backbone inside ``ctx.quantized(bits)`` wrapped by the caller); its codes at every point are
+    read from what its quant points output. onnxruntime then runs the graph *teacher-forced*: every
+    activation ``DequantizeLinear`` reads the reference's codes instead of the graph's own, so each
+    segment between two quant points (conv, BN, ReLU, add, ...) computes from identical inputs and
+    a float difference cannot compound through the network. Per point this returns the largest
+    difference of the quant point's float input ``u = x / s`` (in steps), relative to
+    ``max(1, |u|)`` (``max_value_diff``: float32 sums of the same terms in another order differ by
+    about ``K * 2^-24`` of the value), the codes that differ (``flips``), and those of them *not*
+    explained by float rounding (``unexplained``): a flip is explained when a rounding boundary
+    ``k + 1/2`` lies between the two computed values (within 4 float32 ulps, which covers
+    QuantizeLinear's ``x / s`` against ``x * (1/s)``). So ``unexplained == 0`` and
+    ``max_value_diff <= value_tol`` together say: every differing code sat within
+    ``value_tol * max(1, |u|)`` steps of a rounding boundary. A wrong scale, zero point, clip,
+    rounding rule, BN, padding or weight moves values by a sizeable part of a step, or flips codes
+    away from boundaries, and fails one of the two.
+    The final output (logits or features) is compared too, from the forced last codes.
+    """
+    if isinstance(path_or_proto, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(path_or_proto)
+        manifest = json.loads({p.key: p.value for p in proto.metadata_props}["ssql.manifest"])
+    else:
+        proto, manifest = read_onnx(path_or_proto)
+    points = manifest["activations"]
+    mods = _points_of(reference)
+    missing = sorted(set(points) - set(mods))
+    if missing:
+        raise ValueError(f"the reference has no activation points {missing[:5]}")
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+    hooks = [mods[n].register_forward_hook(lambda _m, i, o, n=n: seen.__setitem__(n, (i[0].detach().float(), o.detach().float())))
+             for n in points]
+    try:
+        ref_out = reference(x).float()
+    finally:
+        for h in hooks:
+            h.remove()
+    feeds: dict[str, np.ndarray] = {"input": x.float().numpy()}
+    names: list[str] = []
+    ref_codes: dict[str, Tensor] = {}
+    for name, p in points.items():
+        v_in, v_out = seen[name]
+        s, z = torch.tensor(p["scale"], dtype=torch.float32), p["zero_point"]
+        ref_codes[name] = torch.round(v_out / s).to(torch.int64) + z  # the reference's (q - z) * s, back to q
+        forced = f"{p['output']}_forced"
+        for node in proto.graph.node:
+            for k, inp in enumerate(node.input):
+                if inp == p["output"] and node.op_type == "DequantizeLinear":
+                    node.input[k] = forced
+        dtype = TensorProto.DataType.Value(p["container"])
+        proto.graph.input.append(helper.make_tensor_value_info(forced, dtype, None))
+        feeds[forced] = ref_codes[name].numpy().astype(helper.tensor_dtype_to_np_dtype(dtype))
+        proto.graph.output.append(helper.make_tensor_value_info(p["output"], dtype, None))
+        proto.graph.output.append(helper.make_tensor_value_info(p["input"], TensorProto.FLOAT, None))
+        names += [p["output"], p["input"]]
+    out_name = manifest["output"]
+    outs = onnx_session(proto).run([out_name, *names], feeds)
+    per_point: dict[str, dict[str, Any]] = {}
+    total = {"elements": 0, "flips": 0, "unexplained": 0, "max_value_diff": 0.0}
+    for i, (name, p) in enumerate(points.items()):
+        got = torch.from_numpy(outs[1 + 2 * i].astype(np.int64))
+        v_ort = torch.from_numpy(outs[2 + 2 * i]).double()
+        v_ref = seen[name][0].double()
+        s = float(np.float32(p["scale"]))
+        u_ref, u_ort = v_ref / s, v_ort / s
+        flip = got != ref_codes[name]
+        lo, hi = torch.minimum(u_ref, u_ort), torch.maximum(u_ref, u_ort)
+        slack = 4 * float(np.finfo(np.float32).eps) * torch.clamp(hi.abs(), min=1.0)
+        boundary = torch.ceil(lo - slack - 0.5) + 0.5  # the first k + 1/2 at or above lo - slack
+        explained = boundary <= hi + slack
+        rel = (u_ort - u_ref).abs() / torch.clamp(u_ref.abs(), min=1.0)
+        row = {"elements": got.numel(), "flips": int(flip.sum()), "unexplained": int((flip & ~explained).sum()),
+               "max_value_diff": float(rel.max()) if got.numel() else 0.0, "bits": p["bits"]}
+        per_point[name] = row
+        for k in ("elements", "flips", "unexplained"):
+            total[k] += row[k]
+        total["max_value_diff"] = max(total["max_value_diff"], row["max_value_diff"])
+    got_out = torch.from_numpy(outs[0])
+    result = {**total, "points": per_point, "value_tol": value_tol,
+              "ok": total["unexplained"] == 0 and total["max_value_diff"] <= value_tol,
+              "output_max_abs_diff": float((got_out - ref_out).abs().max()), "output_max_abs": float(ref_out.abs().max())}
+    if out_name == "logits":  # a classifier: do the forced graph's predictions differ, and how close were the top two?
+        top2 = ref_out.topk(min(2, ref_out.shape[1]), dim=1).values
+        result["predictions_differ"] = int((got_out.argmax(1) != ref_out.argmax(1)).sum())
+        result["min_top2_gap"] = float((top2[:, 0] - top2[:, -1]).min())
+    return result

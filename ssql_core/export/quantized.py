@@ -10,6 +10,12 @@ learned rounding (:mod:`ssql_core.ptq`) contributes its learned integers on the 
 weights (no re-quantization: min-max on already-quantized weights is not idempotent) and its
 activation points quantizing at ``a`` bits with the stored ranges. Both run the same float32
 operations, so the rebuilt module's outputs equal the fake-quant model's.
+
+Both follow the quantizer's ``rounding`` (``QuantContext.rounding``: ``"reciprocal"``, ours,
+``round(x * (1/s))``, or ``"divide"``, the reference preset's ``round(x / s)``): the two spellings
+round values on a .5 boundary differently, and every channel's largest weight sits on one by
+construction (``max|w| / s = (2^b - 1) / 2``), so integers taken with the other rule would not be
+the weights the run was evaluated with.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from ssql_core.qnn import (
     weight_points,
 )
 from ssql_core.quant import quantize_weight, weight_int_range, weight_scale
+
+#: the quantizer's two roundings (PretrainConfig / EvalConfig ``rounding``)
+ROUNDINGS = ("reciprocal", "divide")
 
 
 @dataclass
@@ -62,6 +71,8 @@ class QuantizedBackbone:
     ranges: dict[str, tuple[Tensor, int, str]] = field(default_factory=dict)
     #: every other state_dict entry (BN, FP weights when bits is fp), torchvision names
     fp: dict[str, Tensor] = field(default_factory=dict)
+    #: the quantizer's rounding the integers were taken with and activations quantize with
+    rounding: str = "reciprocal"
 
 
 def arch_of(backbone: nn.Module) -> dict[str, Any]:
@@ -95,14 +106,27 @@ def check_standard_backbone(backbone: nn.Module) -> dict[str, Any]:
     return arch
 
 
+def bound_rounding(backbone: nn.Module) -> str:
+    """The rounding of the context ``backbone``'s quant points are bound to (``"reciprocal"`` if none)."""
+    for m in backbone.modules():
+        if isinstance(m, (QConv2d, QLinear, ActQuant)):
+            return m._qctx.rounding
+    return "reciprocal"
+
+
 @torch.no_grad()
-def quantize_backbone(backbone: nn.Module, bits: Any) -> QuantizedBackbone:
+def quantize_backbone(backbone: nn.Module, bits: Any, rounding: str | None = None) -> QuantizedBackbone:
     """Integer weights, scales, ranges and FP tensors of a calibrated ``backbone`` at ``bits``
-    (a bit-width, or a per-layer configuration: :mod:`ssql_core.bitconfig`)."""
+    (a bit-width, or a per-layer configuration: :mod:`ssql_core.bitconfig`), with ``rounding``
+    (default: the rounding of the context the backbone is bound to, i.e. what its fake-quant
+    forward computes)."""
+    rounding = rounding or bound_rounding(backbone)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
     b = as_bits(bits, backbone)
     arch = check_standard_backbone(backbone)
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
-    out = QuantizedBackbone(arch=arch, bits=b.config if isinstance(b, MixedBits) else b)
+    out = QuantizedBackbone(arch=arch, bits=b.config if isinstance(b, MixedBits) else b, rounding=rounding)
     if b.is_fp:
         out.fp = state
         return out
@@ -120,8 +144,8 @@ def quantize_backbone(backbone: nn.Module, bits: Any) -> QuantizedBackbone:
                 raise RuntimeError(f"{name}: learned integers do not fit the {arg}-bit grid of the weight")
             expect = mod.__dict__["weight_override"](mod, arg).detach().float().cpu()
         else:
-            ints = torch.clamp(torch.round(w * (1.0 / scale)), qmin, qmax)
-            expect = quantize_weight(w, arg)
+            ints = torch.clamp(torch.round(w / scale if rounding == "divide" else w * (1.0 / scale)), qmin, qmax)
+            expect = quantize_weight(w, arg, rounding=rounding)
         qw = QuantizedWeight(ints.to(torch.int8), scale.reshape(-1).clone(), point_weight_bits(name, mod, b), mod.role)
         if not torch.equal(qw.dequantize(), expect):
             raise RuntimeError(f"{name}: integer weights do not reproduce the fake-quant weights")
@@ -145,14 +169,14 @@ class QuantizedModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, bits: BitWidth | MixedBits, head: nn.Linear | None = None,
-                 manifest: dict[str, Any] | None = None) -> None:
+                 manifest: dict[str, Any] | None = None, rounding: str = "reciprocal") -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         #: a uniform bit-width, or the per-layer configuration resolved against ``backbone``
         self.bits = bits
         self.manifest = manifest or {}
-        self.ctx = bind_context(backbone, QuantContext())
+        self.ctx = bind_context(backbone, QuantContext(rounding=rounding))
         if not bits.is_fp:
             self.ctx.set_bits(bits)
             # weights hold w_int * scale already: quantize activations only
@@ -195,5 +219,5 @@ def build_quantized_model(q: QuantizedBackbone, head: dict[str, Tensor] | None =
         w, bias = head["weight"], head["bias"]
         lin = nn.Linear(w.shape[1], w.shape[0])
         lin.load_state_dict({"weight": w, "bias": bias}, strict=True)
-    model = QuantizedModel(backbone, bits, lin, manifest)  # type: ignore[arg-type]
+    model = QuantizedModel(backbone, bits, lin, manifest, q.rounding)  # type: ignore[arg-type]
     return model.eval()

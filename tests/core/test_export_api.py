@@ -150,3 +150,37 @@ def test_export_calibration_override_and_bad_method(run: tuple[Path, list[dict]]
     assert (cal["method"], cal["percentile"], cal["weights"]) == ("percentile", 99.5, "fp")
     with pytest.raises(ValueError, match="calibration method"):
         CalibrationSpec(method="kl")
+
+
+def test_classifier_of_a_divide_rounding_evaluation_is_the_evaluated_model(run: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    """An evaluation with the reference's ``rounding="divide"`` (x / s; the "reference" preset's)
+    exports that model: its integers and activation codes, not the ``x * (1/s)`` ones. Before the
+    exporter followed the evaluation's rounding, features differed by up to a third of their scale."""
+    from ssql_core.export.api import load_heads
+    from ssql_core.export.calibration import run_calibration
+    from ssql_core.export.onnx_graph import forced_code_agreement
+    from ssql_core.qnn import QuantContext, bind_context
+    from ssql_core.train import load_pretrained
+
+    work, _ = run
+    ev = tmp_path / "ev"
+    (row,) = evaluate(EvalConfig(checkpoint=str(work / "last.pt"), bits=["3w4a"], epochs=2, max_samples=96, calib_images=40,
+                                 seed=3, device="cpu", batch_size=64, rounding="divide"), ev)
+    assert row["rounding"] == "divide"
+    path = export_checkpoint(work / "last.pt", "3w4a", tmp_path, heads=ev / "heads.pt")
+    model = load_quantized(path)
+    assert model.manifest["rounding"] == "divide" and "x / s" in model.manifest["quantizer"]["activations"]
+    assert _top1(model) == pytest.approx(row["top1"], abs=1e-3)
+    # the evaluated model, rebuilt: the run's backbone, the evaluation's calibration, x / s
+    pcfg, method = load_pretrained(str(work / "last.pt"))
+    backbone = method.backbone.eval()
+    ctx = bind_context(backbone, QuantContext(rounding="divide"))
+    _, ecfg = load_heads(ev / "heads.pt", pcfg)
+    run_calibration(backbone, ctx, CalibrationSpec.from_eval(ecfg), pcfg, torch.device("cpu"), "3w4a")
+    x = torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), ctx.quantized("3w4a"):
+        evaluated = backbone(x)
+    with torch.no_grad():
+        assert torch.equal(model.backbone(x), evaluated)
+    onnx_path = export_checkpoint(work / "last.pt", "3w4a", tmp_path, fmt="onnx", heads=ev / "heads.pt")
+    assert forced_code_agreement(onnx_path, model, x)["ok"]

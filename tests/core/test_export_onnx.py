@@ -11,17 +11,19 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from ssql_core.export import CheckpointError, fake_quant_reference
+from ssql_core.export import CheckpointError, fake_quant_reference, load_quantized
+from ssql_core.export.format import write_quantized
 from ssql_core.export.onnx_graph import (
     build_onnx,
     compare_onnx,
+    forced_code_agreement,
     onnx_session,
     quant_point_agreement,
     read_onnx,
     write_onnx,
 )
 from ssql_core.export.quantized import build_quantized_model, quantize_backbone
-from ssql_core.qnn import act_points
+from ssql_core.qnn import QuantContext, act_points, bind_context
 from tests.core.test_export_roundtrip import calibrated
 
 
@@ -53,6 +55,46 @@ def test_activation_codes_equal_the_fake_quantizer_on_the_graphs_own_inputs(smal
     r = quant_point_agreement(build_onnx(quantize_backbone(small, bits)), x)
     assert r["points"] == len(act_points(small)) and r["elements"] > 50_000
     assert r["mismatched"] == 0, r
+
+
+class _FakeQuant(nn.Module):
+    """The evaluated model: the calibrated backbone's fake-quant forward at ``bits``."""
+
+    def __init__(self, backbone: nn.Module, ctx: QuantContext, bits: str) -> None:
+        super().__init__()
+        self.backbone, self.ctx, self.bits = backbone, ctx, bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.ctx.quantized(self.bits):
+            return self.backbone(x)
+
+
+@pytest.mark.parametrize("rounding", ["reciprocal", "divide"])
+def test_onnx_codes_equal_the_evaluated_model_at_every_bit_width(rounding: str, tmp_path: Path) -> None:
+    """Teacher-forced, point by point: the graph's codes are the fake-quant model's, except where a
+    value sits within float rounding of a .5 boundary (counted; none elsewhere). The reference
+    preset's ``x / s`` rounding once exported ``x * (1/s)`` integers: every channel's largest weight
+    (on a .5 tie by construction) could land one step off, and values moved by up to a step."""
+    bb = calibrated(seed=5)
+    ctx = bind_context(bb, QuantContext(rounding=rounding))
+    x = 2 * torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))  # beyond the range too
+    head = {"weight": torch.randn(10, bb.feat_dim, generator=torch.Generator().manual_seed(2)), "bias": torch.zeros(10)}
+    flips = 0
+    for bits in [f"{w}w{w}a" for w in range(2, 9)] + ["2w4a", "4w8a", "8w3a"]:
+        q = quantize_backbone(bb, bits)  # the bound context's rounding
+        assert q.rounding == rounding
+        reference = _FakeQuant(bb, ctx, bits)
+        r = forced_code_agreement(build_onnx(q, head), build_quantized_model(q, head), x)
+        assert r["ok"] and r["unexplained"] == 0 and r["max_value_diff"] <= 1e-3, (bits, r["max_value_diff"], r["unexplained"])
+        assert r["elements"] > 100_000 and r["output_max_abs_diff"] <= 1e-4 * r["output_max_abs"], (bits, r)
+        flips += r["flips"]
+        # against the evaluated (fake-quant) backbone itself, and the packed file reloads it bit for bit
+        assert forced_code_agreement(build_onnx(q), reference, x)["ok"], bits
+        model = load_quantized(write_quantized(tmp_path / f"{bits}.safetensors", q))
+        assert model.manifest["rounding"] == rounding and model.ctx.rounding == rounding
+        with torch.no_grad():
+            assert torch.equal(model(x), reference(x)), bits
+    assert flips <= 1e-4 * 10 * r["elements"]  # ulp-level boundary cases only: a handful in 2.8 M codes
 
 
 def test_imagenet_stem_with_maxpool(tmp_path: Path) -> None:
