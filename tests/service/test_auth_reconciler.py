@@ -187,7 +187,11 @@ def test_openapi_lists_answers_and_limits(stack, client: httpx.Client, finished_
     ev = schemas["EvalRequest"]["properties"]
     assert bound(ev["epochs"], "maximum") == 1000
     assert bound(ev["bits"], "maxItems") == 16
-    assert bound(ev["bits"], "items")["pattern"] == "^(fp|[2-8]w[2-8]a)$"
+    # an entry is a bit-width or a per-layer map (decision 020): the string form keeps its pattern
+    item = bound(ev["bits"], "items")
+    assert {"type": "string", "pattern": "^(fp|[2-8]w[2-8]a)$"} in item["anyOf"], item
+    layer_map = next(alt for alt in item["anyOf"] if alt.get("type") == "object")
+    assert layer_map["minProperties"] == 1 and "pattern" in layer_map["propertyNames"], layer_map
     assert bound(schemas["ExportRequest"]["properties"]["bits"], "maxItems") == 50
 
     # the schema's bounds are the server's: the maximum is accepted, one above is a 422 naming the field
