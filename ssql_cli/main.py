@@ -462,10 +462,10 @@ def cmd_results(args: argparse.Namespace) -> int:
             print(f"ssql results: {_no_results(client, job_id)}", file=sys.stderr)
         return 1
     if args.plot:
-        from ssql_client.plot import plot_top1
+        from ssql_client.plot import plot_results
 
         jobs = {_label(client, job_id): res["rows"] for job_id, res in answers.items()}
-        plot_top1(jobs, args.plot)
+        plot_results(jobs, args.plot)
         print(f"wrote {args.plot} ({len(jobs)} job(s))", file=sys.stderr)
     if args.json:
         print(json.dumps(answers[args.job_ids[0]] if len(args.job_ids) == 1 else list(answers.values()), indent=2))
@@ -743,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("results", parents=[conn], help="an eval job's table (top-1 per bit-width) or a distill job's row")
     rs.add_argument("job_ids", nargs="+", metavar="JOB", help="one or more eval (or distill) jobs")
     rs.add_argument("--json", action="store_true")
-    rs.add_argument("--plot", metavar="FILE.png", help="write top-1 vs bit-width (one line per job, FP dashed) to this file")
+    rs.add_argument("--plot", metavar="FILE.png", help="write top-1 vs bit-width (one line per job, FP dashed) "
+                    "and, beside it, top-1 vs model size (one line per job, source and PTQ method) to this file")
     rs.add_argument("--csv", action="store_true", help="the rows of every job as one CSV (job, name, method, "
                     "calibration, probe on each row)")
     rs.add_argument("--out", "-o", metavar="FILE", help="with --csv: write to FILE (default: stdout)")

@@ -14,9 +14,17 @@ from ssql_client.client import (
     ServerUnreachable,
 )
 from ssql_client.overrides import UnknownField
-from ssql_client.plot import PAPER_ORDER, bits_order, plot_top1
+from ssql_client.plot import (
+    PAPER_ORDER,
+    bits_order,
+    pareto_front,
+    plot_pareto,
+    plot_results,
+    plot_top1,
+)
 
 __all__ = [
     "TERMINAL", "ApiError", "Checkpoint", "ChecksumMismatch", "Client", "Job", "JobError", "Progress",
     "ResultRow", "ServerUnreachable", "UnknownField", "PAPER_ORDER", "bits_order", "plot_top1",
+    "plot_pareto", "plot_results", "pareto_front",
 ]  # fmt: skip

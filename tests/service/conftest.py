@@ -211,3 +211,28 @@ def finished_pretrain(client: httpx.Client, stack: Stack) -> str:
     job = wait_for(client, resp.json()["id"], lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
     assert job["status"] == "succeeded", job
     return job["id"]
+
+
+#: the Pareto tests' two tiny evaluations of ``finished_pretrain`` (tests/service/test_pareto_plot.py,
+#: test_dashboard_pareto.py): uniform bit-widths with an autobit row, and AdaRound at two bit-widths
+PARETO_EVALS = (
+    {"bits": ["fp", "4w4a", "2w4a"], "autobit": {"budget_bits": 3.0, "a_bits": 4, "sensitivity": "quant_error", "images": 16}},
+    {"bits": ["4w4a", "2w4a"], "ptq": "adaround", "ptq_images": 16, "ptq_iters": 2,
+     "name": '<img src=x onerror="window.__pwned = 3">adaround'},  # shown as text, never markup
+)
+
+
+@pytest.fixture(scope="session")
+def pareto_evals(client: httpx.Client, finished_pretrain: str) -> list[str]:
+    """Two finished eval jobs of ``finished_pretrain`` (PARETO_EVALS): 1 epoch, 64 images each."""
+    ids = []
+    for extra in PARETO_EVALS:
+        body = {"kind": "eval", "source_job": finished_pretrain, "epochs": 1, "batch_size": 32, "calib_images": 16,
+                "max_samples": 64, **extra}
+        resp = client.post("/v1/jobs", json=body)
+        assert resp.status_code == 201, resp.text
+        ids.append(resp.json()["id"])
+    for job_id in ids:
+        job = wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout=240)
+        assert job["status"] == "succeeded", job
+    return ids
