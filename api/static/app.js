@@ -526,6 +526,8 @@ async function resultsSection(jobIds) {
       return h("td", { class: "num" }, r && r.top1 !== null ? fmtNum(r.top1) : "");
     })))));
   const section = h("div", {}, h("h2", {}, "Results: top-1 vs bit-width"), box, table);
+  const pareto = paretoSection(jobs);  // pareto.js: top-1 vs model size, where rows carry their size
+  if (pareto) section.append(pareto);
   const data = [xs.map((_, i) => i)];
   const ser = [{ label: "bits" }];
   let points = 0;
