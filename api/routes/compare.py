@@ -55,5 +55,6 @@ async def compare_metrics_csv(owner: Owner, conn: Conn, job: Jobs) -> Response:
 async def compare_results_csv(owner: Owner, conn: Conn, job: Jobs) -> Response:
     """Every result row of the jobs named (top-1 per bit-width; a distill's or finetune's row), one CSV."""
     jobs = await _owned(conn, owner, job)
-    data = [(j, await run_data.result_rows(conn, j["id"]), await run_data.pretrain_method(conn, owner, j)) for j in jobs]
+    data = [(j, await run_data.with_sizes(conn, owner, j, await run_data.result_rows(conn, j["id"])),
+             await run_data.pretrain_method(conn, owner, j)) for j in jobs]
     return csv_response(csv_export.results_csv(data), f"ssql-results-{len(jobs)}-jobs.csv")

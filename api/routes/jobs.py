@@ -552,7 +552,7 @@ async def job_results(
     row = await api_store.get_job(conn, owner, job_id)
     if row is None:
         raise HTTPException(404, NOT_FOUND)
-    out = await run_data.result_rows(conn, job_id)
+    out = await run_data.with_sizes(conn, owner, row, await run_data.result_rows(conn, job_id))
     if fmt == "csv":
         method = await run_data.pretrain_method(conn, owner, row)
         return csv_response(csv_export.results_csv([(row, out, method)]), f"{job_id}-results.csv")

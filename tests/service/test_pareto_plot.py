@@ -88,3 +88,37 @@ def test_cli_results_plot_writes_both_panels(stack, api_key: str, pareto_evals: 
     points = {m.group(1): m.group(2).count("<use ") for m in re.finditer(r'<g id="(pareto-\d+)">(.*?)</g>', text, re.S)}
     assert sorted(points.values()) == [1, 2, 2], points
     assert len(re.findall(r'<g id="pareto-fp-\d+">', text)) == 1
+
+
+def test_rows_written_before_sizes_get_them_from_the_architecture(client: httpx.Client, sessions,  # type: ignore[no-untyped-def]
+                                                                  pareto_evals: list[str]) -> None:
+    """An eval job's rows without model_bytes (recorded before decision 020) are answered with the
+    sizes the evaluation would have recorded, computed from the pretrain's backbone: equal to
+    what this job's evaluation did record, for every uniform row (the autobit row keeps its own)."""
+    from sqlalchemy import select
+
+    from persistence.models import JobResult
+
+    job_id = pareto_evals[0]
+    recorded = client.get(f"/v1/jobs/{job_id}/results").json()["rows"]
+    fields = ("model_bytes", "weight_bits_avg", "bops")
+    with sessions() as s:
+        saved = {r.id: r.row for r in s.scalars(select(JobResult).where(JobResult.job_id == job_id))}
+        for r in s.scalars(select(JobResult).where(JobResult.job_id == job_id)):
+            if not r.bits.startswith("mixed-"):
+                r.row = {k: v for k, v in r.row.items() if k not in fields}
+        s.commit()
+    try:
+        stripped = client.get(f"/v1/jobs/{job_id}/results").json()["rows"]
+        csv_text = client.get("/v1/compare/results.csv", params={"job": job_id}).text
+    finally:
+        with sessions() as s:
+            for r in s.scalars(select(JobResult).where(JobResult.job_id == job_id)):
+                r.row = saved[r.id]
+            s.commit()
+    assert [r["bits"] for r in stripped] == [r["bits"] for r in recorded]
+    for old, new in zip(recorded, stripped, strict=True):
+        assert {k: new[k] for k in fields} == {k: old[k] for k in fields}, old["bits"]
+        assert new.get("sizes_computed") is (None if old["bits"].startswith("mixed-") else True)
+    assert "sizes_computed" in csv_text.splitlines()[0] and str(recorded[1]["model_bytes"]) in csv_text
+    assert client.get(f"/v1/jobs/{job_id}/results").json()["rows"] == recorded  # put back
