@@ -35,25 +35,15 @@ from ssql_core.export import export_checkpoints, load_quantized, save_quantized
 from ssql_core.export.format import read_safetensors, size_report
 from ssql_core.export.onnx_graph import compare_onnx, quant_point_agreement, read_onnx, write_onnx
 from ssql_core.export.quantized import quantize_backbone
-from ssql_core.models import build_backbone
 from ssql_core.qnn import QConv2d, bind_context, weight_points
 from ssql_core.sensitivity import hessian_costs, hutchinson_traces, perturbation, quant_error_costs
+from tests.core.backbones import frozen_backbone
 
 CPU = torch.device("cpu")
 
 
 def backbone(name: str = "resnet18", seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    bb = build_backbone(name, "cifar", 0.0625 if name != "mobilenet_v2" else 0.25).eval()
-    for m in bb.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    for p in bb.parameters():
-        p.requires_grad_(False)
-    return bb
+    return frozen_backbone(name, seed)
 
 
 def calibrated(bb: nn.Module, x: torch.Tensor):  # type: ignore[no-untyped-def]

@@ -21,18 +21,12 @@ from ssql_core.export.format import FORMAT, decode, read_safetensors
 from ssql_core.export.quantized import quantize_backbone
 from ssql_core.models import build_backbone
 from ssql_core.qnn import bind_context
+from tests.core.backbones import random_backbone
 
 
 def calibrated(width: float = 0.0625, seed: int = 0, size: int = 16, name: str = "resnet18", stem: str = "cifar") -> nn.Module:
     """A random-init backbone with non-trivial BN statistics and ranges calibrated on noise."""
-    torch.manual_seed(seed)
-    bb = build_backbone(name, stem, width).eval()
-    for m in bb.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
+    bb = random_backbone(name, seed, width, stem)
     ctx = bind_context(bb)
     with ctx.recording(), torch.no_grad():
         bb(torch.randn(16, 3, size, size))

@@ -14,7 +14,6 @@ from ssql_core.config import EvalConfig
 from ssql_core.errors import ConfigError, NonFiniteLoss
 from ssql_core.export import export_checkpoints, load_quantized, save_quantized
 from ssql_core.export.format import decode, read_safetensors
-from ssql_core.models import build_backbone
 from ssql_core.ptq import (
     ReconConfig,
     Reconstruction,
@@ -25,23 +24,14 @@ from ssql_core.ptq import (
 )
 from ssql_core.qnn import Mode, QuantContext, bind_context, weight_points
 from ssql_core.quant import weight_scale
+from tests.core.backbones import frozen_backbone
 
 CPU = torch.device("cpu")
 
 
 def backbone(seed: int = 0) -> nn.Module:
     """A fixed random-init ResNet-18 (width 1/16) with non-trivial BN statistics."""
-    torch.manual_seed(seed)
-    bb = build_backbone("resnet18", "cifar", 0.0625).eval()
-    for m in bb.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    for p in bb.parameters():
-        p.requires_grad_(False)
-    return bb
+    return frozen_backbone("resnet18", seed)
 
 
 def images(n: int, seed: int) -> Tensor:
