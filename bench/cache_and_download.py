@@ -30,7 +30,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,14 +75,12 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=5, help="whole downloads per path")
     p.add_argument("--ranges", type=int, default=200, help="Range requests per path")
     args = p.parse_args()
-    import logging
 
     import boto3
     import httpx
-    import psycopg
-    from moto.server import ThreadedMotoServer
     from sqlalchemy import select
 
+    from bench._services import BenchServices
     from persistence.db import make_engine, make_sessionmaker
     from persistence.keys import create_key
     from persistence.migrate import upgrade_head
@@ -93,19 +90,8 @@ def main() -> int:
     from storage.cache import DatasetCache
     from storage.s3 import S3Store
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
-    creds = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
-    os.environ.update(creds)
-    port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    moto.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-    user = next(u for u in ("postgres", "root") if _pg_ok(psycopg, u))
-    db = f"ssql_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(host="127.0.0.1", dbname="test", user=user, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{db}"')
-    url = f"postgresql://{user}@127.0.0.1:5432/{db}"
+    services = BenchServices.start()
+    endpoint, creds, url, db = services.endpoint, services.creds, services.url, services.db
     out: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
@@ -203,9 +189,7 @@ def main() -> int:
                 stack.stop()
                 engine.dispose()
         finally:
-            moto.stop()
-            with psycopg.connect(host="127.0.0.1", dbname="test", user=user, autocommit=True) as c:
-                c.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            services.stop()
     out.append(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; S3: moto server on 127.0.0.1 (this process)")
     out.append(f"dataset: {args.images} images, tar of {archive_mb:.1f} MB; upload + validation through the API {validated_s:.1f} s")
     out.append(f"DatasetCache.ensure: cold (download, sha256, extract) {cold_s:.2f} s; warm (hit) {warm_s * 1e3:.1f} ms; ratio {cold_s / warm_s:.0f}x")
@@ -219,14 +203,6 @@ def main() -> int:
         out.append(f"  {name:32s} {mbs:7.1f} MB/s   Range p50 {p50:6.1f} ms  p99 {p99:6.1f} ms")
     print("\n".join(out))
     return 0
-
-
-def _pg_ok(psycopg, user: str) -> bool:  # type: ignore[no-untyped-def]
-    try:
-        with psycopg.connect(host="127.0.0.1", dbname="test", user=user, connect_timeout=3):
-            return True
-    except psycopg.OperationalError:
-        return False
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import platform
 import sys
 import tempfile
 import time
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -59,33 +58,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=int, default=256)
     args = p.parse_args()
-    import logging
 
-    import boto3
     import httpx
-    import psycopg
-    from moto.server import ThreadedMotoServer
 
-    from persistence.db import make_engine, make_sessionmaker
-    from persistence.keys import create_key
-    from persistence.migrate import upgrade_head
-    from persistence.settings import Settings
+    from bench._services import BenchServices
     from ssql_cli.stack import Stack, api_command, free_port
     from storage.s3 import S3Store
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
-    creds = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
-    os.environ.update(creds)
-    port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    moto.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-    user = next(u for u in ("postgres", "root") if _pg_ok(psycopg, u))
-    db = f"ssql_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(host="127.0.0.1", dbname="test", user=user, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{db}"')
-    url = f"postgresql://{user}@127.0.0.1:5432/{db}"
+    services = BenchServices.start()
+    endpoint, creds, url, db = services.endpoint, services.creds, services.url, services.db
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         archive = _archive(home / "data.zip", args.mb)
@@ -99,12 +80,7 @@ def main() -> int:
             env = {k: v for k, v in os.environ.items() if not k.startswith("SSQL_")}
             env.update(SSQL_HOME=str(home), SSQL_DATABASE_URL=url, SSQL_BROKER_URL=REDIS_URL, SSQL_QUEUE=f"bench-{db}",
                        SSQL_STORAGE_URL="s3://bench/api", AWS_ENDPOINT_URL=endpoint, SSQL_MAX_UPLOAD_BYTES=str(size + 1), **creds)
-            settings = Settings(home=home, database_url=url)
-            upgrade_head(settings)
-            engine = make_engine(settings)
-            with make_sessionmaker(engine)() as s:
-                key = create_key(s, "bench")
-            engine.dispose()
+            key = services.migrate_and_key(home)
             stack = Stack(env, free_port(), log_dir=home / "logs")
             stack.api = stack._spawn(api_command(stack.host, stack.port), "api")
             stack.wait_ready(90)
@@ -136,9 +112,7 @@ def main() -> int:
             finally:
                 stack.stop()
         finally:
-            moto.stop()
-            with psycopg.connect(host="127.0.0.1", dbname="test", user=user, autocommit=True) as c:
-                c.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+            services.stop()
     mb = size / 1e6
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; S3: moto server on 127.0.0.1")
     print(f"archive: {mb:.1f} MB")
@@ -148,14 +122,6 @@ def main() -> int:
     print(f"ratio direct / API: {direct_s / api_s:.2f}")
     print(f"API RSS before {rss_before / 1024:.0f} MB, peak after {peak / 1024:.0f} MB (+{(peak - rss_before) / 1024:.0f} MB)")
     return 0
-
-
-def _pg_ok(psycopg, user: str) -> bool:  # type: ignore[no-untyped-def]
-    try:
-        with psycopg.connect(host="127.0.0.1", dbname="test", user=user, connect_timeout=3):
-            return True
-    except psycopg.OperationalError:
-        return False
 
 
 if __name__ == "__main__":
