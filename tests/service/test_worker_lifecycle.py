@@ -53,6 +53,9 @@ def lc_env(service_env: dict[str, str], own_redis: OwnRedis, tmp_path_factory: p
         SSQL_BROKER_URL=own_redis.url,
         SSQL_QUEUE=f"gpu-lc-{uuid.uuid4().hex[:8]}",
         SSQL_HANDBACK_SECONDS="10",
+        # a lease a loaded machine does not starve (renewed every 0.5 s): at 4 s, a suite running
+        # beside other work let a supervisor miss its renewals and lose its job before the SIGSTOP
+        SSQL_LEASE_SECONDS="8",
     )
 
 
@@ -159,12 +162,13 @@ def test_sigstopped_supervisor_is_fenced(lc, lc_client, lc_env, sessions) -> Non
         while not (job_dir / "last.pt").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert (job_dir / "last.pt").exists(), "no checkpoint was published before the stop"
+        assert [(a.attempt, a.ended_at) for a in _attempts(sessions, job["id"])] == [(1, None)], "attempt 1 lost its lease before the stop"
         os.kill(pool_pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
         try:
             # the runner of a supervisor that stopped renewing its lease stops itself, before the
-            # lease (4 s) runs out and another attempt may start
-            while pid_alive(runner_pid) and time.monotonic() - stopped_at < 10:
+            # lease (8 s) runs out and another attempt may start
+            while pid_alive(runner_pid) and time.monotonic() - stopped_at < 16:
                 time.sleep(0.05)
             assert not pid_alive(runner_pid), "the runner of a stalled supervisor kept training"
             runner_gone = time.monotonic() - stopped_at
