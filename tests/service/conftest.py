@@ -236,3 +236,30 @@ def pareto_evals(client: httpx.Client, finished_pretrain: str) -> list[str]:
         job = wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), timeout=240)
         assert job["status"] == "succeeded", job
     return ids
+
+
+# -- the dashboard's browser (Debian's Chromium driven by Playwright; tests/service/browser.py) ---
+@pytest.fixture(scope="module")
+def browser():  # type: ignore[no-untyped-def]
+    """One headless Chromium per test module; skips where Chromium or Playwright is missing."""
+    from tests.service.browser import ARGS, CHROMIUM
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where pages are photographed: docs/screenshots with SSQL_UPDATE_SCREENSHOTS=1, else a temp folder."""
+    from tests.service.browser import ROOT
+
+    if os.environ.get("SSQL_UPDATE_SCREENSHOTS") == "1":
+        out = ROOT / "docs" / "screenshots"
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    return tmp_path_factory.mktemp("screenshots")

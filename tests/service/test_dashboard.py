@@ -10,7 +10,6 @@ docs/screenshots/:  SSQL_UPDATE_SCREENSHOTS=1 .venv/bin/python -m pytest -q test
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import subprocess
 import sys
@@ -21,14 +20,11 @@ import pytest
 
 from ssql_cli.stack import Stack, free_port
 from ssql_client import Client
+from tests.service.browser import needs_chromium
 from tests.service.conftest import TINY, clean_env
 
 sync_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]  # fmt: skip
-ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+pytestmark = needs_chromium
 T = 240_000  # ms: tiny jobs on a small, busy CPU
 
 
@@ -64,21 +60,6 @@ def finished(service):  # type: ignore[no-untyped-def]
     return pre["id"], evals
 
 
-@pytest.fixture(scope="module")
-def browser():  # type: ignore[no-untyped-def]
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if os.environ.get("SSQL_UPDATE_SCREENSHOTS") == "1":
-        out = ROOT / "docs" / "screenshots"
-        out.mkdir(parents=True, exist_ok=True)
-        return out
-    return tmp_path_factory.mktemp("screenshots")
 
 
 class Session:

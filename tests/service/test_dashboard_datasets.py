@@ -12,20 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.test_dashboard import ARGS, CHROMIUM, Session
+from tests.service.browser import needs_chromium
+from tests.service.test_dashboard import Session
 from tests.service.test_storage import good_entries
 
 sync_api = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+pytestmark = needs_chromium
 EVIL = "<img src=x onerror=alert(1)>"
 
-
-@pytest.fixture(scope="module")
-def browser():  # type: ignore[no-untyped-def]
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 def _zip(path: Path, entries: dict[str, bytes]) -> Path:
@@ -37,7 +31,7 @@ def _zip(path: Path, entries: dict[str, bytes]) -> Path:
     return path
 
 
-def test_datasets_page_upload_list_and_submit_form(stack, api_key: str, other_key: str, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_datasets_page_upload_list_and_submit_form(stack, api_key: str, other_key: str, browser, shots: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     s = Session(browser, stack.url, api_key)
     s.sign_in()
     page = s.page
@@ -66,6 +60,7 @@ def test_datasets_page_upload_list_and_submit_form(stack, api_key: str, other_ke
     page.fill("#dataset-uri", "http://example.com/x/")
     page.click("#dataset-submit")
     page.wait_for_function("() => document.querySelector('#dataset-form-error').textContent.includes('uri:')")
+    page.screenshot(path=str(shots / "datasets.png"), full_page=True)  # a ready, an invalid and a refused registration
 
     # the submit form offers the ready dataset; "train on it" selects it; the estimate accepts it
     page.click(f"tr[data-dataset-id='{dataset_id}'] a.button")

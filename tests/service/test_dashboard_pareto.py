@@ -16,19 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.test_dashboard import ARGS, CHROMIUM, ROOT
+from tests.service.browser import ROOT, needs_chromium
 from tests.service.test_dashboard_runs import Page
 
 sync_api = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+pytestmark = needs_chromium
 
-
-@pytest.fixture(scope="module")
-def browser():  # type: ignore[no-untyped-def]
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 def _chart(page, selector: str = "#pareto-chart") -> dict[str, str]:  # type: ignore[no-untyped-def]

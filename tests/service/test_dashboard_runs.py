@@ -13,18 +13,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.service import runs_chain
+from tests.service.browser import needs_chromium
 from tests.service.runs_chain import EVIL_NAME, FORMULA_NAME, STEPS, Chain
-from tests.service.test_dashboard import ARGS, CHROMIUM, ROOT
 
 sync_api = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+pytestmark = needs_chromium
 MB = 1_000_000
 
 
@@ -33,19 +32,6 @@ def chain(client: httpx.Client, other_client: httpx.Client, sessions) -> Chain: 
     return runs_chain.build(client, sessions)
 
 
-@pytest.fixture(scope="module")
-def browser():  # type: ignore[no-untyped-def]
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if os.environ.get("SSQL_UPDATE_SCREENSHOTS") == "1":
-        return ROOT / "docs" / "screenshots"
-    return tmp_path_factory.mktemp("screenshots")
 
 
 class Page:

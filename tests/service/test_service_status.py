@@ -20,7 +20,6 @@ import threading
 import time
 import uuid
 from datetime import timedelta
-from pathlib import Path
 
 import httpx
 import pytest
@@ -33,12 +32,8 @@ from persistence.keys import create_key
 from persistence.models import Job, JobAttempt, User
 from persistence.settings import Settings
 from ssql_cli.stack import free_port
+from tests.service.browser import ROOT
 from tests.service.conftest import TINY, wait_for
-
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]  # fmt: skip
 
 
 def _families(text: str) -> dict:
@@ -313,25 +308,7 @@ def test_client_and_cli(stack, api_key, queue_name, capsys) -> None:  # type: ig
     assert f"queue {queue_name}:" in out and "[up]" in out and "failed attempts in the last 24 h" in out
 
 
-# -- the pages in Chromium ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def browser():  # type: ignore[no-untyped-def]
-    if not Path(CHROMIUM).exists():
-        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if os.environ.get("SSQL_UPDATE_SCREENSHOTS") == "1":
-        return ROOT / "docs" / "screenshots"
-    return tmp_path_factory.mktemp("screenshots")
-
-
+# -- the pages in Chromium (fixtures browser and shots: conftest.py) ----------------------------------
 class Page:
     """A browser context signed in with ``key``; collects console errors and page errors."""
 
