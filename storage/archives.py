@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import tarfile
 import warnings
@@ -188,7 +189,8 @@ def _decode(data: bytes) -> str | None:
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
     except Exception as e:  # noqa: BLE001 - any decoder failure is the file's problem
-        return f"does not decode as an image ({type(e).__name__}: {e})"
+        why = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip()  # Pillow names its in-memory file object
+        return f"does not decode as an image ({type(e).__name__}: {why})" if why else f"does not decode as an image ({type(e).__name__})"
     return None
 
 

@@ -179,11 +179,11 @@ function estimateText(est) {
 }
 /** One line of the caller's quotas and usage (GET /v1/usage); why a submission would be refused now. */
 function usageText(u) {
-  const of = (v) => (v === null || v === undefined ? "no limit" : String(v));
+  const of = (used, limit, what) => (limit === null || limit === undefined ? `${used} ${what} (no limit)` : `${used} of ${limit} ${what}`);
   const l = u.limits, n = u.usage;
-  const line = `Your quota: ${n.active_jobs} of ${of(l.max_active_jobs)} queued + running jobs, ${n.running_jobs} of ` +
-    `${of(l.max_running_jobs)} running, ${n.devices} of ${of(l.max_devices)} devices, ${n.device_hours.toFixed(2)} of ` +
-    `${of(l.device_hours)} device-hours in the last ${l.period_hours} h; fair-share weight ${l.weight ?? 1}`;
+  const line = `Your quota: ${of(n.active_jobs, l.max_active_jobs, "queued + running jobs")}, ` +
+    `${of(n.running_jobs, l.max_running_jobs, "running")}, ${of(n.devices, l.max_devices, "devices")}, ` +
+    `${of(n.device_hours.toFixed(2), l.device_hours, "device-hours")} in the last ${l.period_hours} h; fair-share weight ${l.weight ?? 1}`;
   return u.can_submit ? line : `${line}. A new job is refused now: ${u.refusal.detail}`;
 }
 //: the job list's filters, as GET /v1/jobs names them; they live in the page's URL (#/jobs?tag=paper&sort=name)
