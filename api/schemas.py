@@ -193,7 +193,7 @@ BITS_ITEM_SCHEMA = {"anyOf": [
 
 
 class AutobitRequest(BaseModel):
-    """Per-layer weight bits for a budget (HAWQ-style; ssql_core.autobit, decision 020)."""
+    """Per-layer weight bits for a budget (HAWQ-style; ssql_core.mixed_precision.autobit, decision 020)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -207,8 +207,8 @@ def _meta_backbone(pretrain_config: dict[str, Any]) -> Any:
 
 
 def _check_autobit(autobit: dict[str, Any], backbone: Any, image_size: int) -> None:
-    from ssql_core.autobit import AutobitConfig, check_budget
     from ssql_core.bitconfig import layer_table
+    from ssql_core.mixed_precision.autobit import AutobitConfig, check_budget
 
     try:
         check_budget(layer_table(backbone, image_size), AutobitConfig.from_dict(autobit).validate())

@@ -5,7 +5,7 @@ split, with the activations at one fixed width (``--a-bits``) everywhere:
 
 * uniform weight bits ``--uniform`` (8/6/4/3/2) with PTQ by calibration (MSE ranges, BN probe:
   our evaluation defaults);
-* autobit (:mod:`ssql_core.autobit`) at each ``--budgets`` average weight bits, for both
+* autobit (:mod:`ssql_core.mixed_precision.autobit`) at each ``--budgets`` average weight bits, for both
   sensitivities (``hessian``: Hutchinson trace of the FP probe's cross-entropy x perturbation;
   ``quant_error``: features' MSE with one layer quantized) and both solvers (``milp``, ``greedy``);
   the sensitivities are measured once and every allocation is evaluated as a per-layer map;
@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssql_core.autobit import AutobitConfig, allocate, costs_for
 from ssql_core.bitconfig import layer_table
 from ssql_core.config import EvalConfig, PretrainConfig
 from ssql_core.data import Transformed, load_split, test_transform
 from ssql_core.evaluate import calibration_images, evaluate
+from ssql_core.mixed_precision.autobit import AutobitConfig, allocate, costs_for
 from ssql_core.qnn import bind_context
 from ssql_core.runtime import cpu_name
 from ssql_core.train import load_pretrained, pretrain

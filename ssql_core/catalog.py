@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ssql_core.allocation import SOLVERS
-from ssql_core.autobit import BUDGETS, AutobitConfig
-from ssql_core.autobit import MAX_IMAGES as AUTOBIT_MAX_IMAGES
-from ssql_core.autobit import MAX_SAMPLES as AUTOBIT_MAX_SAMPLES
 from ssql_core.bits import ACCEPTED_FORMS, MAX_BITS, MIN_BITS, PAPER_BITS
 from ssql_core.config import (
     CALIBRATIONS,
@@ -27,8 +23,12 @@ from ssql_core.config import (
 from ssql_core.data import DATASET_NAMES
 from ssql_core.finetune import ACT_RANGES, FinetuneConfig
 from ssql_core.methods import METHODS
+from ssql_core.mixed_precision.allocation import SOLVERS
+from ssql_core.mixed_precision.autobit import BUDGETS, AutobitConfig
+from ssql_core.mixed_precision.autobit import MAX_IMAGES as AUTOBIT_MAX_IMAGES
+from ssql_core.mixed_precision.autobit import MAX_SAMPLES as AUTOBIT_MAX_SAMPLES
+from ssql_core.mixed_precision.sensitivity import SENSITIVITIES
 from ssql_core.models import BACKBONES
-from ssql_core.sensitivity import SENSITIVITIES
 
 
 def catalog() -> dict[str, Any]:

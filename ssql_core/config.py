@@ -288,7 +288,7 @@ class EvalConfig:
     ptq_iters: int = 2000
     #: brecq only: also learn every activation point's step size (LSQ-style) in a second pass
     brecq_learn_act: bool = False
-    #: per-layer bits for a budget (ssql_core.autobit.AutobitConfig, e.g. {"budget_bits": 4.0}):
+    #: per-layer bits for a budget (ssql_core.mixed_precision.autobit.AutobitConfig, e.g. {"budget_bits": 4.0}):
     #: the chosen configuration is evaluated as one more row
     autobit: dict[str, Any] | None = None
 
@@ -313,7 +313,7 @@ class EvalConfig:
             except ValueError as e:
                 raise ConfigError("bits", str(e)) from None
         if self.autobit is not None:
-            from ssql_core.autobit import AutobitConfig
+            from ssql_core.mixed_precision.autobit import AutobitConfig
 
             self.autobit = AutobitConfig.from_dict(self.autobit).validate().to_dict()
         self.fill_from_preset()

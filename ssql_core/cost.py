@@ -143,7 +143,7 @@ def estimate(kind: str, config: dict[str, Any], device_tflops: float, source_con
 
 
 def _autobit_forwards(autobit: dict[str, Any], arch: dict[str, Any], size: int, train: int, has_fp: bool) -> int:
-    """Forwards of one image that autobit's sensitivity costs (ssql_core.sensitivity): Hutchinson
+    """Forwards of one image that autobit's sensitivity costs (ssql_core.mixed_precision.sensitivity): Hutchinson
     takes a gradient with its graph and one Hessian-vector product per sample (about two training
     passes each), plus the FP features of a probe when the evaluation has no ``fp`` row; the
     quantization error one forward per layer and candidate."""

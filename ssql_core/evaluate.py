@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from ssql_core.autobit import AutobitConfig, allocate, check_budget, costs_for
 from ssql_core.bitconfig import MixedBits, as_bits, footprint, layer_table, resolve
 from ssql_core.calibration import calibrate_ranges
 from ssql_core.config import EvalConfig
@@ -50,6 +49,7 @@ from ssql_core.data import (
 )
 from ssql_core.errors import Cancelled, ConfigError
 from ssql_core.hooks import Hooks, Progress
+from ssql_core.mixed_precision.autobit import AutobitConfig, allocate, check_budget, costs_for
 from ssql_core.ptq import (
     ReconConfig,
     Reconstruction,
@@ -335,7 +335,7 @@ def evaluate(cfg: EvalConfig, workdir: str | Path | None = None, hooks: Hooks | 
 def choose_bits(backbone: nn.Module, ctx: QuantContext, autobit: AutobitConfig, table: Any, train_plain: Any, num_classes: int,
                 fp_head: dict[str, Tensor] | None, cfg: EvalConfig, device: torch.device, rounding: str, hooks: Hooks,
                 bi: int, n_bits: int, t0: float, loader: Any) -> tuple[Any, dict[str, Any]]:
-    """Autobit's sensitivity and allocation (:mod:`ssql_core.autobit`); the configuration and
+    """Autobit's sensitivity and allocation (:mod:`ssql_core.mixed_precision.autobit`); the configuration and
     what its row reports. The Hessian is taken of the evaluation's FP probe (its ``fp`` head, or
     one trained now on FP features with the evaluation's settings)."""
     t_sens = time.perf_counter()

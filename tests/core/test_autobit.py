@@ -15,8 +15,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ssql_core.allocation import InfeasibleBudget, Problem, Resource, solve_greedy, solve_milp
-from ssql_core.autobit import AutobitConfig, check_budget
 from ssql_core.bitconfig import (
     BitConfig,
     MixedBits,
@@ -35,8 +33,21 @@ from ssql_core.export import export_checkpoints, load_quantized, save_quantized
 from ssql_core.export.format import read_safetensors, size_report
 from ssql_core.export.onnx_graph import compare_onnx, quant_point_agreement, read_onnx, write_onnx
 from ssql_core.export.quantized import quantize_backbone
+from ssql_core.mixed_precision.allocation import (
+    InfeasibleBudget,
+    Problem,
+    Resource,
+    solve_greedy,
+    solve_milp,
+)
+from ssql_core.mixed_precision.autobit import AutobitConfig, check_budget
+from ssql_core.mixed_precision.sensitivity import (
+    hessian_costs,
+    hutchinson_traces,
+    perturbation,
+    quant_error_costs,
+)
 from ssql_core.qnn import QConv2d, bind_context, weight_points
-from ssql_core.sensitivity import hessian_costs, hutchinson_traces, perturbation, quant_error_costs
 from tests.core.backbones import frozen_backbone
 
 CPU = torch.device("cpu")

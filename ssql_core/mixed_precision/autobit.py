@@ -2,8 +2,8 @@
 
 ``EvalConfig.autobit`` = ``{"budget_bits": 4.0}`` (or ``"budget_bytes"``; optionally
 ``"budget_bops"`` as well) makes an evaluation measure every layer's sensitivity
-(:mod:`ssql_core.sensitivity`), choose a weight bit-width per layer out of ``candidates``
-(:mod:`ssql_core.allocation`) with the activations at ``a_bits``, and evaluate the chosen
+(:mod:`ssql_core.mixed_precision.sensitivity`), choose a weight bit-width per layer out of ``candidates``
+(:mod:`ssql_core.mixed_precision.allocation`) with the activations at ``a_bits``, and evaluate the chosen
 configuration as one more result row, named by its label (``mixed-...``) and carrying the map.
 
 Budgets:
@@ -26,11 +26,18 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ssql_core.allocation import SOLVERS, Allocation, InfeasibleBudget, Problem, Resource, solve
 from ssql_core.bitconfig import FP_BITS, BitConfig, LayerTable
 from ssql_core.bits import MAX_BITS, MIN_BITS, BitWidth
 from ssql_core.errors import ConfigError
-from ssql_core.sensitivity import SENSITIVITIES
+from ssql_core.mixed_precision.allocation import (
+    SOLVERS,
+    Allocation,
+    InfeasibleBudget,
+    Problem,
+    Resource,
+    solve,
+)
+from ssql_core.mixed_precision.sensitivity import SENSITIVITIES
 
 DEFAULT_CANDIDATES = (2, 3, 4, 6, 8)
 MAX_IMAGES = 8192
@@ -172,7 +179,11 @@ def costs_for(cfg: AutobitConfig, backbone: nn.Module, ctx: Any, images: Any, de
               rounding: str, seed: int, progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Each configurable layer's cost per candidate under ``cfg.sensitivity``, and what the row
     reports about it (per-layer traces for hessian)."""
-    from ssql_core.sensitivity import hessian_costs, hutchinson_traces, quant_error_costs
+    from ssql_core.mixed_precision.sensitivity import (
+        hessian_costs,
+        hutchinson_traces,
+        quant_error_costs,
+    )
 
     if cfg.sensitivity == "hessian":
         if head is None:

@@ -1,7 +1,7 @@
 """Choosing bits per layer under a budget: an integer program and a greedy (docs/decisions/020).
 
 The problem (HAWQ-v3's): layers ``l``, candidate weight bits ``b``, a cost ``c[l, b]`` (the
-layer's sensitivity times its perturbation at ``b`` bits, :mod:`ssql_core.sensitivity`) and
+layer's sensitivity times its perturbation at ``b`` bits, :mod:`ssql_core.mixed_precision.sensitivity`) and
 resources ``r_k[l, b]`` (bits of weights, bit operations) with budgets ``B_k``::
 
     minimise  sum_l c[l, b_l]   subject to  sum_l r_k[l, b_l] <= B_k  for every k
