@@ -94,7 +94,7 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
                        calib: Calibration = None, heads: str | Path | None = None, source_job: str | None = None,
                        device: str = "cpu", calibration: str | None = None, calib_percentile: float | None = None,
                        ptq: str | None = None, ptq_images: int = 1024, ptq_iters: int = 2000,
-                       brecq_learn_act: bool = False, ptq_state_dir: str | Path | None = None) -> list[Path]:
+                       brecq_learn_act: bool = False, ptq_state_dir: str | Path | None = None, onnx_form: str = "integer") -> list[Path]:
     """:func:`export_checkpoint` for several bit-widths, loading and calibrating once.
 
     Min-max and percentile ranges recorded in FP do not depend on the bit-width, so one calibration
@@ -105,10 +105,17 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
     written; with ``heads`` the evaluation's own reconstruction (kept in its ``heads.pt``) is used.
     ``ptq_state_dir``: where each reconstruction keeps its per-unit state (``ptq-{bits}.pt``), so a
     rerun after a crash continues it and a second call (another format) reuses it; the caller
-    removes the states when it has every file.
+    removes the states when it has every file. ``onnx_form``: the ONNX graph's form
+    (:data:`ssql_core.export.onnx_graph.FORMS`; ``integer`` runs the convs as integer kernels,
+    ``storage`` is the smallest file).
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "onnx":
+        from ssql_core.export.onnx_graph import FORMS
+
+        if onnx_form not in FORMS:
+            raise ValueError(f"onnx_form must be one of {list(FORMS)}, got {onnx_form!r}")
     specs = [b if is_label(b) else parse_bits_spec(b) for b in bits]
     if not specs:
         raise ValueError("give at least one bit-width")
@@ -183,7 +190,7 @@ def export_checkpoints(source: str | Path, bits: list[str], out_dir: str | Path,
         if fmt == "onnx":
             from ssql_core.export.onnx_graph import write_onnx
 
-            paths.append(write_onnx(out, q, head, file_info))
+            paths.append(write_onnx(out, q, head, file_info, form=onnx_form))
         else:
             paths.append(write_quantized(out, q, head, file_info))
     return paths

@@ -1,7 +1,9 @@
 """ONNX graph of a quantized backbone: QuantizeLinear/DequantizeLinear at the bit-width.
 
 The graph is emitted node by node from a ``torch.fx`` trace of the rebuilt module (quant points
-and convs kept as leaves), so it holds exactly the operations the fake-quant model runs:
+and convs kept as leaves), so it holds exactly the operations the fake-quant model runs. In the
+``storage`` form (see ``FORMS`` for ``integer``, the default, and ``qlinear``, which run the convs
+on the codes as ConvInteger / QLinearConv with BN folded):
 
 * weights: integer initializers (INT4 for ``w <= 4``, opset 21; INT8 otherwise) with per-channel
   scales, ``DequantizeLinear(axis=0)`` into Conv; the values stay within ``b`` bits;
@@ -47,6 +49,19 @@ from ssql_core.qnn import ActQuant, QConv2d, QLinear
 from ssql_core.quant import activation_qparams
 
 OPSET = 21
+#: The graph's forms (``build_onnx(form=...)``), all holding the same integers and ranges:
+#: ``integer`` (default): every conv whose input is a UINT8 activation point runs ``ConvInteger``
+#: on the codes (exact INT32 sums), then a float epilogue ``acc * (s_x s_w[c] g[c]) + b[c]`` with
+#: the following BN folded in (``g, b``): the evaluated model up to float rounding. ``qlinear``:
+#: as ``integer``, but a conv followed by ``BN -> [ReLU] -> quant point`` becomes the QDQ pattern
+#: onnxruntime fuses into ``QLinearConv``, BN folded into the weight scales and an INT32 bias; that
+#: bias is rounded (recorded per point as ``bias_rounding_steps``), so it is the evaluated model
+#: only up to that. ``storage``: plain QDQ on the unfolded graph with INT4 weights for ``w <= 4``
+#: (the smallest file; onnxruntime runs every conv in float on dequantized weights).
+FORMS = ("integer", "qlinear", "storage")
+#: x86 u8 x s8 kernels without VNNI (AVX2 ``vpmaddubsw``) sum two products in a saturating int16:
+#: QLinearConv's INT8 weights are kept to ``2 * max code * max |w| <= 32767``
+_INT16 = 32767
 FORMAT = "ssql-quantized-onnx"
 FORMAT_VERSION = 1
 
@@ -94,54 +109,238 @@ class _Graph:
         return output
 
 
-def _conv(g: _Graph, mod: nn.Conv2d, x: str, out: str, q: QuantizedBackbone, name: str) -> str:
+def _conv(g: _Graph, mod: nn.Conv2d, x: str, out: str, q: QuantizedBackbone, name: str, dequantized: bool = False) -> str:
+    """A float Conv; quantized weights as INT4/INT8 + DequantizeLinear, or with ``dequantized`` as
+    ``Cast(float) * scale``: the same float32 product the PyTorch model computes, which onnxruntime
+    folds into a constant when a session loads and can then fold the following BN into (it folds
+    no DequantizeLinear)."""
     key = f"{name}.weight"
     if key in q.weights:
         qw = q.weights[key]
         wtype = TensorProto.INT4 if qw.bits <= 4 else TensorProto.INT8
         ints = g.init_weight_ints(f"{key}_q", qw.ints, wtype)
-        zero = g.init(f"{key}_zero", np.zeros(qw.ints.shape[0], np.int8), wtype)
-        w = g.add("DequantizeLinear", [ints, g.init(f"{key}_scale", qw.scale.float()), zero], f"{key}_dq", axis=0)
+        if dequantized:
+            wf = g.add("Cast", [ints], f"{key}_float", to=TensorProto.FLOAT)
+            w = g.add("Mul", [wf, g.init(f"{key}_scale", qw.scale.float().reshape((-1,) + (1,) * (qw.ints.dim() - 1)))], f"{key}_dq")
+        else:
+            zero = g.init(f"{key}_zero", np.zeros(qw.ints.shape[0], np.int8), wtype)
+            w = g.add("DequantizeLinear", [ints, g.init(f"{key}_scale", qw.scale.float()), zero], f"{key}_dq", axis=0)
     else:
         w = g.init(key, mod.weight.float())
     inputs = [x, w] + ([g.init(f"{name}.bias", mod.bias.float())] if mod.bias is not None else [])
-    k = list(mod.kernel_size)
+    return g.add("Conv", inputs, out, **_conv_attrs(mod))
+
+
+def _conv_attrs(mod: nn.Conv2d) -> dict[str, Any]:
     pad = list(mod.padding)  # type: ignore[arg-type]
-    return g.add("Conv", inputs, out, kernel_shape=k, strides=list(mod.stride), pads=pad + pad,
-                 dilations=list(mod.dilation), group=mod.groups)
+    return {"kernel_shape": list(mod.kernel_size), "strides": list(mod.stride), "pads": pad + pad,
+            "dilations": list(mod.dilation), "group": mod.groups}
 
 
-def _act(g: _Graph, x: str, out: str, q: QuantizedBackbone, name: str) -> str:
+def _pool_attrs(mod: nn.MaxPool2d) -> dict[str, Any]:
+    k, s, p = (mod.kernel_size, mod.stride, mod.padding)
+    return {"kernel_shape": [k, k], "strides": [s, s], "pads": [p] * 4, "ceil_mode": int(mod.ceil_mode)}
+
+
+def _act(g: _Graph, x: str, out: str, q: QuantizedBackbone, name: str, code_clip: bool = False, **extra: Any) -> str:
+    """One activation point: ``[Clip] -> QuantizeLinear -> DequantizeLinear``. With ``code_clip``
+    a UINT8 point clamps its *codes* after QuantizeLinear instead (``Clip`` on UINT8; exact:
+    clamping the saturated 0..255 code to ``[0, 2^a - 1]`` is clamping the rounded value), so that
+    QuantizeLinear reads the producing Conv directly, the pattern onnxruntime fuses."""
     if q.bits.is_fp:
         return g.add("Identity", [x], out)
     rng, a, _role = q.ranges[name]
     scale, zero, qmax = activation_qparams(a, rng[0], rng[1])  # a is 8 for the fixed8 stem point
     s, z, qm = float(scale), int(zero), int(qmax)
     dtype, clip = _act_container(a, z)
+    code_clip = code_clip and clip and dtype == TensorProto.UINT8
     s_name = g.init(f"{name}_scale", np.array(s, np.float32))
     z_name = g.init(f"{name}_zero", np.array(z), dtype)
     source = x
-    if clip:
+    if clip and not code_clip:  # the bounds (c - z) * s in float32, as the fake quantizer's
         lo = g.init(f"{name}_clip_lo", ((0.0 - zero) * scale).reshape(()).float())
         hi = g.init(f"{name}_clip_hi", ((qmax - zero) * scale).reshape(()).float())
         x = g.add("Clip", [x, lo, hi], f"{name}_clip")
     qx = g.add("QuantizeLinear", [x, s_name, z_name], f"{name}_q")
+    if code_clip:
+        qx = g.add("Clip", [qx, g.init(f"{name}_code_lo", np.array(0, np.uint8)), g.init(f"{name}_code_hi", np.array(qm, np.uint8))],
+                   f"{name}_codes")
     g.acts[name] = {"bits": a, "scale": s, "zero_point": z, "codes": [0, qm], "input": source, "output": qx,
-                    "container": TensorProto.DataType.Name(dtype), "clip": clip}
+                    "container": TensorProto.DataType.Name(dtype), "clip": clip, "zero_name": z_name, **extra}
     return g.add("DequantizeLinear", [qx, s_name, z_name], out)
 
 
-def build_onnx(q: QuantizedBackbone, head: dict[str, Tensor] | None = None, info: dict[str, Any] | None = None) -> onnx.ModelProto:
-    """The ONNX model of ``q`` (+ FP ``head``); see the module docstring."""
+def _point_qparams(q: QuantizedBackbone, point: str) -> tuple[float, int, int, int]:
+    """(scale, zero point, top code, ONNX container type) of an activation point."""
+    rng, a, _ = q.ranges[point]
+    scale, zero, qmax = activation_qparams(a, rng[0], rng[1])
+    s, z = float(scale), int(zero)
+    return s, z, int(qmax), _act_container(a, z)[0]
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is_module(node: fx.Node | None, mods: dict[str, nn.Module], kind: type) -> bool:
+    return node is not None and node.op == "call_module" and isinstance(mods[str(node.target)], kind)
+
+
+def _integer_plan(traced: fx.Graph, mods: dict[str, nn.Module], q: QuantizedBackbone, qlinear: bool) -> dict[str, dict[str, Any]]:
+    """Which convs run as integer kernels, and how (fx node name -> step).
+
+    A conv with quantized weights whose input is a UINT8 activation point (through an Identity
+    or the ImageNet stem's max pool at most) runs ``ConvInteger`` on that point's codes; a BN
+    reading only that conv is folded into the float epilogue. The file stores its integers as
+    the ``storage`` form does (INT4 for ``w <= 4``, else INT8); a constant subgraph turns them into
+    UINT8 ``w + 128`` with zero point 128, computed once when onnxruntime folds constants:
+    onnxruntime's u8 x u8 kernels sum exactly on every x86 CPU (u8 x s8 ones may saturate int16
+    without VNNI, see ``_INT16``), and its ConvInteger with INT8 weights measured 2.3x slower than
+    with UINT8 ones (docs/RESULTS.md).
+    In the ``qlinear`` form, such a conv followed by ``BN -> [ReLU] -> UINT8 quant point`` (ReLU
+    only where that point's zero point is 0: onnxruntime drops such a Relu) becomes the QDQ
+    pattern of QLinearConv (:func:`_fold`) where its weights allow it. Every other conv (the stem
+    reads the float image) stays a float Conv.
+    """
+    points = {n.name: str(n.target).removeprefix("backbone.") for n in traced.nodes if _is_module(n, mods, ActQuant)}
+    plan: dict[str, dict[str, Any]] = {}
+    for node in traced.nodes:
+        if not _is_module(node, mods, nn.Conv2d):
+            continue
+        name = str(node.target).removeprefix("backbone.")
+        src, pool = node.args[0], None
+        while isinstance(src, fx.Node) and (_is_module(src, mods, nn.Identity) or (pool is None and _is_module(src, mods, nn.MaxPool2d))):
+            if _is_module(src, mods, nn.MaxPool2d):  # the ImageNet stem's: max pooling commutes with quantization
+                pool = str(src.target)
+            src = src.args[0]  # the CIFAR stem's maxpool is an Identity
+        if f"{name}.weight" not in q.weights or not isinstance(src, fx.Node) or src.name not in points:
+            continue
+        in_point = points[src.name]
+        s_x, z_x, qm_x, dtype = _point_qparams(q, in_point)
+        if dtype != TensorProto.UINT8:
+            continue
+        step: dict[str, Any] = {"kernel": "ConvInteger", "input_point": in_point, "conv": name, "pool": pool,
+                                "kernel_weights": "UINT8 w + 128, zero point 128"}
+        bn = _single_user(node)
+        if _is_module(bn, mods, nn.BatchNorm2d):
+            assert bn is not None
+            step.update(bn=bn.name, bn_module=str(bn.target).removeprefix("backbone."))
+        if qlinear and "bn" in step:
+            assert bn is not None
+            nxt, fn = _single_user(bn), None
+            if pool is None and _is_module(nxt, mods, nn.ReLU):
+                fn, nxt = nxt, _single_user(nxt)  # type: ignore[arg-type]
+            if pool is None and nxt is not None and nxt.name in points:
+                out_point = points[nxt.name]
+                _, z_y, _, dtype_y = _point_qparams(q, out_point)
+                if dtype_y == TensorProto.UINT8 and (fn is None or z_y == 0):
+                    folded = _fold(q, name, step["bn_module"], s_x, qm_x, float(mods[str(bn.target)].eps))  # type: ignore[arg-type]
+                    if folded is not None:
+                        step.update(kernel="QLinearConv", act=nxt.name, out_point=out_point,
+                                    kernel_weights="INT8 w * multiplier, BN folded into the scales", **folded)
+        plan[node.name] = step
+    return plan
+
+
+def _fold(q: QuantizedBackbone, conv: str, bn: str, s_x: float, qm_x: int, eps: float) -> dict[str, Any] | None:
+    """BN folded into the conv's per-channel weight scales and an INT32 bias in units of
+    ``s_x * s_w'`` (QLinearConv's), or None where that cannot hold exactly enough.
+
+    Each channel's integers are multiplied by ``M = limit // max|w|`` (and its scale divided by
+    ``M``): the same products, but a bias unit ``M`` times finer. ``limit`` keeps ``|M w| <= 127``
+    and every u8 x s8 pair sum within int16 (``_INT16``), so no x86 kernel can saturate; an 8-bit
+    weight against 8-bit codes cannot meet that (None: it stays ConvInteger). A negative BN
+    gamma flips the channel's integers, so every scale stays positive.
+    """
+    qw = q.weights[f"{conv}.weight"]
+    if qw.ints.dim() != 4:
+        return None
+    out = qw.ints.shape[0]
+    ints = qw.ints.to(torch.int64).reshape(out, -1)
+    limit = min(127, _INT16 // (2 * qm_x))
+    peak = ints.abs().amax(dim=1).clamp(min=1)
+    if bool((peak > limit).any()):
+        return None
+    mult = limit // peak
+    inv = q.fp[f"{bn}.weight"].double() / torch.sqrt(q.fp[f"{bn}.running_var"].double() + eps)
+    bias = q.fp[f"{bn}.bias"].double() - q.fp[f"{bn}.running_mean"].double() * inv
+    sign = torch.where(inv < 0, -1, 1).to(torch.int64)
+    w_scale = (qw.scale.double() * inv.abs() / mult.double()).float()
+    b_scale = torch.tensor(s_x, dtype=torch.float32) * w_scale  # float32, as onnxruntime multiplies them
+    if bool((b_scale < 1e-30).any()):
+        return None
+    b_int = torch.round(bias / b_scale.double())
+    if bool((b_int.abs() > 2**31 - 1).any()):
+        return None
+    folded_ints = (ints * (mult * sign)[:, None]).reshape(qw.ints.shape)
+    return {"w_scale": w_scale, "b_scale": b_scale, "b_int": b_int.to(torch.int32), "ints": folded_ints.to(torch.int8),
+            "b_err": (b_int * b_scale.double() - bias).abs(), "multiplier": mult}
+
+
+def _conv_fused(g: _Graph, mod: nn.Conv2d, x: str, out: str, step: dict[str, Any]) -> str:
+    """``DQ(x) -> Conv(DQ(w'), DQ(b)) -> Q``, BN folded (:func:`_fold`): onnxruntime's QLinearConv."""
+    name, n = step["conv"], step["ints"].shape[0]
+    ints = g.init_weight_ints(f"{name}.weight_folded_q", step["ints"], TensorProto.INT8)
+    w = g.add("DequantizeLinear", [ints, g.init(f"{name}.weight_folded_scale", step["w_scale"]),
+                                   g.init(f"{name}.weight_folded_zero", np.zeros(n, np.int8))], f"{name}.weight_dq", axis=0)
+    b = g.add("DequantizeLinear", [g.init(f"{name}.bias_q", step["b_int"]), g.init(f"{name}.bias_scale", step["b_scale"]),
+                                   g.init(f"{name}.bias_zero", np.zeros(n, np.int32))], f"{name}.bias_dq", axis=0)
+    return g.add("Conv", [x, w, b], out, **_conv_attrs(mod))
+
+
+def _conv_integer(g: _Graph, mod: nn.Conv2d, out: str, q: QuantizedBackbone, step: dict[str, Any], bn: nn.Module | None,
+                  pool: nn.Module | None) -> str:
+    """``ConvInteger`` on the input point's codes (max-pooled first where the module pools), then ``Cast -> Mul -> Add`` in float: the exact
+    INT32 sums times ``s_x * s_w[c]`` (times the BN's ``gamma / sigma`` when folded), plus the
+    folded BN shift (and conv bias). Scale and shift are computed in float64, rounded once."""
+    name = step["conv"]
+    qw, p = q.weights[f"{name}.weight"], g.acts[step["input_point"]]
+    # the checkpoint's integers as stored (INT4 / INT8), as UINT8 w + 128 for the kernel: constant
+    # subgraph, computed once when onnxruntime folds constants
+    stored = g.init_weight_ints(f"{name}.weight_q", qw.ints, TensorProto.INT4 if qw.bits <= 4 else TensorProto.INT8)
+    wide = g.add("Cast", [stored], f"{name}.weight_i32", to=TensorProto.INT32)
+    shifted = g.add("Add", [wide, g.init(f"{name}.weight_offset", np.array(128, np.int32))], f"{name}.weight_shifted")
+    ints = g.add("Cast", [shifted], f"{name}.weight_u8", to=TensorProto.UINT8)
+    w_zero = g.init(f"{name}.weight_zero", np.array(128, np.uint8))
+    codes = p["output"] if pool is None else g.add("MaxPool", [p["output"]], f"{out}_pooled_codes", **_pool_attrs(pool))  # type: ignore[arg-type]
+    acc = g.add("ConvInteger", [codes, ints, p["zero_name"], w_zero], f"{out}_acc", **_conv_attrs(mod))
+    accf = g.add("Cast", [acc], f"{out}_accf", to=TensorProto.FLOAT)
+    scale = torch.tensor(p["scale"], dtype=torch.float32).double() * qw.scale.double()
+    shift = mod.bias.detach().double() if mod.bias is not None else None
+    if bn is not None:
+        assert isinstance(bn, nn.BatchNorm2d)
+        bname = step["bn_module"]
+        inv = q.fp[f"{bname}.weight"].double() / torch.sqrt(q.fp[f"{bname}.running_var"].double() + float(bn.eps))
+        shift = q.fp[f"{bname}.bias"].double() - q.fp[f"{bname}.running_mean"].double() * inv + (shift * inv if shift is not None else 0.0)
+        scale = scale * inv
+    y = g.add("Mul", [accf, g.init(f"{name}.acc_scale", scale.float().reshape(1, -1, 1, 1))], out if shift is None else f"{out}_scaled")
+    if shift is not None:
+        y = g.add("Add", [y, g.init(f"{name}.shift", shift.float().reshape(1, -1, 1, 1))], out)
+    return y
+
+
+def build_onnx(q: QuantizedBackbone, head: dict[str, Tensor] | None = None, info: dict[str, Any] | None = None,
+               form: str = "integer") -> onnx.ModelProto:
+    """The ONNX model of ``q`` (+ FP ``head``) in ``form`` (``FORMS``); see the module docstring."""
+    if form not in FORMS:
+        raise ValueError(f"ONNX form must be one of {list(FORMS)}, got {form!r}")
     model = build_quantized_model(q, head)
     traced = _Tracer().trace(model)
     mods = dict(model.named_modules())
     g = _Graph()
     env: dict[str, str] = {}
     out_name = "logits" if head is not None else "features"
+    integer = form != "storage" and not q.bits.is_fp
+    plan = _integer_plan(traced, mods, q, form == "qlinear") if integer else {}
+    folded_bn = {s["bn"]: s for s in plan.values() if "bn" in s}  # the conv's output already is its output
+    fused_act = {s["act"]: s for s in plan.values() if s["kernel"] == "QLinearConv"}
     for node in traced.nodes:
         name = node.name
         args = [env[a.name] for a in node.args if isinstance(a, fx.Node)]
+        if name in folded_bn:
+            env[name] = args[0]
+            continue
         if node.op == "placeholder":
             env[name] = "input"
         elif node.op == "output":
@@ -151,10 +350,22 @@ def build_onnx(q: QuantizedBackbone, head: dict[str, Tensor] | None = None, info
         elif node.op == "call_module":
             target = str(node.target)
             mod, bname = mods[target], target.removeprefix("backbone.")
-            if isinstance(mod, nn.Conv2d):
-                env[name] = _conv(g, mod, args[0], name, q, bname)
+            if name in plan and plan[name]["kernel"] == "QLinearConv":
+                env[name] = _conv_fused(g, mod, args[0], name, plan[name])  # type: ignore[arg-type]
+            elif name in plan:
+                step = plan[name]
+                env[name] = _conv_integer(g, mod, name, q, step, mods[f"backbone.{step['bn_module']}"] if "bn" in step else None,  # type: ignore[arg-type]
+                                          mods[step["pool"]] if step["pool"] else None)
+            elif isinstance(mod, nn.Conv2d):
+                # float weights only where the conv reads the image: given a DequantizeLinear input and
+                # float weights, onnxruntime quantizes those weights itself (not our integers)
+                reads_image = isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder"
+                env[name] = _conv(g, mod, args[0], name, q, bname, dequantized=integer and reads_image)
             elif isinstance(mod, ActQuant):
-                env[name] = _act(g, args[0], name, q, bname)
+                extra = {}
+                if name in fused_act:  # the INT32 bias is off the folded bias by at most half a unit of s_x * s_w'
+                    extra["bias_rounding_steps"] = float(fused_act[name]["b_err"].max()) / _point_qparams(q, bname)[0]
+                env[name] = _act(g, args[0], name, q, bname, code_clip=integer, **extra)
             elif isinstance(mod, nn.BatchNorm2d):
                 assert mod.running_mean is not None and mod.running_var is not None
                 ins = [g.init(f"{bname}.{p}", t.float()) for p, t in
@@ -165,9 +376,7 @@ def build_onnx(q: QuantizedBackbone, head: dict[str, Tensor] | None = None, info
             elif isinstance(mod, nn.Identity):
                 env[name] = args[0]
             elif isinstance(mod, nn.MaxPool2d):
-                k, s, p = (mod.kernel_size, mod.stride, mod.padding)
-                env[name] = g.add("MaxPool", args, name, kernel_shape=[k, k], strides=[s, s], pads=[p] * 4,  # type: ignore[list-item]
-                                  ceil_mode=int(mod.ceil_mode))
+                env[name] = g.add("MaxPool", args, name, **_pool_attrs(mod))
             elif isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size in (1, (1, 1)):
                 env[name] = g.add("GlobalAveragePool", args, name)
             elif isinstance(mod, nn.Linear):
@@ -198,16 +407,33 @@ def build_onnx(q: QuantizedBackbone, head: dict[str, Tensor] | None = None, info
     proto.ir_version = 10
     onnx.checker.check_model(proto, full_check=True)
     mixed = isinstance(q.bits, BitConfig)
+    # which convs run as integer kernels: ConvInteger as written; QLinearConv once onnxruntime
+    # fuses the QDQ pattern (any graph optimisation level; tests read its optimised graph)
+    convs = {s["conv"]: {"kernel": s["kernel"], "input_point": s["input_point"], "kernel_weights": s["kernel_weights"],
+                         **({"bn_folded": s["bn_module"]} if "bn" in s else {}), **({"max_pool": s["pool"]} if s["pool"] else {}),
+                         **({"output_point": s["out_point"], "weight_multiplier_max": int(s["multiplier"].max()),
+                             "bias_rounding_steps": float(s["b_err"].max()) / _point_qparams(q, s["out_point"])[0]}
+                            if s["kernel"] == "QLinearConv" else {})} for s in plan.values()}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": q.arch, "bits": str(q.bits),
                 "weight_bits": None if mixed else q.bits.w, "act_bits": None if mixed else q.bits.a,  # type: ignore[union-attr]
                 **({"bit_config": q.bits.as_dict(),  # type: ignore[union-attr]
-                    "weights": {k: {"bits": w.bits, "container": "INT4" if w.bits <= 4 else "INT8"} for k, w in q.weights.items()}}
+                    "weights": {k: {"bits": w.bits, "container": _weight_container(k, convs, w.bits)} for k, w in q.weights.items()}}
                    if mixed else {}),
-                "bn_folded": False, "opset": OPSET, "rounding": q.rounding,
+                "form": form, "bn_folded": any("bn_folded" in c for c in convs.values()), "integer_convs": convs,
+                "float_convs": sorted(n.removeprefix("backbone.") for n, m in mods.items()
+                                      if isinstance(m, nn.Conv2d) and n.removeprefix("backbone.") not in convs),
+                "opset": OPSET, "rounding": q.rounding,
                 "input": "input: float32 [N, 3, H, W], normalized as the run's test transform",
                 "output": out_name, "activations": g.acts, **(info or {})}
     _set_meta(proto, manifest)
     return proto
+
+
+def _weight_container(key: str, convs: dict[str, Any], bits: int) -> str:
+    """How the file stores a weight's integers: INT4 / INT8, or INT8 for QLinearConv's multiplied ones."""
+    if convs.get(key.removesuffix(".weight"), {}).get("kernel") == "QLinearConv":
+        return "INT8"
+    return "INT4" if bits <= 4 else "INT8"
 
 
 def _digest(proto: onnx.ModelProto, manifest_json: str) -> str:
@@ -221,10 +447,11 @@ def _set_meta(proto: onnx.ModelProto, manifest: dict[str, Any]) -> None:
         entry.key, entry.value = k, v
 
 
-def write_onnx(path: str | Path, q: QuantizedBackbone, head: dict[str, Tensor] | None = None, info: dict[str, Any] | None = None) -> Path:
+def write_onnx(path: str | Path, q: QuantizedBackbone, head: dict[str, Tensor] | None = None, info: dict[str, Any] | None = None,
+               form: str = "integer") -> Path:
     """Write the ONNX model of ``q`` to ``path`` atomically; returns the path."""
     path = Path(path)
-    proto = build_onnx(q, head, info)
+    proto = build_onnx(q, head, info, form)
     return write_atomic(path, lambda tmp: Path(tmp).write_bytes(proto.SerializeToString()))
 
 
@@ -307,7 +534,7 @@ def _points_of(reference: nn.Module) -> dict[str, ActQuant]:
 
 @torch.no_grad()
 def forced_code_agreement(path_or_proto: str | Path | onnx.ModelProto, reference: nn.Module, x: Tensor,
-                          value_tol: float = 1e-3) -> dict[str, Any]:
+                          value_tol: float = 1e-3, optimize: bool = False) -> dict[str, Any]:
     """Per quantization point, the graph's activation codes against ``reference``'s on the same inputs.
 
     ``reference`` runs the quantized model in PyTorch (a :class:`QuantizedModel`, or the fake-quant
@@ -325,7 +552,11 @@ def forced_code_agreement(path_or_proto: str | Path | onnx.ModelProto, reference
     ``max_value_diff <= value_tol`` together say: every differing code sat within
     ``value_tol * max(1, |u|)`` steps of a rounding boundary. A wrong scale, zero point, clip,
     rounding rule, BN, padding or weight moves values by a sizeable part of a step, or flips codes
-    away from boundaries, and fails one of the two.
+    away from boundaries, and fails one of the two. In the ``integer`` form a point fed by a
+    folded conv may further differ by its recorded ``bias_rounding_steps`` (QLinearConv's bias is
+    an integer in units of ``s_x * s_w``): ``beyond_tol`` counts values off by more than both.
+    ``optimize=True`` runs onnxruntime's fusions (QLinearConv, ...): only codes are exposed, and
+    every flip must then lie within that allowance of a boundary (``ok``).
     The final output (logits or features) is compared too, from the forced last codes.
     """
     if isinstance(path_or_proto, onnx.ModelProto):
@@ -355,41 +586,51 @@ def forced_code_agreement(path_or_proto: str | Path | onnx.ModelProto, reference
         s, z = torch.tensor(p["scale"], dtype=torch.float32), p["zero_point"]
         ref_codes[name] = torch.round(v_out / s).to(torch.int64) + z  # the reference's (q - z) * s, back to q
         forced = f"{p['output']}_forced"
-        for node in proto.graph.node:
+        for node in proto.graph.node:  # its DequantizeLinear, and the ConvIntegers reading the codes
             for k, inp in enumerate(node.input):
-                if inp == p["output"] and node.op_type == "DequantizeLinear":
+                if inp == p["output"]:
                     node.input[k] = forced
         dtype = TensorProto.DataType.Value(p["container"])
         proto.graph.input.append(helper.make_tensor_value_info(forced, dtype, None))
         feeds[forced] = ref_codes[name].numpy().astype(helper.tensor_dtype_to_np_dtype(dtype))
         proto.graph.output.append(helper.make_tensor_value_info(p["output"], dtype, None))
-        proto.graph.output.append(helper.make_tensor_value_info(p["input"], TensorProto.FLOAT, None))
-        names += [p["output"], p["input"]]
+        names.append(p["output"])
+        if not optimize:  # a float graph output would keep onnxruntime from fusing its producer away
+            proto.graph.output.append(helper.make_tensor_value_info(p["input"], TensorProto.FLOAT, None))
+            names.append(p["input"])
     out_name = manifest["output"]
-    outs = onnx_session(proto).run([out_name, *names], feeds)
+    outs = onnx_session(proto, optimize).run([out_name, *names], feeds)
     per_point: dict[str, dict[str, Any]] = {}
-    total = {"elements": 0, "flips": 0, "unexplained": 0, "max_value_diff": 0.0}
+    total = {"elements": 0, "flips": 0, "unexplained": 0, "beyond_tol": 0, "max_value_diff": 0.0}
+    step = 2 if not optimize else 1
     for i, (name, p) in enumerate(points.items()):
-        got = torch.from_numpy(outs[1 + 2 * i].astype(np.int64))
-        v_ort = torch.from_numpy(outs[2 + 2 * i]).double()
-        v_ref = seen[name][0].double()
+        got = torch.from_numpy(outs[1 + step * i].astype(np.int64))
         s = float(np.float32(p["scale"]))
-        u_ref, u_ort = v_ref / s, v_ort / s
+        u_ref = seen[name][0].double() / s
+        # what may differ, in steps: float rounding, and the INT32 bias of a folded conv (recorded per point)
+        allowed = value_tol * torch.clamp(u_ref.abs(), min=1.0) + float(p.get("bias_rounding_steps", 0.0))
         flip = got != ref_codes[name]
-        lo, hi = torch.minimum(u_ref, u_ort), torch.maximum(u_ref, u_ort)
-        slack = 4 * float(np.finfo(np.float32).eps) * torch.clamp(hi.abs(), min=1.0)
-        boundary = torch.ceil(lo - slack - 0.5) + 0.5  # the first k + 1/2 at or above lo - slack
-        explained = boundary <= hi + slack
-        rel = (u_ort - u_ref).abs() / torch.clamp(u_ref.abs(), min=1.0)
+        slack = 4 * float(np.finfo(np.float32).eps) * torch.clamp(u_ref.abs(), min=1.0)
+        if optimize:  # fused kernels: no float input to read; a flip must sit within ``allowed`` of a boundary
+            near = (u_ref - torch.floor(u_ref) - 0.5).abs() <= allowed + slack
+            explained, beyond, rel = near, torch.zeros_like(flip), torch.zeros(())
+        else:
+            u_ort = torch.from_numpy(outs[2 + 2 * i]).double() / s
+            lo, hi = torch.minimum(u_ref, u_ort), torch.maximum(u_ref, u_ort)
+            boundary = torch.ceil(lo - slack - 0.5) + 0.5  # the first k + 1/2 at or above lo - slack
+            explained = boundary <= hi + slack
+            beyond = (u_ort - u_ref).abs() > allowed
+            rel = (u_ort - u_ref).abs() / torch.clamp(u_ref.abs(), min=1.0)
         row = {"elements": got.numel(), "flips": int(flip.sum()), "unexplained": int((flip & ~explained).sum()),
-               "max_value_diff": float(rel.max()) if got.numel() else 0.0, "bits": p["bits"]}
+               "beyond_tol": int(beyond.sum()), "max_value_diff": float(rel.max()) if got.numel() else 0.0, "bits": p["bits"],
+               "bias_rounding_steps": float(p.get("bias_rounding_steps", 0.0))}
         per_point[name] = row
-        for k in ("elements", "flips", "unexplained"):
+        for k in ("elements", "flips", "unexplained", "beyond_tol"):
             total[k] += row[k]
         total["max_value_diff"] = max(total["max_value_diff"], row["max_value_diff"])
     got_out = torch.from_numpy(outs[0])
     result = {**total, "points": per_point, "value_tol": value_tol,
-              "ok": total["unexplained"] == 0 and total["max_value_diff"] <= value_tol,
+              "ok": total["unexplained"] == 0 and total["beyond_tol"] == 0, "optimized": optimize,
               "output_max_abs_diff": float((got_out - ref_out).abs().max()), "output_max_abs": float(ref_out.abs().max())}
     if out_name == "logits":  # a classifier: do the forced graph's predictions differ, and how close were the top two?
         top2 = ref_out.topk(min(2, ref_out.shape[1]), dim=1).values

@@ -115,7 +115,7 @@ def _initializers(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 def test_graph_holds_integers_at_the_bit_width(small: nn.Module, bits: str) -> None:
     w, a = int(bits[0]), int(bits[2])
     q = quantize_backbone(small, bits)
-    proto = build_onnx(q)
+    proto = build_onnx(q, form="storage")  # the smallest file: INT4 weights at w <= 4, every conv as DQ -> Conv
     inits = _initializers(proto)
     dq_weights = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith(".weight_q")]
     assert len(dq_weights) == sum(isinstance(m, nn.Conv2d) for m in small.modules())
