@@ -56,8 +56,9 @@ OPSET = 21
 #: as ``integer``, but a conv followed by ``BN -> [ReLU] -> quant point`` becomes the QDQ pattern
 #: onnxruntime fuses into ``QLinearConv``, BN folded into the weight scales and an INT32 bias; that
 #: bias is rounded (recorded per point as ``bias_rounding_steps``), so it is the evaluated model
-#: only up to that. ``storage``: plain QDQ on the unfolded graph with INT4 weights for ``w <= 4``
-#: (the smallest file; onnxruntime runs every conv in float on dequantized weights).
+#: only up to that; it is the fast one (QLinearConv; docs/RESULTS.md). ``storage``: plain QDQ on
+#: the unfolded graph (onnxruntime runs every conv in float on dequantized weights). ``integer``
+#: and ``storage`` store INT4 weights for ``w <= 4``; ``qlinear``'s fused convs need INT8.
 FORMS = ("integer", "qlinear", "storage")
 #: x86 u8 x s8 kernels without VNNI (AVX2 ``vpmaddubsw``) sum two products in a saturating int16:
 #: QLinearConv's INT8 weights are kept to ``2 * max code * max |w| <= 32767``
