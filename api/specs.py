@@ -329,7 +329,7 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None, pretrain
     backbone = _meta_backbone(pretrain_config) if pretrain_config is not None else None
     bits = bits_list(("body", "bits"), body.get("bits"), allow_empty=False, backbone=backbone,
                      labels=tuple(b for b in evaluated_bits if isinstance(b, str)))
-    names = [_bits_name(b) for b in bits]
+    names = [bits_name(b) for b in bits]
     formats = body.get("formats", ["safetensors"])
     if not isinstance(formats, list) or not formats or not all(isinstance(f, str) for f in formats):
         raise FieldError(("body", "formats"), f"must be a non-empty list of formats out of {list(FORMATS)}, got {formats!r}")
@@ -353,7 +353,7 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None, pretrain
     if source["kind"] == "eval":
         if config.get("protocol", "linear") != "linear":
             raise FieldError(("body", "bits"), "a kNN evaluation trained no linear heads: export from its pretrain job instead")
-        have = [_bits_name(b) for b in evaluated_bits]
+        have = [bits_name(b) for b in evaluated_bits]
         missing = [n for n in names if n not in have]
         if missing:
             raise FieldError(("body", "bits"), f"the eval job trained heads at {have} only, not at {missing}; "
@@ -365,7 +365,7 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None, pretrain
             "source_job": source["id"], "source_kind": source["kind"], "pretrain_job": pretrain_job}
 
 
-def _bits_name(b: Any) -> str:
+def bits_name(b: Any) -> str:
     """A canonical ``bits`` entry's name: the string, or a map's label."""
     from ssql_core.bitconfig import parse_bit_config
 

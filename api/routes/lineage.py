@@ -12,6 +12,7 @@ from api.deps import UNAUTHORIZED_RESPONSE, Conn, JobId, Owner
 from api.json_body import Utf8JsonRoute
 from api.reproduce import reproduce
 from api.schemas import LineageOut, ReproduceOut
+from api.specs import bits_name
 from persistence import api_store, lineage
 from persistence.db import as_utc
 
@@ -25,7 +26,7 @@ def describe(job: Mapping[str, Any]) -> str:
     c = spec.get("config") or {}
     kind = job["kind"]
     bits = c.get("bits")
-    bits_text = ",".join(bits) if isinstance(bits, list) else (bits or "")
+    bits_text = ",".join(map(bits_name, bits)) if isinstance(bits, list) else (bits or "")  # a per-layer map by its label
     if kind == "pretrain":
         return " · ".join(str(x) for x in (c.get("method"), c.get("backbone"), c.get("dataset")) if x)
     if kind == "eval":

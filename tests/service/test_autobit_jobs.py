@@ -94,6 +94,12 @@ def test_autobit_eval_job_its_mixed_classifiers_and_exports(client: httpx.Client
     onnx = next(c for c in client.get(f"/v1/jobs/{job['id']}/checkpoints").json() if c["format"] == "onnx")
     assert onnx["bits"] == chosen["bits"] and onnx["produced_by"] == ev.json()["id"]
     assert client.get(onnx["url"]).status_code == 200
+    # the chain names a map by its label (an eval with a map in its bits was a 500 on the lineage route)
+    for of in (finished_pretrain, job["id"]):
+        chain = client.get(f"/v1/jobs/{of}/lineage")
+        assert chain.status_code == 200, chain.text
+    node = next(n for n in client.get(f"/v1/jobs/{job['id']}/lineage").json()["tree"] if n["id"] == job["id"])
+    assert f"eval fp,{label}" in node["what"], node
 
 
 @pytest.mark.parametrize("bits", ["mixed-xyz", "Mixed-0123abcd"])
