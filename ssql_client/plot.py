@@ -58,6 +58,14 @@ def plot_top1(jobs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | Path |
             ax.axhline(s["fp"], color=color, linestyle="--", linewidth=1, label=f"{label} (fp {s['fp']:.1f})")
     ax.set_xticks(range(len(xs)), xs)
     ax.set_xlabel("bit-width (weights w / activations a)")
+    return _finish(ax, fig, title, out, show)
+
+
+def _finish(ax: Any, fig: Any, title: str, out: str | Path | None, show: bool | None) -> Any:
+    """Label, save (``out``) and show the chart the way both plots do; a figure this module made
+    is closed after saving unless it is to be shown."""
+    import matplotlib.pyplot as plt
+
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
@@ -152,18 +160,7 @@ def plot_pareto(jobs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | Path
             ax.axhline(fp, color=f"C{first % 10}", linestyle="--", linewidth=1, label=f"{prefix}fp {fp:.1f}",
                        gid=f"pareto-fp-{first}")
     ax.set_xlabel("model size (KB, packed)" if x == "size" else "average weight bits")
-    ax.set_ylabel("top-1 (%)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    if out is not None:
-        (fig or ax.figure).tight_layout()
-        (fig or ax.figure).savefig(out)
-        if fig is not None and not show:
-            plt.close(fig)
-    if show or (show is None and out is None and fig is not None):
-        plt.show()
-    return ax
+    return _finish(ax, fig, title, out, show)
 
 
 def plot_results(jobs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | Path | None = None,

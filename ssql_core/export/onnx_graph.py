@@ -456,6 +456,15 @@ def write_onnx(path: str | Path, q: QuantizedBackbone, head: dict[str, Tensor] |
     return write_atomic(path, lambda tmp: Path(tmp).write_bytes(proto.SerializeToString()))
 
 
+def _editable(path_or_proto: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """A copy of the model that may be changed (graph outputs added) and its manifest."""
+    if isinstance(path_or_proto, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(path_or_proto)
+        return proto, json.loads({p.key: p.value for p in proto.metadata_props}["ssql.manifest"])
+    return read_onnx(path_or_proto)
+
+
 def read_onnx(path: str | Path) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Parse (no external data), hash-check and return ``(model, manifest)``; ``CheckpointError`` otherwise."""
     path = Path(path)
@@ -503,12 +512,7 @@ def quant_point_agreement(path_or_proto: str | Path | onnx.ModelProto, x: Tensor
     the Clip/QuantizeLinear semantics (scale, zero point, clamping) exactly, independently of
     float differences upstream, which :func:`compare_onnx` sees compounded through the network.
     """
-    if isinstance(path_or_proto, onnx.ModelProto):
-        proto = onnx.ModelProto()
-        proto.CopyFrom(path_or_proto)
-        manifest = json.loads({p.key: p.value for p in proto.metadata_props}["ssql.manifest"])
-    else:
-        proto, manifest = read_onnx(path_or_proto)
+    proto, manifest = _editable(path_or_proto)
     points = manifest["activations"]
     names = []
     for p in points.values():
@@ -560,12 +564,7 @@ def forced_code_agreement(path_or_proto: str | Path | onnx.ModelProto, reference
     every flip must then lie within that allowance of a boundary (``ok``).
     The final output (logits or features) is compared too, from the forced last codes.
     """
-    if isinstance(path_or_proto, onnx.ModelProto):
-        proto = onnx.ModelProto()
-        proto.CopyFrom(path_or_proto)
-        manifest = json.loads({p.key: p.value for p in proto.metadata_props}["ssql.manifest"])
-    else:
-        proto, manifest = read_onnx(path_or_proto)
+    proto, manifest = _editable(path_or_proto)
     points = manifest["activations"]
     mods = _points_of(reference)
     missing = sorted(set(points) - set(mods))
