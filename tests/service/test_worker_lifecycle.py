@@ -2,7 +2,10 @@
 (SIGSTOPped) supervisor, and a graceful worker stop (SIGTERM).
 
 These tests run their own Redis (a throwaway ``redis-server`` on a free port, killed and
-restarted here) and their own API + worker stack, on the session's Postgres database.
+restarted here), their own API + worker stack and their own Postgres database: the database
+picks the job a free worker starts (decision 019), so a stack on the session's database would
+also start this module's jobs (a flake: the SIGSTOP test's second attempt ran on the session's
+worker, under another SSQL_HOME, without the checkpoint).
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from persistence.db import as_utc
+from persistence.db import as_utc, make_engine, make_sessionmaker
+from persistence.keys import create_key
+from persistence.migrate import upgrade_head
 from persistence.models import JobAttempt
 from persistence.settings import Settings
 from ssql_cli.stack import OwnRedis, Stack, free_port, worker_command
-from tests.service.conftest import TINY, pid_alive, wait_for
+from tests.service.conftest import TINY, create_database, pid_alive, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -46,17 +51,38 @@ def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRedis]:
 
 
 @pytest.fixture(scope="module")
-def lc_env(service_env: dict[str, str], own_redis: OwnRedis, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def lc_db() -> Iterator[str]:
+    url, drop = create_database("ssql_lc")
+    yield url
+    drop()
+
+
+@pytest.fixture(scope="module")
+def lc_env(service_env: dict[str, str], own_redis: OwnRedis, lc_db: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return dict(
         service_env,
         SSQL_HOME=str(tmp_path_factory.mktemp("lifecycle_home")),
+        SSQL_DATABASE_URL=lc_db,
         SSQL_BROKER_URL=own_redis.url,
         SSQL_QUEUE=f"gpu-lc-{uuid.uuid4().hex[:8]}",
         SSQL_HANDBACK_SECONDS="10",
-        # a lease a loaded machine does not starve (renewed every 0.5 s): at 4 s, a suite running
-        # beside other work let a supervisor miss its renewals and lose its job before the SIGSTOP
-        SSQL_LEASE_SECONDS="8",
     )
+
+
+@pytest.fixture(scope="module")
+def sessions(lc_env: dict[str, str]):  # type: ignore[no-untyped-def]
+    """This module's database (migrated), in place of the session's."""
+    settings = Settings(home=Path(lc_env["SSQL_HOME"]), database_url=lc_env["SSQL_DATABASE_URL"])
+    upgrade_head(settings)
+    engine = make_engine(settings)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def lc_key(sessions) -> str:  # type: ignore[no-untyped-def]
+    with sessions() as s:
+        return create_key(s, "alice")
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +102,8 @@ def lc(lc_stack: Stack) -> Stack:
 
 
 @pytest.fixture(scope="module")
-def lc_client(lc_stack: Stack, api_key: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=lc_stack.url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as c:
+def lc_client(lc_stack: Stack, lc_key: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=lc_stack.url, headers={"Authorization": f"Bearer {lc_key}"}, timeout=30) as c:
         yield c
 
 
@@ -167,8 +193,8 @@ def test_sigstopped_supervisor_is_fenced(lc, lc_client, lc_env, sessions) -> Non
         stopped_at = time.monotonic()
         try:
             # the runner of a supervisor that stopped renewing its lease stops itself, before the
-            # lease (8 s) runs out and another attempt may start
-            while pid_alive(runner_pid) and time.monotonic() - stopped_at < 16:
+            # lease (4 s) runs out and another attempt may start
+            while pid_alive(runner_pid) and time.monotonic() - stopped_at < 10:
                 time.sleep(0.05)
             assert not pid_alive(runner_pid), "the runner of a stalled supervisor kept training"
             runner_gone = time.monotonic() - stopped_at
