@@ -329,6 +329,11 @@ class ExportRequest(JobLabels):
     ptq_images: Int | None = _range(1, 8192)
     ptq_iters: Int | None = _range(1, 100_000)
     brecq_learn_act: Bool | None = None
+    onnx_form: Literal["integer", "qlinear", "storage"] | None = Field(
+        None, description="the ONNX files' graph (with 'onnx' in formats; default integer): integer runs the convs as "
+        "ConvInteger, the evaluated model up to float rounding; qlinear also fuses each block's first conv into "
+        "QLinearConv (faster on large models, its rounded bias moves top-1 slightly); storage keeps every conv in float "
+        "(smallest file). Measured in docs/RESULTS.md")
 
 
 class FinetuneRequest(JobLabels):

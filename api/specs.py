@@ -313,7 +313,7 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None, pretrain
     from ssql_core.config import CALIBRATIONS
     from ssql_core.export import FORMATS
 
-    accepted = ["bits", "formats", "calibration", "calib_percentile", "ptq", "ptq_images", "ptq_iters", "brecq_learn_act"]
+    accepted = ["bits", "formats", "calibration", "calib_percentile", "ptq", "ptq_images", "ptq_iters", "brecq_learn_act", "onnx_form"]
     unknown = sorted(set(body) - set(accepted))
     if unknown:
         raise FieldError(("body", unknown[0]), f"unknown field; accepted: {accepted}")
@@ -358,11 +358,28 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None, pretrain
         if missing:
             raise FieldError(("body", "bits"), f"the eval job trained heads at {have} only, not at {missing}; "
                              "export the backbone from its pretrain job instead")
+    onnx_form = _onnx_form(body.get("onnx_form"), formats, source["kind"])
     pretrain_job = source["id"] if source["kind"] == "pretrain" else source["source_job_id"]
     if ptq and ptq.get("ptq") not in (None, "calibrate") and "torchvision" in formats:
         raise FieldError(("body", "ptq"), "the torchvision format holds FP weights: reconstruction applies to quantized files")
-    return {"config": {"bits": bits, "formats": formats, "calibration": calibration, "calib_percentile": percentile, **ptq},
+    return {"config": {"bits": bits, "formats": formats, "calibration": calibration, "calib_percentile": percentile, **ptq,
+                       **({"onnx_form": onnx_form} if onnx_form is not None else {})},
             "source_job": source["id"], "source_kind": source["kind"], "pretrain_job": pretrain_job}
+
+
+def _onnx_form(value: Any, formats: list[str], source_kind: str) -> str | None:
+    """The ONNX graph's form an export asks for (``ssql_core.export.onnx_graph.FORMS``), if any."""
+    from ssql_core.export.onnx_graph import FORMS
+
+    if value is None:
+        return None
+    if value not in FORMS:
+        raise FieldError(("body", "onnx_form"), f"must be one of {list(FORMS)}, got {value!r}")
+    if "onnx" not in formats:
+        raise FieldError(("body", "onnx_form"), "a form of the ONNX graph needs 'onnx' in formats")
+    if source_kind == "finetune":
+        raise FieldError(("body", "onnx_form"), "a fine-tuned classifier's ONNX file has one form (its own graph): leave onnx_form out")
+    return str(value)
 
 
 def bits_name(b: Any) -> str:

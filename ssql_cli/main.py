@@ -347,7 +347,7 @@ def _wait(client: Client, job_id: str, out: Any) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"bits": args.bits.split(","), "formats": args.formats.split(",")}
-    for name in ("ptq", "ptq_images", "ptq_iters"):
+    for name in ("ptq", "ptq_images", "ptq_iters", "onnx_form"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     client = _client(args)
@@ -777,6 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--ptq", help="calibrate (default), adaround or brecq: reconstruct the files' rounding")
     ex.add_argument("--ptq-images", dest="ptq_images", type=int, help="reconstruction images (default 1024)")
     ex.add_argument("--ptq-iters", dest="ptq_iters", type=int, help="reconstruction iterations per unit (default 2000)")
+    ex.add_argument("--onnx-form", dest="onnx_form", choices=["integer", "qlinear", "storage"],
+                    help="the ONNX graph (with --formats onnx): integer (default), qlinear or storage; see docs/RESULTS.md")
     ex.add_argument("--idempotency-key")
     ex.add_argument("--wait", action="store_true", help="show progress until the export job ends")
     ex.set_defaults(func=cmd_export)

@@ -228,7 +228,8 @@ def _run_export(job: dict[str, Any], workdir: Path) -> dict[str, Any]:
                                          source_job=job.get("pretrain_job"), device=config.get("device", "cpu"),
                                          calibration=config.get("calibration"), calib_percentile=config.get("calib_percentile"),
                                          ptq_state_dir=workdir,
-                                         **{k: config[k] for k in ("ptq", "ptq_images", "ptq_iters", "brecq_learn_act") if config.get(k) is not None})
+                                         **{k: config[k] for k in ("ptq", "ptq_images", "ptq_iters", "brecq_learn_act", "onnx_form")
+                                            if config.get(k) is not None})
         for p, b in zip(written, config["bits"], strict=True):
             b = _bits_name(b)  # a per-layer map is registered (and downloaded) by its label
             outputs.append(_output(p, workdir, b, fmt, owner="source"))

@@ -125,6 +125,19 @@ def test_pretrain_export_bits_then_export_job(client: httpx.Client, other_client
     assert _field(post({"bits": ["fp"], "formats": ["torchvision"]})) == ["body", "formats"]  # width 0.0625
     assert _field(post({"bits": ["4w4a"], "formats": ["torchvision"]})) == ["body", "formats"]
     assert _field(post({"bits": ["4w4a"], "calib": 3})) == ["body", "calib"]
+    assert _field(post({"bits": ["4w4a"], "formats": ["onnx"], "onnx_form": "fast"})) == ["body", "onnx_form"]
+    assert _field(post({"bits": ["4w4a"], "onnx_form": "storage"})) == ["body", "onnx_form"]  # no onnx in formats
+
+    # the ONNX graph's form is the user's choice; the manifest says which was written
+    from ssql_core.export.onnx_graph import read_onnx
+
+    resp = post({"bits": ["3w3a"], "formats": ["onnx"], "onnx_form": "storage"})
+    assert resp.status_code == 202, resp.text
+    assert _finished(client, resp.json()["id"])["status"] == "succeeded"
+    _, manifest = read_onnx(_download(client, f"/v1/jobs/{job_id}/checkpoints/3w3a?format=onnx", tmp_path / "3w3a.onnx"))
+    assert manifest["form"] == "storage" and not manifest["integer_convs"], manifest["form"]
+    _, default = read_onnx(onnx_file)
+    assert default["form"] == "integer" and default["integer_convs"], default["form"]
     assert other_client.post(f"/v1/jobs/{job_id}/exports", json={"bits": ["4w4a"]}).status_code == 404
     assert client.post("/v1/jobs/nope/exports", json={"bits": ["4w4a"]}).status_code == 404
     assert client.post(f"/v1/jobs/{export['id']}/exports", json={"bits": ["4w4a"]}).status_code == 409
