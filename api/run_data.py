@@ -82,8 +82,8 @@ async def with_sizes(conn: AsyncConnection, owner: int, job: Mapping[str, Any], 
 @functools.lru_cache(maxsize=32)
 def _layer_table(backbone: str, stem: str, width: float, image_size: int) -> Any:
     """The layer table of a pretrain's backbone (meta device: shapes only), kept per architecture."""
-    from api.specs import _meta_backbone
+    from api.specs import meta_backbone
     from ssql_core.bitconfig import layer_table
 
-    meta = _meta_backbone({"backbone": backbone, "stem": stem, "width": width, "image_size": image_size})
+    meta = meta_backbone({"backbone": backbone, "stem": stem, "width": width, "image_size": image_size})
     return layer_table(meta, image_size)

@@ -178,7 +178,7 @@ def eval_spec(body: dict[str, Any], settings: Settings, source_dataset: str,
     data = {k: v for k, v in body.items() if k not in ("kind", "source_job")}
     _reject_server_fields(data, EVAL_SERVER_FIELDS)
     cfg = _validated(EvalConfig, data, settings, caps={"epochs": settings.max_eval_epochs, "batch_size": settings.max_batch_size})
-    backbone = _meta_backbone(pretrain_config) if pretrain_config is not None else None
+    backbone = meta_backbone(pretrain_config) if pretrain_config is not None else None
     bits = canonical_bits(("body", "bits"), cfg.bits, backbone)
     n_rows = len(bits) + (cfg.autobit is not None)
     if n_rows > settings.max_bits_per_eval:
@@ -192,7 +192,7 @@ def eval_spec(body: dict[str, Any], settings: Settings, source_dataset: str,
     return _sourced_spec(cfg, source_dataset, EVAL_SERVER_FIELDS, body["source_job"])
 
 
-def _meta_backbone(pretrain_config: dict[str, Any]) -> Any:
+def meta_backbone(pretrain_config: dict[str, Any]) -> Any:
     """The pretrain run's backbone on the meta device (names and shapes; no memory, no compute)."""
     import torch
 
@@ -326,7 +326,7 @@ def export_spec(body: dict[str, Any], source: Any, width: float | None, pretrain
         raise FieldError(("body", "calib_percentile"), f"must be a number between 50 and 100, got {percentile!r}")
     config = source["spec"]["config"]
     evaluated_bits = list(evaluated if evaluated is not None else config.get("bits", [])) if source["kind"] == "eval" else []
-    backbone = _meta_backbone(pretrain_config) if pretrain_config is not None else None
+    backbone = meta_backbone(pretrain_config) if pretrain_config is not None else None
     bits = bits_list(("body", "bits"), body.get("bits"), allow_empty=False, backbone=backbone,
                      labels=tuple(b for b in evaluated_bits if isinstance(b, str)))
     names = [bits_name(b) for b in bits]

@@ -237,11 +237,18 @@ def _integer_plan(traced: fx.Graph, mods: dict[str, nn.Module], q: QuantizedBack
                 _, z_y, _, dtype_y = _point_qparams(q, out_point)
                 if dtype_y == TensorProto.UINT8 and (fn is None or z_y == 0):
                     folded = _fold(q, name, step["bn_module"], s_x, qm_x, float(mods[str(bn.target)].eps))  # type: ignore[arg-type]
-                    if folded is not None:
+                    if folded is not None:  # the INT32 bias is off the folded bias by at most half a unit of s_x * s_w'
                         step.update(kernel="QLinearConv", act=nxt.name, out_point=out_point,
-                                    kernel_weights="INT8 w * multiplier, BN folded into the scales", **folded)
+                                    kernel_weights="INT8 w * multiplier, BN folded into the scales",
+                                    bias_rounding_steps=float(folded["b_err"].max()) / _point_qparams(q, out_point)[0], **folded)
         plan[node.name] = step
     return plan
+
+
+def _bn_affine(q: QuantizedBackbone, bn: str, eps: float) -> tuple[Tensor, Tensor]:
+    """The eval-mode BN ``bn`` as ``y = x * inv + shift`` per channel, in float64."""
+    inv = q.fp[f"{bn}.weight"].double() / torch.sqrt(q.fp[f"{bn}.running_var"].double() + eps)
+    return inv, q.fp[f"{bn}.bias"].double() - q.fp[f"{bn}.running_mean"].double() * inv
 
 
 def _fold(q: QuantizedBackbone, conv: str, bn: str, s_x: float, qm_x: int, eps: float) -> dict[str, Any] | None:
@@ -264,8 +271,7 @@ def _fold(q: QuantizedBackbone, conv: str, bn: str, s_x: float, qm_x: int, eps: 
     if bool((peak > limit).any()):
         return None
     mult = limit // peak
-    inv = q.fp[f"{bn}.weight"].double() / torch.sqrt(q.fp[f"{bn}.running_var"].double() + eps)
-    bias = q.fp[f"{bn}.bias"].double() - q.fp[f"{bn}.running_mean"].double() * inv
+    inv, bias = _bn_affine(q, bn, eps)
     sign = torch.where(inv < 0, -1, 1).to(torch.int64)
     w_scale = (qw.scale.double() * inv.abs() / mult.double()).float()
     b_scale = torch.tensor(s_x, dtype=torch.float32) * w_scale  # float32, as onnxruntime multiplies them
@@ -311,9 +317,8 @@ def _conv_integer(g: _Graph, mod: nn.Conv2d, out: str, q: QuantizedBackbone, ste
     shift = mod.bias.detach().double() if mod.bias is not None else None
     if bn is not None:
         assert isinstance(bn, nn.BatchNorm2d)
-        bname = step["bn_module"]
-        inv = q.fp[f"{bname}.weight"].double() / torch.sqrt(q.fp[f"{bname}.running_var"].double() + float(bn.eps))
-        shift = q.fp[f"{bname}.bias"].double() - q.fp[f"{bname}.running_mean"].double() * inv + (shift * inv if shift is not None else 0.0)
+        inv, bn_shift = _bn_affine(q, step["bn_module"], float(bn.eps))
+        shift = bn_shift + (shift * inv if shift is not None else 0.0)
         scale = scale * inv
     y = g.add("Mul", [accf, g.init(f"{name}.acc_scale", scale.float().reshape(1, -1, 1, 1))], out if shift is None else f"{out}_scaled")
     if shift is not None:
@@ -364,8 +369,8 @@ def build_onnx(q: QuantizedBackbone, head: dict[str, Tensor] | None = None, info
                 env[name] = _conv(g, mod, args[0], name, q, bname, dequantized=integer and reads_image)
             elif isinstance(mod, ActQuant):
                 extra = {}
-                if name in fused_act:  # the INT32 bias is off the folded bias by at most half a unit of s_x * s_w'
-                    extra["bias_rounding_steps"] = float(fused_act[name]["b_err"].max()) / _point_qparams(q, bname)[0]
+                if name in fused_act:
+                    extra["bias_rounding_steps"] = fused_act[name]["bias_rounding_steps"]
                 env[name] = _act(g, args[0], name, q, bname, code_clip=integer, **extra)
             elif isinstance(mod, nn.BatchNorm2d):
                 assert mod.running_mean is not None and mod.running_var is not None
@@ -413,7 +418,7 @@ def build_onnx(q: QuantizedBackbone, head: dict[str, Tensor] | None = None, info
     convs = {s["conv"]: {"kernel": s["kernel"], "input_point": s["input_point"], "kernel_weights": s["kernel_weights"],
                          **({"bn_folded": s["bn_module"]} if "bn" in s else {}), **({"max_pool": s["pool"]} if s["pool"] else {}),
                          **({"output_point": s["out_point"], "weight_multiplier_max": int(s["multiplier"].max()),
-                             "bias_rounding_steps": float(s["b_err"].max()) / _point_qparams(q, s["out_point"])[0]}
+                             "bias_rounding_steps": s["bias_rounding_steps"]}
                             if s["kernel"] == "QLinearConv" else {})} for s in plan.values()}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": q.arch, "bits": str(q.bits),
                 "weight_bits": None if mixed else q.bits.w, "act_bits": None if mixed else q.bits.a,  # type: ignore[union-attr]
