@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fmnist_repro import paired_ci, pcfg_for  # noqa: E402
+from fmnist_repro import add_recipe_args, paired_ci, pcfg_for  # noqa: E402
 
 from ssql_core.finetune import FinetuneConfig, finetune  # noqa: E402
 from ssql_core.train import pretrain  # noqa: E402
@@ -101,12 +101,7 @@ def main() -> None:
     ap.add_argument("--ft-head-lr", type=float, default=0.1)
     ap.add_argument("--pretrains", default="runs/fmnist_repro", help="folder of bench/fmnist_repro.py runs (<method>_s<seed>/last.pt)")
     # the pretraining recipe when a pretrain is missing (bench/fmnist_repro.py's defaults)
-    ap.add_argument("--train-samples", type=int, default=8000)
-    ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--width", type=float, default=0.25)
-    ap.add_argument("--image-size", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.05)
+    add_recipe_args(ap)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="runs/finetune_transfer")
     ap.add_argument("--summary", action="store_true")

@@ -68,6 +68,17 @@ def pcfg_for(args: argparse.Namespace, method: str, seed: int, **extra: Any) -> 
                           checkpoint_every_steps=10**6, device="cpu", **extra)
 
 
+def add_recipe_args(ap: argparse.ArgumentParser, train_samples: int = 8000, epochs: int = 6) -> None:
+    """The pretraining recipe's flags (read by :func:`pcfg_for`); the benches that reuse these
+    backbones share them. The defaults are the 8-seed table's settings."""
+    ap.add_argument("--train-samples", type=int, default=train_samples)
+    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--width", type=float, default=0.25)
+    ap.add_argument("--image-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.05)
+
+
 @torch.no_grad()
 def random_init_checkpoint(cfg: PretrainConfig, path: Path, images: int = 2048) -> None:
     """A never-trained backbone whose BN statistics are re-estimated on training images."""
@@ -307,12 +318,7 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", default=["fp", "8w8a", "4w4a", "3w3a", "2w8a", "2w4a"])
     ap.add_argument("--results", default=None, help="JSON lines file: one line per finished run (the resumable record)")
     ap.add_argument("--ablation-seeds", nargs="*", type=int, default=[0, 1])
-    ap.add_argument("--train-samples", type=int, default=10000)
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--width", type=float, default=0.25)
-    ap.add_argument("--image-size", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.05)
+    add_recipe_args(ap, train_samples=10000, epochs=8)
     ap.add_argument("--linear-epochs", type=int, default=100)
     ap.add_argument("--jobs", type=int, default=2, help="parallel runs, one torch thread each")
     ap.add_argument("--out", default="runs/fmnist_repro")

@@ -64,6 +64,7 @@ def test_compose_file_object_store_and_nothing_shared_between_api_and_worker() -
     services = doc["services"]
     minio, init = services["minio"], services["minio-init"]
     assert minio["image"].split(":")[0] == "minio/minio" and minio["command"][0] == "server"
+    assert all(":RELEASE." in s["image"] for s in (minio, init)), "MinIO images pinned to a release, not latest"
     assert minio["healthcheck"]["test"] and "miniodata:/data" in minio["volumes"]
     assert init["image"].split(":")[0] == "minio/mc" and init["depends_on"]["minio"]["condition"] == "service_healthy"
     script = " ".join(init["entrypoint"])
