@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     #: a worker's local cache of datasets fetched from the store (content-addressed, LRU); default home/cache
     cache_dir: Path | None = None
     cache_max_bytes: int = Field(20 << 30, ge=0)
+    #: the API's copies of files it fetched from the store to serve them (content-addressed, in
+    #: cache_dir/fetched, least recently served evicted beyond this)
+    api_fetched_max_bytes: int = Field(10 << 30, ge=0)
 
     # Uploaded datasets (POST /v1/datasets; decision 018).
     #: the largest archive one upload may send (413 above it)

@@ -23,7 +23,8 @@ USED = ".used"
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created) for the block: one writer per digest on a host."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -55,7 +56,7 @@ class DatasetCache:
     def ensure(self, store: ObjectStore, key: str, sha256: str, fmt: str, limits: Limits = Limits()) -> tuple[Path, bool]:
         """The extracted dataset of ``key`` (verified against ``sha256``); (folder, downloaded now?)."""
         folder = self.folder(sha256)
-        with _locked(self.root / f"{sha256}.lock"):
+        with locked(self.root / f"{sha256}.lock"):
             if (folder / COMPLETE).is_file():
                 (folder / USED).touch()
                 return folder, False

@@ -66,24 +66,25 @@ async def file_digest(path: FilePath) -> str:
     return digest
 
 
-async def _from_store(settings: Settings, art: Any, path: FilePath) -> Response | None:
-    """Bring a registered file that this host lacks from the object store (``artifacts/<sha256>``,
-    verified) to its place in the artifacts folder, where it is then served like any other
-    (decision 018). None when it is there now; else the answer to give (404, 409, 503)."""
+async def _from_store(settings: Settings, art: Any) -> FilePath | Response | None:
+    """A registered file that this host lacks, from the object store (``artifacts/<sha256>``,
+    verified): its path in the API's bounded copy (:class:`storage.fetched.FetchedCopies`,
+    ``SSQL_API_FETCHED_MAX_BYTES``), the answer to give (409, 503), or None when the store lacks it."""
     from storage import DigestMismatch, StoreUnavailable, store_for
+    from storage.fetched import FetchedCopies
 
+    copies = FetchedCopies(settings.resolved_cache_dir() / "fetched", settings.api_fetched_max_bytes)
     try:
-        await anyio.to_thread.run_sync(store_for(settings).get_file, artifact_key(art["sha256"]), path, art["sha256"])
+        return await anyio.to_thread.run_sync(copies.path, store_for(settings), artifact_key(art["sha256"]), art["sha256"])
     except FileNotFoundError:
         return None
     except DigestMismatch as e:
-        log.error("stored %s refused: %s", path.name, e)
+        log.error("stored %s/%s refused: %s", art["bits"], art["format"], e)
         return JSONResponse({"detail": f"the stored copy of this {art['bits']}/{art['format']} file does not match its sha256: "
                              "it is corrupt and is not served; run the job again", "code": CORRUPT_CODE,
                              "sha256": art["sha256"]}, status_code=409)
     except StoreUnavailable as e:
         return JSONResponse({"detail": f"{e}; try again later"}, status_code=503, headers={"Retry-After": "10"})
-    return None
 
 
 def _digest_headers(sha256: str) -> dict[str, str]:
@@ -185,9 +186,10 @@ async def download_checkpoint(
         if redirect is not None:
             return redirect
     if not path.is_file() and settings.storage_url is not None:  # written on another host: from the store
-        missing = await _from_store(settings, art, path)
-        if missing is not None:
-            return missing
+        fetched = await _from_store(settings, art)
+        if isinstance(fetched, Response):
+            return fetched
+        path = fetched or path
     if not path.is_file():
         raise HTTPException(404, "checkpoint file is missing on the server")
     if await file_digest(path) != art["sha256"]:

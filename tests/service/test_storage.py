@@ -19,6 +19,7 @@ from PIL import Image
 from storage import DigestMismatch, ObjectStore, StoreUnavailable, open_store
 from storage.archives import ArchiveError, Limits, extract, inspect, pack_folder
 from storage.cache import DatasetCache
+from storage.fetched import FetchedCopies
 from tests.service.s3 import CREDENTIALS, moto_endpoint
 
 BUCKET = "ssql-test"
@@ -215,3 +216,28 @@ def test_cache_downloads_once_verifies_and_evicts(tmp_path: Path) -> None:
     cache.max_bytes = 1  # room for one: the least recently used goes, the one just fetched stays
     second, _ = cache.ensure(store, archives[1][0], archives[1][1], "tar.gz")
     assert second.is_dir() and not folder.exists()
+
+
+def test_api_fetched_copies_are_shared_verified_and_bounded(tmp_path: Path) -> None:
+    """The API's copies of stored files: one per digest, a mismatch leaves nothing, and beyond the
+    bound the least recently served goes, but never one served within the grace period."""
+    store = open_store(f"file://{tmp_path / 'store'}")
+    keys = []
+    for n in range(3):
+        (tmp_path / f"a{n}").write_bytes(bytes([n]) * 1000)
+        keys.append((f"artifacts/{n}", store.put_file(f"artifacts/{n}", tmp_path / f"a{n}")))
+    copies = FetchedCopies(tmp_path / "fetched", max_bytes=10**9, grace_seconds=0)
+    first = copies.path(store, *keys[0])
+    assert first.read_bytes() == bytes([0]) * 1000 and first.name == keys[0][1]
+    store.delete(keys[0][0])
+    assert copies.path(store, *keys[0]) == first  # served from the copy, not fetched again
+    with pytest.raises(DigestMismatch):
+        copies.path(store, keys[1][0], "f" * 64)
+    assert not (tmp_path / "fetched" / ("f" * 64)).exists()
+    second = copies.path(store, *keys[1])
+    os.utime(tmp_path / "fetched" / f"{keys[1][1]}.used", (1, 1))  # the second was served long ago
+    copies.max_bytes = 2000  # room for two: the least recently served goes, the one just fetched stays
+    third = copies.path(store, *keys[2])
+    assert third.is_file() and first.is_file() and not second.exists()
+    copies.grace_seconds, copies.max_bytes = 3600, 0  # over the bound, but both were served just now
+    assert copies.evict() == [] and first.is_file() and third.is_file()

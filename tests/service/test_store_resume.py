@@ -132,6 +132,8 @@ def test_second_host_resumes_from_the_stored_checkpoint(two_hosts: dict) -> None
     assert dl.status_code == 200 and _sha_bytes(dl.content) == reference == dl.headers["etag"].strip('"')
     part = client.get(f"/v1/jobs/{job['id']}/checkpoints/fp", params={"format": "torch"}, headers={"Range": "bytes=0-9"})
     assert part.status_code == 206 and part.content == dl.content[:10]
+    # ... from the API's bounded copy (SSQL_API_FETCHED_MAX_BYTES), not into the artifacts folder
+    assert not on_a.exists() and (two_hosts["homes"]["a"] / "cache" / "fetched" / reference).is_file()
 
     # back on host a (its copy of the job's last.pt is attempt 1's, stale): an evaluation reads the
     # stored final checkpoint, verified against the digest pinned at submission
