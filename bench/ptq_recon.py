@@ -16,10 +16,11 @@ and reads each out with the BN probe (lr chosen at fp on a held-out 20 % as in f
 ``--autobit-a-bits`` activations) for both sensitivities, each beside the uniform bit-width of
 the same average weight bits (``{budget}w{a}a``, calibrated the same way).
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/ptq_recon.py --seeds 0 1 2 3 --jobs 2 \\
-        --out runs/ptq_recon --results docs/results/ptq_recon/runs.jsonl
-    .venv/bin/python bench/ptq_recon.py --seeds 0 1 2 3 --out runs/ptq_recon \\
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/ptq_recon.py --seeds 0 1 2 3 4 --jobs 2 \\
+        --ptq-iters 500 --ptq-images 512 --out runs/ptq_recon --results docs/results/ptq_recon/runs.jsonl
+    .venv/bin/python bench/ptq_recon.py --seeds 0 1 2 3 4 --out runs/ptq_recon \\
         --results docs/results/ptq_recon/runs.jsonl --summary          # the tables again
+    OMP_NUM_THREADS=1 .venv/bin/python bench/ptq_recon.py --timing runs/ptq_recon/ssql_s0/last.pt   # seconds per unit
 
 Resumable per run like fmnist_repro (one JSON line per finished run in ``--results``).
 """
@@ -117,6 +118,32 @@ def autobit_rows(ev: Evaluator, args: argparse.Namespace, bn_lr: float) -> dict[
                               "model_bytes": fp.get("model_bytes"), **extra}
             print(f"  autobit budget {key} {name}: {out[key][name]['top1']:.2f}", flush=True)
     return out
+
+
+def timing(args: argparse.Namespace) -> str:
+    """Seconds per reconstruction unit of one backbone (``--timing CHECKPOINT``), nothing else
+    running in this process: a table per unit, with the unit's weights and the seconds of each
+    method at each of ``--bits``."""
+    torch.set_num_threads(1)
+    ev = Evaluator(Path(args.timing), args, 0)
+    images = calibration_images(ev.train_plain, args.ptq_images, 0, 256)
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in ev.backbone.named_modules()}
+    secs: dict[tuple[str, str], dict[str, float]] = {}
+    for method in [p for p in args.ptq if p != "calibrate"]:
+        for b in args.bits:
+            calibrate(ev, b)
+            rec = reconstruct(ev.backbone, ev.ctx, images, ev.device, b, ReconConfig(method=method, iters=args.ptq_iters, seed=0))
+            secs[(method, b)] = {u["unit"]: u["seconds"] for u in rec.units}
+            print(f"{method} {b}: {rec.seconds:.1f} s over {len(rec.units)} units", flush=True)
+    lines = [f"machine: {cpu_name()}, 1 torch thread; {args.ptq_images} images, {args.ptq_iters} iterations per unit, "
+             "batch 32", "", "| method | unit | weights | " + " | ".join(f"s at {b}" for b in args.bits) + " |",
+             "|---|---|---:|" + "---:|" * len(args.bits)]
+    for method in dict.fromkeys(m for m, _ in secs):
+        for unit in secs[(method, args.bits[0])]:
+            lines.append(f"| {method} | {unit} | {params.get(unit, 0):,} | "
+                         + " | ".join(f"{secs[(method, b)].get(unit, float('nan')):.2f}" for b in args.bits) + " |")
+        lines.append(f"| {method} | **total** | | " + " | ".join(f"{sum(secs[(method, b)].values()):.1f}" for b in args.bits) + " |")
+    return "\n".join(lines)
 
 
 def _finished(path: str | None) -> dict[tuple[str, int], dict[str, Any]]:
@@ -229,12 +256,12 @@ def summarize(args: argparse.Namespace) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--variants", nargs="+", default=["simsiam", "ssql"])
     ap.add_argument("--bits", nargs="+", default=["4w4a", "3w3a", "2w4a"])
     ap.add_argument("--ptq", nargs="+", default=list(PTQS), choices=PTQS)
-    ap.add_argument("--ptq-images", type=int, default=256)
-    ap.add_argument("--ptq-iters", type=int, default=300, help="Adam steps per unit")
+    ap.add_argument("--ptq-images", type=int, default=512)
+    ap.add_argument("--ptq-iters", type=int, default=500, help="Adam steps per unit (batch 32)")
     ap.add_argument("--autobit-budgets", type=float, nargs="*", default=[3.0, 4.0])
     ap.add_argument("--autobit-a-bits", type=int, default=4)
     ap.add_argument("--results", default=None, help="JSON lines file: one line per finished run (the resumable record)")
@@ -243,7 +270,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="parallel runs, one torch thread each")
     ap.add_argument("--out", default="runs/ptq_recon")
     ap.add_argument("--summary", action="store_true", help="only print the tables from finished runs")
+    ap.add_argument("--timing", metavar="CHECKPOINT", help="only time the reconstructions of this backbone, per unit")
     args = ap.parse_args()
+    if args.timing:
+        print(timing(args))
+        return
     if not args.summary:
         tasks = [(v, s, vars(args)) for s in args.seeds for v in args.variants]
         t0 = time.perf_counter()
