@@ -203,36 +203,49 @@ def summarize(args: argparse.Namespace) -> str:
     def ms(v: list[float]) -> str:
         return f"{statistics.mean(v):.1f} ± {statistics.stdev(v):.1f}" if len(v) > 1 else (f"{v[0]:.1f}" if v else "-")
 
-    cols = [(b, p) for b in args.bits for p in args.ptq]
-    lines = ["| variant | n | fp | " + " | ".join(f"{b} {p}" for b, p in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
-    for v, by in sorted(recs.items()):
-        seeds = sorted(by)
-        lines.append(f"| {v} | {len(seeds)} | {ms([by[s]['fp'] for s in seeds])} | "
-                     + " | ".join(ms([by[s]["ptq"][b][p]["top1"] for s in seeds]) for b, p in cols) + " |")
-    if "ssql" in recs and "simsiam" in recs:
-        common = sorted(set(recs["ssql"]) & set(recs["simsiam"]))
-        lines.append(f"| ssql - simsiam (paired, 95% CI, n={len(common)}) | | "
-                     + _ci_cell([recs["ssql"][s]["fp"] for s in common], [recs["simsiam"][s]["fp"] for s in common]) + " | "
-                     + " | ".join(_ci_cell([recs["ssql"][s]["ptq"][b][p]["top1"] for s in common],
-                                           [recs["simsiam"][s]["ptq"][b][p]["top1"] for s in common]) for b, p in cols) + " |")
-    lines += ["", "**reconstruction - calibration** (paired over seeds, 95% CI, points of top-1)", "",
-              "| variant | " + " | ".join(f"{b} {p}" for b in args.bits for p in args.ptq if p != "calibrate") + " |",
-              "|---|" + "---|" * (len(args.bits) * (len(args.ptq) - 1))]
-    for v, by in sorted(recs.items()):
-        seeds = sorted(by)
-        lines.append(f"| {v} (n={len(seeds)}) | " + " | ".join(
-            _ci_cell([by[s]["ptq"][b][p]["top1"] for s in seeds], [by[s]["ptq"][b]["calibrate"]["top1"] for s in seeds])
-            for b in args.bits for p in args.ptq if p != "calibrate") + " |")
+    variants = [v for v in ("simsiam", "ssql") if v in recs] + sorted(v for v in recs if v not in ("simsiam", "ssql"))
+    common = sorted(set(recs.get("ssql", {})) & set(recs.get("simsiam", {})))
+    rows = [("fp", "-", lambda r: r["fp"])] + [
+        (b, p, (lambda r, b=b, p=p: r["ptq"][b][p]["top1"])) for b in args.bits for p in args.ptq]
+    lines = ["**top-1 % (BN probe), mean ± std over seeds; SSQL - SimSiam paired by seed**", "",
+             "| bits | PTQ | " + " | ".join(f"{v} (n={len(recs[v])})" for v in variants)
+             + (f" | ssql - simsiam (95% CI, n={len(common)})" if common else "") + " |",
+             "|---|---|" + "---|" * (len(variants) + bool(common))]
+    for b, p, get in rows:
+        cells = [ms([get(recs[v][s]) for s in sorted(recs[v])]) for v in variants]
+        if common:
+            cells.append(_ci_cell([get(recs["ssql"][s]) for s in common], [get(recs["simsiam"][s]) for s in common]))
+        lines.append(f"| {b} | {p} | " + " | ".join(cells) + " |")
+    recon = [p for p in args.ptq if p != "calibrate"]
+    lines += ["", "**reconstruction - calibration** (points of top-1, paired by seed, 95% CI; objective: the "
+              "reconstructed units' summed loss with the kept rounding / with nearest rounding, median over runs; kept: "
+              "units whose learned rounding beat nearest on the calibration images)", "",
+              "| bits | PTQ | " + " | ".join(f"{v}" for v in variants) + " | objective ratio | kept learned |",
+              "|---|---|" + "---|" * (len(variants) + 2)]
+    for b in args.bits:
+        for p in recon:
+            cells = []
+            for v in variants:
+                seeds = sorted(recs[v])
+                cells.append(_ci_cell([recs[v][s]["ptq"][b][p]["top1"] for s in seeds],
+                                      [recs[v][s]["ptq"][b]["calibrate"]["top1"] for s in seeds]))
+            units = [r["ptq"][b][p].get("units", []) for by in recs.values() for r in by.values()]
+            ratios = [sum(min(u["loss_learned"], u["loss_nearest"]) for u in us) / sum(u["loss_nearest"] for u in us)
+                      for us in units if us]
+            kept = sum(u["kept"] == "learned" for us in units for u in us)
+            n_units = sum(len(us) for us in units)
+            lines.append(f"| {b} | {p} | " + " | ".join(cells)
+                         + f" | {statistics.median(ratios):.3f} | {kept}/{n_units} |" if ratios else " | - | - |")
     secs: dict[tuple[str, str], list[float]] = {}
     for by in recs.values():
         for r in by.values():
             for b in args.bits:
-                for p in args.ptq:
-                    for u in r["ptq"][b][p].get("units", []):
-                        secs.setdefault((p, b), []).append(u["seconds"])
+                for p in recon:
+                    secs.setdefault((p, b), []).extend(u["seconds"] for u in r["ptq"][b][p].get("units", []))
     if secs:
-        lines += ["", "reconstruction seconds per unit (median [min, max] over units and runs): " + "; ".join(
-            f"{p} {b} {statistics.median(v):.1f} [{min(v):.1f}, {max(v):.1f}] (n={len(v)})" for (p, b), v in sorted(secs.items()))]
+        lines += ["", "reconstruction seconds per unit (median [min, max] over units and runs; two runs shared the "
+                  "2 cores): " + "; ".join(f"{p} {b} {statistics.median(v):.1f} [{min(v):.1f}, {max(v):.1f}] (n={len(v)})"
+                                           for (p, b), v in sorted(secs.items()) if v)]
     budgets = sorted({k for by in recs.values() for r in by.values() for k in r.get("autobit", {})}, key=float)
     if budgets:
         lines += ["", "**autobit vs uniform at equal average weight bits** (top-1 % mean ± std; paired CI vs uniform)", "",
