@@ -220,8 +220,9 @@ def summarize(args: argparse.Namespace) -> str:
     lines += ["", "**reconstruction - calibration** (points of top-1, paired by seed, 95% CI; objective: the "
               "reconstructed units' summed loss with the kept rounding / with nearest rounding, median over runs; kept: "
               "units whose learned rounding beat nearest on the calibration images)", "",
-              "| bits | PTQ | " + " | ".join(f"{v}" for v in variants) + " | objective ratio | kept learned |",
-              "|---|---|" + "---|" * (len(variants) + 2)]
+              "| bits | PTQ | " + " | ".join(f"{v}" for v in variants)
+              + (" | ssql's gain - simsiam's (95% CI)" if common else "") + " | objective ratio | kept learned |",
+              "|---|---|" + "---|" * (len(variants) + 2 + bool(common))]
     for b in args.bits:
         for p in recon:
             cells = []
@@ -229,6 +230,10 @@ def summarize(args: argparse.Namespace) -> str:
                 seeds = sorted(recs[v])
                 cells.append(_ci_cell([recs[v][s]["ptq"][b][p]["top1"] for s in seeds],
                                       [recs[v][s]["ptq"][b]["calibrate"]["top1"] for s in seeds]))
+            if common:  # does the SSQL - SimSiam difference change with reconstruction? (paired by seed)
+                gain = {v: [recs[v][s]["ptq"][b][p]["top1"] - recs[v][s]["ptq"][b]["calibrate"]["top1"] for s in common]
+                        for v in ("ssql", "simsiam")}
+                cells.append(_ci_cell(gain["ssql"], gain["simsiam"]))
             units = [r["ptq"][b][p].get("units", []) for by in recs.values() for r in by.values()]
             ratios = [sum(min(u["loss_learned"], u["loss_nearest"]) for u in us) / sum(u["loss_nearest"] for u in us)
                       for us in units if us]
