@@ -229,7 +229,8 @@ def finish(
     artifacts: list[ArtifactRecord] | None = None,
     progress: dict[str, Any] | None = None,
 ) -> bool:
-    """Move a running job to a terminal status with its outputs, in one transaction (fenced)."""
+    """Move a running job to a terminal status with its outputs, and close its attempt's row with
+    the status as outcome, in one transaction (fenced)."""
     now = utcnow()
     values: dict[str, Any] = {
         "status": status,
@@ -245,6 +246,10 @@ def finish(
     if row is None:
         session.rollback()
         return False
+    # the attempt's row closes with the job, so no reader sees a finished job with a running attempt
+    # (the supervisor's end_attempt afterwards may name the outcome more precisely)
+    session.execute(update(JobAttempt).where(JobAttempt.job_id == job_id, JobAttempt.attempt == attempt,
+                                             JobAttempt.ended_at.is_(None)).values(ended_at=now, outcome=status))
     for r in results or []:
         r = finite_json(r)
         session.add(

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from api.specs import pretrain_spec
 from persistence import job_store
 from persistence.db import utcnow
-from persistence.models import Artifact, Job, User
+from persistence.models import Artifact, Job, JobAttempt, User
 from tests.service.conftest import TINY, wait_for
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -229,6 +229,8 @@ def test_non_finite_numbers_are_stored_as_null(client: httpx.Client, settings, s
         s.add(Job(id=job_id, owner_id=owner, kind="eval", status="running", spec={"config": {"epochs": 1}}, attempts=1,
                   max_attempts=3, cancel_requested=False, created_at=now, updated_at=now, published_at=now,
                   lease_until=now + timedelta(seconds=600)))  # fmt: skip
+        s.flush()
+        s.add(JobAttempt(job_id=job_id, attempt=1, worker="w-test", started_at=now))
         s.commit()
     nan, inf = math.nan, math.inf
     progress = {"phase": "linear", "fraction": 0.5, "epoch": 1, "epochs": 2, "step": 1, "total_steps": 2,
@@ -248,6 +250,8 @@ def test_non_finite_numbers_are_stored_as_null(client: httpx.Client, settings, s
     with sessions() as s:
         assert job_store.finish(s, job_id, 1, "succeeded", summary={"final_loss": nan, "rows": 1}, progress=progress,
                                 results=[{"bits": "fp", "protocol": "linear", "top1": nan, "lr": inf}])  # fmt: skip
+        attempt = s.scalars(select(JobAttempt).where(JobAttempt.job_id == job_id)).one()
+        assert attempt.outcome == "succeeded" and attempt.ended_at is not None  # closed in the job's transaction
     results = client.get(f"/v1/jobs/{job_id}/results")
     assert results.status_code == 200, results.text
     assert results.json()["rows"][0]["top1"] is None and results.json()["rows"][0]["lr"] is None
