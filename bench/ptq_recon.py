@@ -16,9 +16,9 @@ and reads each out with the BN probe (lr chosen at fp on a held-out 20 % as in f
 ``--autobit-a-bits`` activations) for both sensitivities, each beside the uniform bit-width of
 the same average weight bits (``{budget}w{a}a``, calibrated the same way).
 
-    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/ptq_recon.py --seeds 0 1 2 3 4 --jobs 2 \\
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/ptq_recon.py --seeds 0 1 2 3 4 5 6 7 --jobs 2 \\
         --ptq-iters 500 --ptq-images 512 --out runs/ptq_recon --results docs/results/ptq_recon/runs.jsonl
-    .venv/bin/python bench/ptq_recon.py --seeds 0 1 2 3 4 --out runs/ptq_recon \\
+    .venv/bin/python bench/ptq_recon.py --seeds 0 1 2 3 4 5 6 7 --out runs/ptq_recon \\
         --results docs/results/ptq_recon/runs.jsonl --summary          # the tables again
     OMP_NUM_THREADS=1 .venv/bin/python bench/ptq_recon.py --timing runs/ptq_recon/ssql_s0/last.pt   # seconds per unit
 
@@ -274,7 +274,7 @@ def summarize(args: argparse.Namespace) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5, 6, 7])
     ap.add_argument("--variants", nargs="+", default=["simsiam", "ssql"])
     ap.add_argument("--bits", nargs="+", default=["4w4a", "3w3a", "2w4a"])
     ap.add_argument("--ptq", nargs="+", default=list(PTQS), choices=PTQS)
