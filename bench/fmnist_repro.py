@@ -122,14 +122,14 @@ class Evaluator:
     def loader(self, ds: Any) -> DataLoader:
         return DataLoader(ds, batch_size=512)
 
-    def calibrate(self, bits: str, calibration: str = "minmax", images: int = 128, quantized_weights: bool = False) -> None:
-        if parse_bits(bits).is_fp:
+    def calibrate(self, bits: Any, calibration: str = "minmax", images: int = 128, quantized_weights: bool = False) -> None:
+        if (parse_bits(bits) if isinstance(bits, str) else bits).is_fp:  # a string, a BitWidth or a per-layer map
             return
         loader = calibration_set(calibration, self.train.data, self.train_plain, self.pcfg.image_size, self.train.stats_key,
                                  images, self.seed)
         calibrate_ranges(self.backbone, self.ctx, loader, self.device, bits, calibration, 99.99, quantized_weights, self.seed)
 
-    def features(self, bits: str) -> tuple[torch.Tensor, ...]:
+    def features(self, bits: Any) -> tuple[torch.Tensor, ...]:
         with self.ctx.quantized(bits):
             tr_f, tr_y = extract(self.backbone, self.loader(self.train_plain), self.device)
             te_f, te_y = extract(self.backbone, self.loader(self.test_plain), self.device)
@@ -161,7 +161,7 @@ class Evaluator:
                 "bn_loss_curve": bn["loss_curve"], "knn": round(knn, 3)}
 
 
-def _finished(args: argparse.Namespace) -> dict[tuple[str, int], dict[str, Any]]:
+def finished_runs(args: argparse.Namespace) -> dict[tuple[str, int], dict[str, Any]]:
     """Runs already recorded in the ``--results`` JSON lines file (the resumable record)."""
     path = Path(args.results) if getattr(args, "results", None) else None
     done: dict[tuple[str, int], dict[str, Any]] = {}
@@ -173,7 +173,7 @@ def _finished(args: argparse.Namespace) -> dict[tuple[str, int], dict[str, Any]]
     return done
 
 
-def _append(args: argparse.Namespace, res: dict[str, Any]) -> None:
+def append_run(args: argparse.Namespace, res: dict[str, Any]) -> None:
     """One finished run -> one line, appended and flushed (O_APPEND: parallel runs do not interleave)."""
     if getattr(args, "results", None):
         path = Path(args.results)
@@ -188,10 +188,10 @@ def run_one(task: tuple[str, int, dict[str, Any]]) -> str:
     torch.set_num_threads(1)
     out = Path(args.out) / f"{variant}_s{seed}"
     result_path = out / "result.json"
-    if (variant, seed) in _finished(args):
+    if (variant, seed) in finished_runs(args):
         return f"{variant} s{seed}: already in {args.results}"
     if result_path.exists():
-        _append(args, json.loads(result_path.read_text()))
+        append_run(args, json.loads(result_path.read_text()))
         return f"{variant} s{seed}: reused {result_path}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -233,7 +233,7 @@ def run_one(task: tuple[str, int, dict[str, Any]]) -> str:
             res["activation_stats"][b] = zero_rounding(ev.backbone, ev.ctx, stats_loader, ev.device, b)
     res["eval_s"] = round(time.perf_counter() - t1, 1)
     result_path.write_text(json.dumps(res, indent=1))
-    _append(args, res)
+    append_run(args, res)
     return f"{variant} s{seed}: pretrain {t1 - t0:.0f}s, eval {res['eval_s']:.0f}s, " + " ".join(
         f"{b}={res['bits'][b]['bn']:.1f}" for b in args.bits)
 
@@ -256,7 +256,7 @@ def _records(args: argparse.Namespace) -> dict[str, dict[int, dict[str, Any]]]:
     for p in sorted(Path(args.out).glob("*_s*/result.json")):
         r = json.loads(p.read_text())
         res.setdefault(r["variant"], {})[r["seed"]] = r
-    for (variant, seed), r in _finished(args).items():
+    for (variant, seed), r in finished_runs(args).items():
         res.setdefault(variant, {})[seed] = r
     return {v: {s: r for s, r in by.items() if s in args.seeds} for v, by in res.items()}
 
@@ -326,7 +326,7 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.perf_counter()
     settings = {k: vars(args)[k] for k in ("train_samples", "epochs", "width", "image_size", "batch_size", "lr", "linear_epochs")}
-    finished = _finished(args)
+    finished = finished_runs(args)
     other = {f"{v} s{s}": r.get("settings") for (v, s), r in finished.items() if r.get("settings", settings) != settings}
     if other:
         raise SystemExit(f"{args.results} holds runs made with other settings ({', '.join(other)}): give the same "

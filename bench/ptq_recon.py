@@ -28,7 +28,6 @@ Resumable per run like fmnist_repro (one JSON line per finished run in ``--resul
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import time
@@ -36,24 +35,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fmnist_repro import Evaluator, add_recipe_args, paired_ci, pcfg_for
+from fmnist_repro import Evaluator, add_recipe_args, append_run, finished_runs, paired_ci, pcfg_for
 
 from ssql_core.bitconfig import as_bits, footprint, layer_table
-from ssql_core.calibration import calibrate_ranges
 from ssql_core.config import EvalConfig
-from ssql_core.evaluate import calibration_images, calibration_set, train_linear_cached
+from ssql_core.evaluate import calibration_images, train_linear_cached
 from ssql_core.mixed_precision.autobit import AutobitConfig, allocate, costs_for
 from ssql_core.ptq import ReconConfig, apply_reconstruction, clear_rounding, reconstruct
 from ssql_core.runtime import cpu_name
 from ssql_core.train import pretrain
 
 PTQS = ("calibrate", "adaround", "brecq")
-
-
-def calibrate(ev: Evaluator, bits: Any) -> None:
-    """MSE ranges for ``bits`` (a bit-width string or a resolved per-layer map)."""
-    loader = calibration_set("mse", ev.train.data, ev.train_plain, ev.pcfg.image_size, ev.train.stats_key, 128, ev.seed)
-    calibrate_ranges(ev.backbone, ev.ctx, loader, ev.device, bits, "mse", 99.99, False, ev.seed)
 
 
 def bn_top1(ev: Evaluator, bits: Any, bn_lr: float) -> float:
@@ -67,7 +59,7 @@ def ptq_rows(ev: Evaluator, args: argparse.Namespace, bn_lr: float) -> dict[str,
     for b in args.bits:
         out[b] = {}
         for ptq in args.ptq:
-            calibrate(ev, b)
+            ev.calibrate(b, "mse")
             row: dict[str, Any] = {}
             if ptq != "calibrate":
                 rec = reconstruct(ev.backbone, ev.ctx, images, ev.device, b,
@@ -112,7 +104,7 @@ def autobit_rows(ev: Evaluator, args: argparse.Namespace, bn_lr: float) -> dict[
             choices.append((sens, as_bits(config.as_dict(), ev.backbone),
                             {"objective": alloc.objective, "sensitivity_s": round(costs[sens][1], 1), "map": config.as_dict()}))
         for name, bits, extra in choices:
-            calibrate(ev, bits)
+            ev.calibrate(bits, "mse")
             fp = footprint(table, bits)
             out[key][name] = {"top1": bn_top1(ev, bits, bn_lr), "weight_bits_avg": fp.get("weight_bits_avg"),
                               "model_bytes": fp.get("model_bytes"), **extra}
@@ -131,7 +123,7 @@ def timing(args: argparse.Namespace) -> str:
     secs: dict[tuple[str, str], dict[str, float]] = {}
     for method in [p for p in args.ptq if p != "calibrate"]:
         for b in args.bits:
-            calibrate(ev, b)
+            ev.calibrate(b, "mse")
             rec = reconstruct(ev.backbone, ev.ctx, images, ev.device, b, ReconConfig(method=method, iters=args.ptq_iters, seed=0))
             secs[(method, b)] = {u["unit"]: u["seconds"] for u in rec.units}
             print(f"{method} {b}: {rec.seconds:.1f} s over {len(rec.units)} units", flush=True)
@@ -146,21 +138,11 @@ def timing(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def _finished(path: str | None) -> dict[tuple[str, int], dict[str, Any]]:
-    done: dict[tuple[str, int], dict[str, Any]] = {}
-    if path and Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[(r["variant"], r["seed"])] = r
-    return done
-
-
 def run_one(task: tuple[str, int, dict[str, Any]]) -> str:
     variant, seed, a = task
     args = argparse.Namespace(**a)
     torch.set_num_threads(1)
-    if (variant, seed) in _finished(args.results):
+    if (variant, seed) in finished_runs(args):
         return f"{variant} s{seed}: already in {args.results}"
     out = Path(args.out) / f"{variant}_s{seed}"
     t0 = time.perf_counter()
@@ -181,10 +163,7 @@ def run_one(task: tuple[str, int, dict[str, Any]]) -> str:
     if args.autobit_budgets:
         res["autobit"] = autobit_rows(ev, args, bn_lr)
         res["autobit_s"] = round(time.perf_counter() - t2, 1)
-    if args.results:
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        with Path(args.results).open("a") as f:
-            f.write(json.dumps(res) + "\n")
+    append_run(args, res)
     return f"{variant} s{seed}: pretrain {t1 - t0:.0f}s, ptq {res['ptq_s']:.0f}s"
 
 
@@ -196,7 +175,7 @@ def _ci_cell(a: list[float], b: list[float]) -> str:
 
 def summarize(args: argparse.Namespace) -> str:
     recs: dict[str, dict[int, dict[str, Any]]] = {}
-    for (v, s), r in _finished(args.results).items():
+    for (v, s), r in finished_runs(args).items():
         if s in args.seeds:
             recs.setdefault(v, {})[s] = r
 
