@@ -26,14 +26,16 @@ class FetchedCopies:
         self.root, self.max_bytes, self.grace_seconds = root, max_bytes, grace_seconds
 
     def path(self, store: ObjectStore, key: str, sha256: str) -> Path:
-        """The verified local copy of ``key`` (fetched now unless this host has it); then evicts
-        others beyond the bound. Raises what ``store.get_file`` raises (missing, mismatch, down)."""
+        """The verified local copy of ``key`` (fetched now unless this host has it; after a fetch,
+        others beyond the bound are evicted). Raises what ``store.get_file`` raises (missing, mismatch, down)."""
         path = self.root / sha256
         with locked(self.root / f"{sha256}.lock"):
-            if not path.is_file():
+            fetched = not path.is_file()
+            if fetched:
                 store.get_file(key, path, sha256)
             (self.root / f"{sha256}{USED}").touch()
-        self.evict(keep=sha256)
+        if fetched:  # only a fetch grows the folder: a serve of a copy it has scans nothing
+            self.evict(keep=sha256)
         return path
 
     def evict(self, keep: str | None = None) -> list[str]:
